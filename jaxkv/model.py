@@ -1,0 +1,183 @@
+"""The LLaMA-family decoder as pure functions: ``forward(params, tokens, positions, cache, cfg)``.
+
+Conventions
+-----------
+* ``params`` follows ``jaxkv.params`` (stacked layers, matrices stored (in, out)); the layer loop is
+  a ``jax.lax.scan``, so compile time does not grow with depth.
+* ``tokens`` and ``positions`` are ``[B, T]`` int32. A position of -1 marks padding: the token is not
+  written to the cache, attends to nothing useful, and no real token attends to it.
+* Without a cache (``cache=None``) the T tokens attend causally among themselves (by position).
+  With a :class:`~jaxkv.kvcache.KVCache`, the new K/V are first written to body slot
+  ``position - P``, then every query attends over the pivot segment and the filled body slots.
+* Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
+  logits are returned in float32, as Hugging Face does.
+* Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.config import ModelConfig
+from jaxkv.kvcache import KVCache
+
+# Added to masked scores; finite so that a fully-masked (padding) row gives a uniform softmax, not NaN.
+_MASKED = -1e30
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2] (float32), with llama3 or linear scaling applied."""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    if rs.rope_type == "linear":
+        return (inv_freq / rs.factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between
+    # (transformers' _compute_llama3_parameters).
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face layout). x [B, T, heads, H], positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def dense(x: jax.Array, w) -> jax.Array:
+    """x [..., in] @ w [in, out]."""
+    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+
+
+def _attend(q, keys, values, mask, cfg: ModelConfig) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,S] -> [B,T,N*H]."""
+    B, T, N, H = q.shape
+    K, G = cfg.num_kv_heads, cfg.group_size
+    qg = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(H))
+    scores = jnp.where(mask[:, :, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("BTKGS,BSKH->BTKGH", probs, values)
+    return out.reshape(B, T, N * H)
+
+
+def _causal_mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
+    """[B,T,S] True where key position k may be seen from query position q (both >= 0)."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if cfg.sliding_window is not None:
+        mask &= k > q - cfg.sliding_window
+    return mask
+
+
+def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig):
+    """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths)."""
+    B, T, _ = x.shape
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
+    if cfg.attention_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
+    v = v.reshape(B, T, K, H)
+
+    if cache_kv is None:
+        attn = _attend(q, k, v, _causal_mask(positions, positions, cfg), cfg)
+        new_kv = None
+    else:
+        pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
+        b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")
+        cv = cv.at[b_idx, slot].set(v.astype(cv.dtype), mode="drop")
+        P, S = pivot_k.shape[0], ck.shape[1]
+        body_pos = jnp.where(jnp.arange(S)[None, :] < lengths[:, None], P + jnp.arange(S)[None, :], -1)
+        k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(P), (B, P)), body_pos], axis=1)
+        keys = jnp.concatenate([jnp.broadcast_to(pivot_k, (B, *pivot_k.shape)), ck], axis=1)
+        values = jnp.concatenate([jnp.broadcast_to(pivot_v, (B, *pivot_v.shape)), cv], axis=1)
+        attn = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), _causal_mask(positions, k_pos, cfg), cfg)
+        new_kv = (ck, cv)
+
+    x = x + dense(attn, lp["wo"])
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + dense(jax.nn.silu(dense(h, lp["w_gate"])) * dense(h, lp["w_up"]), lp["w_down"])
+    return x, new_kv
+
+
+def decoder(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, collect: bool = False):
+    """Embedding and all blocks, before the final norm.
+
+    Returns ``(hidden [B,T,D], cache, layer_outputs)``; ``layer_outputs`` is ``[L,B,T,D]`` (each
+    block's output) when ``collect`` else None.
+    """
+    x = jnp.take(params["embed"], tokens, axis=0)
+    inv_freq = rope_inv_freq(cfg)
+
+    if cache is None:
+
+        def body(x, lp):
+            x, _ = _layer(x, lp, positions, inv_freq, None, cfg)
+            return x, (x if collect else None)
+
+        x, outs = jax.lax.scan(body, x, params["layers"])
+        return x, None, outs
+
+    P, S = cache.pivot_len, cache.max_len
+    valid = positions >= 0
+    slot = jnp.where(valid, positions - P, S)  # S is out of bounds: dropped by the scatter
+    lengths = jnp.maximum(cache.lengths, jnp.max(jnp.where(valid, positions - P + 1, 0), axis=1))
+
+    def body(x, xs):
+        lp, pk, pv, ck, cv = xs
+        x, (ck, cv) = _layer(x, lp, positions, inv_freq, (pk, pv, ck, cv, slot, lengths), cfg)
+        return x, ((x if collect else None), ck, cv)
+
+    xs = (params["layers"], cache.pivot_k, cache.pivot_v, cache.k, cache.v)
+    x, (outs, new_k, new_v) = jax.lax.scan(body, x, xs)
+    return x, cache.replace(k=new_k, v=new_v, lengths=lengths.astype(jnp.int32)), outs
+
+
+def logits_from_hidden(params, x, cfg: ModelConfig) -> jax.Array:
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("...D,VD->...V", x, params["embed"].astype(x.dtype))
+    else:
+        logits = dense(x, params["lm_head"])
+    return logits.astype(jnp.float32)
+
+
+def forward(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig):
+    """Logits [B, T, V] (float32) and the updated cache (None when called without one)."""
+    x, cache, _ = decoder(params, tokens, positions, cache, cfg)
+    return logits_from_hidden(params, x, cfg), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward_jit(params, tokens, positions, cfg: ModelConfig):
+    """Jitted cache-free forward: logits [B, T, V]."""
+    return forward(params, tokens, positions, None, cfg)[0]
