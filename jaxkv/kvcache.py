@@ -57,16 +57,17 @@ def init_cache(
     if (pivot_k is None) != (pivot_v is None):
         raise ValueError("pivot_k and pivot_v must be given together")
     if pivot_k is None:
-        pivot_k = pivot_v = jnp.zeros((L, 0, K, H), dtype)
+        pivot_k, pivot_v = jnp.zeros((L, 0, K, H), dtype), jnp.zeros((L, 0, K, H), dtype)
     if pivot_k.shape != pivot_v.shape or pivot_k.shape[0] != L or pivot_k.shape[2:] != (K, H):
         raise ValueError(
             f"pivot K/V have shapes {pivot_k.shape} and {pivot_v.shape}, expected [L={L}, P, K={K}, H={H}]"
         )
-    body = jnp.zeros((L, batch, max_len, K, H), dtype)
+    # Separate buffers for k and v: the cache is donated, and one buffer cannot be donated twice.
     return KVCache(
-        pivot_k=pivot_k.astype(dtype),
-        pivot_v=pivot_v.astype(dtype),
-        k=body,
-        v=body,
+        # Copies: the cache is donated to jitted steps, which must not consume the caller's prefix.
+        pivot_k=jnp.array(pivot_k, dtype=dtype, copy=True),
+        pivot_v=jnp.array(pivot_v, dtype=dtype, copy=True),
+        k=jnp.zeros((L, batch, max_len, K, H), dtype),
+        v=jnp.zeros((L, batch, max_len, K, H), dtype),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
