@@ -1,0 +1,176 @@
+"""The ``jaxkv`` command line: thin wrappers that parse flags and call the library.
+
+Every command that fails on bad input prints one line ``jaxkv: error: ...`` on stderr and exits with
+status 2; no traceback reaches the user (set ``JAXKV_DEBUG=1`` to see one). Commands with ``--json``
+print exactly one JSON object on stdout; progress bars and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a preset name (smollm2-135m), a .gguf file, a local Hugging Face directory, or a hub id",
+    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+
+
+def _load(args):
+    import jax.numpy as jnp
+
+    from jaxkv.load import load
+
+    return load(args.model, dtype=getattr(jnp, args.dtype))
+
+
+def cmd_fetch(args) -> int:
+    from jaxkv.fetch import fetch
+
+    path = fetch(args.name)
+    print(path)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from jaxkv.generate import generate_iter
+
+    model = _load(args)
+    tokenizer = model.tokenizer
+    t0 = time.perf_counter()
+    t_first = None
+    generated: list[int] = []
+    printed = ""
+    eos = set(model.cfg.eos_token_ids)
+    for piece, _ in generate_iter(
+        model,
+        None,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_len=args.max_len,
+        chat=args.chat,
+        chunk=1,
+    ):
+        if t_first is None:
+            t_first = time.perf_counter()
+        for tok in piece[0].tolist():
+            if tok in eos:
+                break
+            generated.append(tok)
+        # Decode the whole continuation each time: a token may end in the middle of a UTF-8 character.
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    t_end = time.perf_counter()
+    sys.stdout.write("\n")
+    n = len(generated)
+    if args.stats:
+        rate = (n - 1) / (t_end - t_first) if n > 1 else float("nan")
+        print(
+            f"[{n} tokens; first token after {t_first - t0:.2f} s; {rate:.1f} tokens/s after it]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from jaxkv.data import load_text
+    from jaxkv.evaluate import make_windows, perplexity
+
+    model = _load(args)
+    text = load_text(args.data)
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    bos = model.cfg.bos_token_id
+    if bos is None:
+        from jaxkv.errors import JaxkvError
+
+        raise JaxkvError(f"{args.model} has no BOS token; the perplexity protocol needs one")
+    windows = make_windows(ids, bos, args.seqlen, args.windows)
+    res = perplexity(model.params, model.cfg, windows, batch_size=args.batch_size, progress=not args.no_progress)
+    out = {
+        "model": args.model,
+        "data": args.data,
+        "seqlen": args.seqlen,
+        "windows": int(windows.shape[0]),
+        "dtype": args.dtype,
+        "ppl": res.ppl,
+        "tokens": res.tokens,
+        "seconds": res.seconds,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({windows.shape[0]} windows, {res.seconds:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxkv", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="download an embedded model preset into the jaxkv cache")
+    p.add_argument("name", help="preset name, e.g. smollm2-135m")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("generate", help="generate text, streaming tokens as they come")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + new tokens)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="metric", required=True)
+    p = esub.add_parser("ppl", help="perplexity with the IntactKV paper's window protocol")
+    _add_model_args(p)
+    p.add_argument("--data", default="sotu-eval", help="sotu-eval, sotu-calib, a text file, wikitext2 or c4")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=32, help="number of windows (0 = all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "windows", None) == 0:
+        args.windows = None
+    from jaxkv.errors import JaxkvError
+
+    try:
+        return args.func(args)
+    except (JaxkvError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if os.environ.get("JAXKV_DEBUG"):
+            raise
+        print(f"jaxkv: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxkv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
