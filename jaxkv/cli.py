@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval_ppl(args) -> int:
-    from jaxkv.data import load_text
+    from jaxkv.corpus import load_text
     from jaxkv.evaluate import make_windows, perplexity
 
     model = _load(args)
@@ -101,7 +101,9 @@ def cmd_eval_ppl(args) -> int:
 
         raise JaxkvError(f"{args.model} has no BOS token; the perplexity protocol needs one")
     windows = make_windows(ids, bos, args.seqlen, args.windows)
-    res = perplexity(model.params, model.cfg, windows, batch_size=args.batch_size, progress=not args.no_progress)
+    res = perplexity(
+        model.params, model.cfg, windows, batch_size=args.batch_size, progress=not args.no_progress
+    )
     out = {
         "model": args.model,
         "data": args.data,
@@ -115,7 +117,9 @@ def cmd_eval_ppl(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({windows.shape[0]} windows, {res.seconds:.1f} s)")
+        print(
+            f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({windows.shape[0]} windows, {res.seconds:.1f} s)"
+        )
     return 0
 
 

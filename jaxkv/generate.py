@@ -85,7 +85,9 @@ def encode_prompts(tokenizer, prompt, prefix=None, chat: bool = False) -> list[l
                 if prefix is not None:
                     pivot_text = tokenizer.decode(list(prefix.tokens))
                     if not p.startswith(pivot_text):
-                        raise JaxkvError("the chat-formatted prompt does not start with the prefix's pivot text")
+                        raise JaxkvError(
+                            "the chat-formatted prompt does not start with the prefix's pivot text"
+                        )
                     p = p[len(pivot_text) :]
                 ids.append(tokenizer.encode(p, add_special_tokens=False))
             else:
@@ -201,7 +203,9 @@ def generate_iter(
     step_chunk = max_new_tokens if chunk is None else max(1, chunk)
     while emitted < max_new_tokens and not done_np.all():
         limit = min(emitted + step_chunk, max_new_tokens)
-        state = _decode(model.params, state, jnp.int32(limit), temperature, top_p, eos_ids, pad_id, cfg, top_k)
+        state = _decode(
+            model.params, state, jnp.int32(limit), temperature, top_p, eos_ids, pad_id, cfg, top_k
+        )
         step = int(state.step)
         done_np = np.asarray(state.done)
         yield np.asarray(state.out[:, emitted:step]), done_np
@@ -219,9 +223,9 @@ def generate(model, prefix, prompt, **kwargs) -> GenerationResult:
     cfg = model.cfg
     prompt_tokens = encode_prompts(tokenizer, prompt, prefix, kwargs.get("chat", False))
     t0 = time.perf_counter()
-    pieces, done = [], None
+    pieces = []
     prefill_seconds = 0.0
-    for piece, done in generate_iter(model, prefix, prompt_tokens, **{**kwargs, "chat": False}):
+    for piece, _ in generate_iter(model, prefix, prompt_tokens, **{**kwargs, "chat": False}):
         if not pieces:
             prefill_seconds = time.perf_counter() - t0
         pieces.append(piece)

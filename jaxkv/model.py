@@ -120,7 +120,9 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig):
         k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(P), (B, P)), body_pos], axis=1)
         keys = jnp.concatenate([jnp.broadcast_to(pivot_k, (B, *pivot_k.shape)), ck], axis=1)
         values = jnp.concatenate([jnp.broadcast_to(pivot_v, (B, *pivot_v.shape)), cv], axis=1)
-        attn = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), _causal_mask(positions, k_pos, cfg), cfg)
+        attn = _attend(
+            q, keys.astype(q.dtype), values.astype(q.dtype), _causal_mask(positions, k_pos, cfg), cfg
+        )
         new_kv = (ck, cv)
 
     x = x + dense(attn, lp["wo"])

@@ -93,7 +93,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
 def check_params(params: dict, cfg: ModelConfig) -> None:
     """Raise ValueError naming the first leaf whose presence or shape does not match ``cfg``."""
     infos = param_infos(cfg)
-    want = {jax.tree_util.keystr(p): i for p, i in jax.tree_util.tree_leaves_with_path(infos, is_leaf=_is_info)}
+    want = {
+        jax.tree_util.keystr(p): i for p, i in jax.tree_util.tree_leaves_with_path(infos, is_leaf=_is_info)
+    }
     have = {
         jax.tree_util.keystr(p): x
         for p, x in jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: hasattr(x, "shape"))

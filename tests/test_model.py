@@ -26,7 +26,9 @@ def params():
 
 def _full(params, toks, cfg=CFG):
     B, T = toks.shape
-    return np.asarray(forward(params, jnp.asarray(toks), jnp.broadcast_to(jnp.arange(T), (B, T)), None, cfg)[0])
+    return np.asarray(
+        forward(params, jnp.asarray(toks), jnp.broadcast_to(jnp.arange(T), (B, T)), None, cfg)[0]
+    )
 
 
 def test_prefill_then_decode_equals_full_forward(params):
@@ -59,12 +61,8 @@ def test_padded_batch_equals_unpadded(params):
     # The next token of each sequence lands right after its own prompt.
     nxt = np.array([[5], [6]])
     out2, cache = forward(params, nxt, np.array([[7], [13]]), cache, CFG)
-    np.testing.assert_allclose(
-        np.asarray(out2)[0, 0], _full(params, np.append(a, 5)[None])[0, -1], atol=1e-5
-    )
-    np.testing.assert_allclose(
-        np.asarray(out2)[1, 0], _full(params, np.append(b, 6)[None])[0, -1], atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(out2)[0, 0], _full(params, np.append(a, 5)[None])[0, -1], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out2)[1, 0], _full(params, np.append(b, 6)[None])[0, -1], atol=1e-5)
 
 
 def test_pivot_segment_equals_prefix_tokens(params):
