@@ -68,8 +68,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def dense(x: jax.Array, w) -> jax.Array:
-    """x [..., in] @ w [in, out]."""
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    """x [..., in] @ w [in, out]; ``w`` may be a packed :class:`~jaxkv.quant.qarray.QArray`."""
+    # Imported here: jaxkv.quant imports this module (calibration runs the model's blocks).
+    from jaxkv.quant import qarray
+
+    return qarray.einsum("...i,io->...o", x, w)
 
 
 def _attend(q, keys, values, mask, cfg: ModelConfig) -> jax.Array:
