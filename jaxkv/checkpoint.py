@@ -1,0 +1,176 @@
+"""Orbax checkpoints of IntactKV prefixes and of calibration state, with JSON metadata.
+
+Layout of a saved prefix directory::
+
+    DIR/arrays/          Orbax PyTree checkpoint of {"k", "v", "logits"}
+    DIR/prefix.json      metadata: format, jaxkv version, model fingerprint and config, pivot tokens,
+                         the quantization recipe it was calibrated for (None: an exact FP prefix,
+                         valid for any quantization of that model), calibration details, and the
+                         sha256 of the array bytes (a corrupt or altered checkpoint is detected)
+
+A calibration run's checkpoints live in ``OUT/checkpoints/<step>/`` (Orbax CheckpointManager), each
+holding the trainable K/V, the optimiser state and the calibration config they belong to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxkv import __version__
+from jaxkv.errors import JaxkvError
+from jaxkv.prefix import Prefix, model_fingerprint
+
+PREFIX_FORMAT = "jaxkv-prefix/1"
+
+
+class CheckpointError(JaxkvError):
+    """A checkpoint is missing, corrupt, or belongs to another model or recipe."""
+
+
+def _arrays_sha256(tree: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tree):
+        a = np.asarray(jax.device_get(tree[name]))
+        h.update(name.encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def save_prefix(path: str | Path, prefix: Prefix, model=None, extra: dict | None = None) -> Path:
+    """Save ``prefix`` (and, from ``model``, its config and quantization recipe) to directory ``path``."""
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    arrays = {"k": prefix.k, "v": prefix.v, "logits": prefix.logits}
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path / "arrays", arrays, force=True)
+    recipe = getattr(model, "recipe", None) if model is not None else None
+    meta = {
+        "format": PREFIX_FORMAT,
+        "jaxkv_version": __version__,
+        "fingerprint": prefix.fingerprint,
+        "tokens": list(prefix.tokens),
+        "shape": list(prefix.k.shape),
+        "dtype": str(prefix.k.dtype),
+        "model_config": model.cfg.to_dict() if model is not None else None,
+        "recipe": _recipe_dict(recipe),
+        "sha256": _arrays_sha256(arrays),
+        **(extra or {}),
+    }
+    (path / "prefix.json").write_text(json.dumps(meta, indent=2, default=str))
+    return path
+
+
+def _recipe_dict(recipe) -> dict | None:
+    if recipe is None:
+        return None
+    if dataclasses.is_dataclass(recipe):
+        return json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
+    return recipe
+
+
+def read_prefix_metadata(path: str | Path) -> dict:
+    meta_path = Path(path) / "prefix.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: not a jaxkv prefix (no prefix.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}: corrupt metadata ({e})") from None
+    if meta.get("format") != PREFIX_FORMAT:
+        raise CheckpointError(f"{path}: unknown prefix format {meta.get('format')!r}")
+    return meta
+
+
+def restore_prefix(path: str | Path, model=None) -> Prefix:
+    """Load a prefix saved by :func:`save_prefix`; with ``model``, refuse one made for another model or recipe.
+
+    A prefix calibrated for a quantization recipe only fits a model quantized with that recipe; an
+    exact (uncalibrated) prefix fits every quantization of the model it was computed from.
+    """
+    path = Path(path).absolute()
+    meta = read_prefix_metadata(path)
+    if model is not None:
+        fp = model_fingerprint(model)
+        if meta["fingerprint"] != fp:
+            raise CheckpointError(
+                f"{path}: this prefix was made from model {meta['fingerprint']}, not this one ({fp})"
+            )
+        want = meta.get("recipe")
+        have = _recipe_dict(getattr(model, "recipe", None))
+        if want is not None and want != have:
+            raise CheckpointError(
+                f"{path}: this prefix was calibrated for quantization recipe {want}, but the model has {have}"
+            )
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            arrays = ckptr.restore(path / "arrays")
+    except Exception as e:  # tensorstore / orbax raise many types for missing or damaged files
+        raise CheckpointError(f"{path}: cannot read the prefix arrays ({type(e).__name__}: {e})") from None
+    if set(arrays) != {"k", "v", "logits"} or _arrays_sha256(arrays) != meta["sha256"]:
+        raise CheckpointError(f"{path}: the prefix arrays do not match their recorded checksum (corrupt?)")
+    return Prefix(
+        k=jnp.asarray(arrays["k"]),
+        v=jnp.asarray(arrays["v"]),
+        logits=jnp.asarray(arrays["logits"]),
+        tokens=tuple(meta["tokens"]),
+        fingerprint=meta["fingerprint"],
+    )
+
+
+class CalibCheckpointer:
+    """Periodic checkpoints of a calibration run: trainable K/V, optimiser state, step."""
+
+    def __init__(self, directory: str | Path, calib_cfg):
+        self.directory = Path(directory).absolute() / "checkpoints"
+        self.calib = json.loads(json.dumps(dataclasses.asdict(calib_cfg)))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2)
+        )
+
+    def save(self, step: int, trainable, opt_state) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
+                meta=ocp.args.JsonSave({"step": step, "calib": self.calib}),
+            ),
+        )
+
+    def restore_latest(self, trainable, opt_state):
+        """(step, trainable, opt_state) of the latest checkpoint, or None when there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree.map(
+            ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state}
+        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.directory}/{step}: cannot restore the calibration checkpoint ({type(e).__name__}: {e})"
+            ) from None
+        if restored.meta.get("calib") != self.calib:
+            raise CheckpointError(
+                f"{self.directory}: the checkpoint was written with calibration settings "
+                f"{restored.meta.get('calib')}, not {self.calib}; use another output directory"
+            )
+        state = restored.state
+        return step, state["trainable"], state["opt_state"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
