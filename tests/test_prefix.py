@@ -73,3 +73,22 @@ def test_bad_pivots(model):
         make_prefix(model, "system")
     with pytest.raises(JaxkvError, match="empty"):
         make_prefix(model, [])
+
+
+def test_perplexity_with_exact_bos_prefix_equals_plain(model):
+    from jaxkv.evaluate import make_windows, perplexity
+    from jaxkv.prefix import PrefixedForward, check_pivot
+
+    ids = np.random.RandomState(5).randint(3, 89, 200)
+    windows = make_windows(ids, 1, 20, 6)
+    prefix = make_prefix(model, "bos")
+    check_pivot(windows, prefix)
+    plain = perplexity(model.params, model.cfg, windows, batch_size=4, progress=False)
+    fn = PrefixedForward(model.cfg)
+    pre = perplexity(
+        (model.params, prefix.k, prefix.v), None, windows, batch_size=4, forward_fn=fn, progress=False
+    )
+    assert pre.tokens == plain.tokens == 6 * 18
+    np.testing.assert_allclose(pre.ppl, plain.ppl, rtol=1e-5)
+    with pytest.raises(JaxkvError, match="pivot tokens"):
+        check_pivot(windows, make_prefix(model, [2]))
