@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jaxkv.errors import JaxkvError
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -29,7 +31,7 @@ SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxkvError, ValueError):
     """A configuration value is missing, unsupported or inconsistent (the message names the field)."""
 
 
@@ -165,8 +167,7 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     model_type = hf.get("model_type")
     if archs and archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
-            f"{source}: architectures={archs} is not supported "
-            f"(supported: {sorted(SUPPORTED_ARCHITECTURES)})"
+            f"{source}: architectures={archs} is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})"
         )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
@@ -238,11 +239,18 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelConfi
         if tokens is None:
             raise ConfigError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens present")
         vocab = len(tokens)
-    head_dim = int(get("rope.dimension_count", hidden // num_heads))
+    # attention.key_length is the head dimension; rope.dimension_count is only the rotated part of it
+    # (equal for every LLaMA/Qwen2 file, but not in general).
+    head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // num_heads)))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     rope_scaling = None
-    if get("rope.scaling.type", None) == "linear":
+    scaling_type = get("rope.scaling.type", None)
+    if scaling_type == "linear":
         rope_scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
+    elif scaling_type not in (None, "none"):
+        raise ConfigError(
+            f"{source}: {arch}.rope.scaling.type={scaling_type!r} is not supported (none, linear)"
+        )
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,

@@ -6,3 +6,20 @@ class JaxkvError(Exception):
 
     The message says what was wrong and, where possible, what to do about it.
     """
+
+
+class LoadError(JaxkvError):
+    """A checkpoint could not be found or read: a missing file, a directory without config.json,
+    an unreadable GGUF, an unknown preset."""
+
+
+class CheckpointError(LoadError):
+    """A checkpoint's tensors do not match its configuration: a missing, unmapped or misshapen tensor."""
+
+
+class TokenizerError(LoadError):
+    """A tokenizer could not be built (e.g. an unsupported GGUF tokenizer model)."""
+
+
+class FetchError(JaxkvError):
+    """Fetching an embedded model (``jaxkv fetch``) failed."""

