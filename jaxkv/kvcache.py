@@ -1,38 +1,392 @@
-"""The KV cache pytree: a full-precision pivot segment shared by the batch, then a per-sequence body.
+"""The KV cache pytree: a full-precision pivot segment shared by the batch, then a per-sequence body
+that is either full precision or quantized (:class:`KVQuantConfig`).
 
-Layout (dimension alphabet of ``jaxkv.config``)::
+Dimension alphabet (``jaxkv.config``): B batch, T query length, S body slots, P pivot length, K KV
+heads, H head dim, L layers; for quantization C = H / group (channel groups of a token) and
+J = S / group (token groups of a channel).
+
+Full-precision layout (``kv`` None, or 16-bit keys and values)::
 
     pivot_k, pivot_v   [L, P, K, H]     pivot tokens (IntactKV prefix); P may be 0
     k, v               [L, B, S, K, H]  body: slot s of sequence b holds position P + s
     lengths            [B] int32        body slots filled per sequence
 
+Quantized layout: ``k``/``v`` are None and the body lives in ``segments``, one :class:`QuantSegment`
+per run of consecutive layers that share (key bits, value bits), so per-layer bit budgets keep real
+packed storage. Each segment holds a :class:`QuantSide` for keys and one for values::
+
+    data     uint8 [Lc, B, S, K, H*bits/8]   codes packed along H (``jaxkv.quant.qarray`` bitstream);
+             or [Lc, B, S, K, H] in the cache dtype when that side has 16 bits (not quantized)
+    scale    [Lc, B, S, K, C]  per token (groups of ``group`` channels)          scale dtype
+             [Lc, B, J, K, H]  per channel (groups of ``group`` consecutive slots, KIVI keys)
+    zero     int8, the shape of ``scale``
+    window   [Lc, B, W, K, H]  full-precision copies of the W most recent tokens, a ring: slot s at
+             index s % W (None when W = 0)
+
+The quantizer is asymmetric with an integer zero point, exactly as stored::
+
+    x ≈ (code - zero) * scale,   code in [0, 2**bits - 1],  zero in [-128, 127] (int8)
+
+``scale`` is rounded *up* to its storage dtype (default float8 e4m3: one byte) before the codes are
+computed, so the grid always covers the group's range. A signed 8-bit zero point lets the grid sit
+away from 0 (a key channel with values in [8, 10] keeps its resolution), at the price of a scale of
+at least |min| / 127. With one-byte scales and zeros, K4V2 at group 32 costs 0.219x of fp16.
+
+Which copy a query reads (body slot ``i`` of the query, ``j`` of the key; R = ``residual``):
+
+* ``past-only`` (WKVQuant): a token always sees its own K/V at full precision; the past is read
+  quantized once it is older than the R most recent past tokens: quantized iff ``j < i - R``.
+* ``all`` (IntactKV's fake quantization): the current token is quantized too, except the R most
+  recent tokens including it: quantized iff ``j < i + 1 - R``.
+* Keys per channel are quantized by complete groups of ``group`` slots only (their statistics need
+  the whole group): the bound above is rounded down to a multiple of ``group``, so tokens of an
+  incomplete group stay full precision (KIVI's residual). Values, and keys per token, have no such
+  delay.
+* Pivot slots are never quantized.
+
+These rules depend only on (i, j), never on how the tokens were fed (one prefill, chunks, or one at
+a time), which is what makes the cache-free forward of ``jaxkv.kvattention.attend_fake_quant``
+(perplexity) equal to decoding through the cache. Every written token is quantized into the body as
+soon as its group is complete (a prefill quantizes the prompt's K/V for later steps); the window
+keeps the full-precision copies the rule still needs: W = R for per-token sides, R + group - 1 for
+per-channel keys.
+
 Positions: the pivot holds positions 0..P-1 for every sequence; body slot ``s`` is position ``P + s``.
 A batch of prompts of different lengths is right-padded: padding tokens carry position -1 and are
 never written, so ``lengths[b]`` counts only real tokens and the next token of sequence ``b`` goes to
-slot ``lengths[b]``. The maximum length ``S`` is fixed when the cache is created.
+slot ``lengths[b]``. The maximum length ``S`` is fixed when the cache is created (rounded up to a
+multiple of ``group`` when keys are quantized per channel). With a quantized cache, the real tokens
+of each call must continue their sequence contiguously (slots ``lengths[b], lengths[b] + 1, ...``), as
+prefill and decode in ``jaxkv.generate`` do.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxkv.config import ModelConfig
+from jaxkv.config import ConfigError, ModelConfig
+
+KV_BITS = (16, 8, 4, 3, 2)
+KV_MODES = ("past-only", "all")
+K_GRANULARITIES = ("per-channel", "per-token")
+SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
+ZERO_MIN, ZERO_MAX = -128, 127  # int8 zero points
+
+
+def _check_bits(name: str, value) -> None:
+    if isinstance(value, bool) or value not in KV_BITS:
+        raise ConfigError(
+            f"KVQuantConfig.{name} must be one of {KV_BITS} (16 = not quantized), got {value!r}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuantConfig:
+    """How the KV cache body is quantized. Hashable: it is static metadata of the cache pytree.
+
+    * ``kbits``/``vbits``: bits of keys/values, 16 = not quantized. ``layer_kbits``/``layer_vbits``,
+      when given, override them per layer (one entry per layer, e.g. from :func:`allocate_bits`).
+    * ``k_granularity``: ``per-channel`` (one scale per channel and group of ``group`` consecutive
+      tokens, KIVI) or ``per-token`` (one scale per token and group of ``group`` channels). Values are
+      always per token.
+    * ``group``: group size (tokens for per-channel keys, channels otherwise; must divide head_dim
+      for per-token sides).
+    * ``residual``: R, the most recent tokens kept at full precision (see the module docstring).
+    * ``mode``: ``past-only`` or ``all``.
+    * ``scale_dtype``: storage dtype of the scales; zero points are int8.
+    """
+
+    kbits: int = 16
+    vbits: int = 16
+    k_granularity: str = "per-channel"
+    group: int = 32
+    residual: int = 0
+    mode: str = "past-only"
+    scale_dtype: str = "float8_e4m3fn"
+    layer_kbits: tuple[int, ...] | None = None
+    layer_vbits: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _check_bits("kbits", self.kbits)
+        _check_bits("vbits", self.vbits)
+        for name in ("layer_kbits", "layer_vbits"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, tuple) or not value:
+                raise ConfigError(
+                    f"KVQuantConfig.{name} must be a non-empty tuple of bits or None, got {value!r}"
+                )
+            for b in value:
+                _check_bits(name, b)
+        if self.k_granularity not in K_GRANULARITIES:
+            raise ConfigError(
+                f"KVQuantConfig.k_granularity must be one of {K_GRANULARITIES}, got {self.k_granularity!r}"
+            )
+        if self.mode not in KV_MODES:
+            raise ConfigError(f"KVQuantConfig.mode must be one of {KV_MODES}, got {self.mode!r}")
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise ConfigError(f"KVQuantConfig.group must be a positive integer, got {self.group!r}")
+        if isinstance(self.residual, bool) or not isinstance(self.residual, int) or self.residual < 0:
+            raise ConfigError(f"KVQuantConfig.residual must be a non-negative integer, got {self.residual!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"KVQuantConfig.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
+
+    def layer_bits(self, num_layers: int) -> list[tuple[int, int]]:
+        """(key bits, value bits) of every layer."""
+        kb = self.layer_kbits or (self.kbits,) * num_layers
+        vb = self.layer_vbits or (self.vbits,) * num_layers
+        for name, bits in (("layer_kbits", kb), ("layer_vbits", vb)):
+            if len(bits) != num_layers:
+                raise ConfigError(
+                    f"KVQuantConfig.{name} has {len(bits)} entries, the model has {num_layers} layers"
+                )
+        return list(zip(kb, vb))
+
+    def is_identity(self, num_layers: int) -> bool:
+        """True when nothing is quantized: the cache is the plain full-precision one."""
+        return all(kb == 16 and vb == 16 for kb, vb in self.layer_bits(num_layers))
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Raise ConfigError naming the field that does not fit the model ``cfg``."""
+        H = cfg.head_dim
+        for layer, (kb, vb) in enumerate(self.layer_bits(cfg.num_layers)):
+            for side, bits, per_token in (("k", kb, self.k_granularity == "per-token"), ("v", vb, True)):
+                if bits == 16:
+                    continue
+                if per_token and H % self.group:
+                    raise ConfigError(
+                        f"KVQuantConfig.group={self.group} must divide head_dim={H} "
+                        f"({side} of layer {layer} is quantized per token, grouped along channels)"
+                    )
+                if bits == 3 and H % 8:
+                    raise ConfigError(f"KVQuantConfig: 3-bit {side} needs head_dim={H} to be a multiple of 8")
+
+    def label(self) -> str:
+        """A short name such as ``K4V2-g32-r0-past-only``."""
+        if self.layer_kbits or self.layer_vbits:
+            bits = "Kmix" if self.layer_kbits else f"K{self.kbits}"
+            bits += "Vmix" if self.layer_vbits else f"V{self.vbits}"
+        else:
+            bits = f"K{self.kbits}V{self.vbits}"
+        return f"{bits}-g{self.group}-r{self.residual}-{self.mode}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SideSpec:
+    """Static description of the keys or the values of one run of layers."""
+
+    bits: int
+    per_channel: bool  # groups along tokens (keys, KIVI); otherwise groups along channels
+    group: int
+    window: int  # W: full-precision ring length
+    scale_dtype: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+
+def side_specs(kv: KVQuantConfig, kbits: int, vbits: int) -> tuple[SideSpec, SideSpec]:
+    """Key and value specs of a layer with ``kbits``/``vbits``."""
+    R, g = kv.residual, kv.group
+    k_pc = kv.k_granularity == "per-channel"
+    # A per-channel group is quantized when its last token arrives: its first g-1 tokens must still
+    # be at full precision, and queries may read up to R + g - 1 past tokens from the window.
+    kw = 0 if kbits == 16 else (R + g - 1 if k_pc else R)
+    vw = 0 if vbits == 16 else R
+    return (
+        SideSpec(kbits, k_pc and kbits < 16, g, kw, kv.scale_dtype),
+        SideSpec(vbits, False, g, vw, kv.scale_dtype),
+    )
+
+
+def plan_segments(cfg: ModelConfig, kv: KVQuantConfig) -> list[tuple[int, int, SideSpec, SideSpec]]:
+    """Runs of consecutive layers with equal bits: ``[(start, stop, kspec, vspec), ...]``."""
+    bits = kv.layer_bits(cfg.num_layers)
+    runs = []
+    start = 0
+    for layer in range(1, cfg.num_layers + 1):
+        if layer == cfg.num_layers or bits[layer] != bits[start]:
+            runs.append((start, layer, *side_specs(kv, *bits[start])))
+            start = layer
+    return runs
+
+
+def frontier(i, spec: SideSpec, kv: KVQuantConfig):
+    """Number of leading body slots a query at body slot ``i`` reads quantized (module docstring)."""
+    n = i - kv.residual + (1 if kv.mode == "all" else 0)
+    n = jnp.maximum(n, 0)
+    if spec.per_channel:
+        n = n // spec.group * spec.group
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# The quantizer
+
+
+def _scale_dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _store_scale(s: jax.Array, dtype) -> jax.Array:
+    """Round positive float32 scales *up* to ``dtype`` (so the grid still covers the range)."""
+    info = jnp.finfo(dtype)
+    # One-byte floats have a narrow range: use their subnormals. For 16-bit ones the smallest normal
+    # is plenty small and stays clear of float32 denormals (flushed to zero on some backends).
+    tiny = float(info.smallest_subnormal if info.bits == 8 else info.smallest_normal)
+    s = jnp.clip(s, tiny, float(info.max))
+    if jnp.dtype(dtype) == jnp.float32:
+        return s
+    stored = s.astype(dtype)
+    uint = jnp.uint8 if info.bits == 8 else jnp.uint16
+    # For positive finite floats the next representable value has the next bit pattern.
+    bumped = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(stored, uint) + 1, dtype)
+    return jnp.where(stored.astype(jnp.float32) < s, bumped, stored)
+
+
+def quantize(x: jax.Array, bits: int, axis: int, scale_dtype: str):
+    """Asymmetric quantization of ``x`` with one group along ``axis`` (reduced with keepdims).
+
+    Returns ``(codes uint8 like x, scale [scale_dtype], zero int8)`` with ``x ≈ (codes - zero) * scale``.
+    """
+    x = x.astype(jnp.float32)
+    levels = 2**bits - 1
+    mn = jnp.min(x, axis=axis, keepdims=True)
+    mx = jnp.max(x, axis=axis, keepdims=True)
+    # The int8 zero point must reach -min/scale: |min| / scale <= 127.
+    s = jnp.maximum((mx - mn) / levels, jnp.abs(mn) / ZERO_MAX)
+    scale = _store_scale(s, _scale_dtype(scale_dtype))
+    sf = scale.astype(jnp.float32)
+    zero = jnp.clip(jnp.round(-mn / sf), ZERO_MIN, ZERO_MAX)
+    codes = jnp.clip(jnp.round(x / sf) + zero, 0, levels)
+    return codes.astype(jnp.uint8), scale, zero.astype(jnp.int8)
+
+
+def dequantize(codes, scale, zero) -> jax.Array:
+    """float32 ``(codes - zero) * scale`` (broadcasting)."""
+    return (codes.astype(jnp.float32) - zero.astype(jnp.float32)) * scale.astype(jnp.float32)
+
+
+def pack_codes(codes: jax.Array, bits: int) -> jax.Array:
+    """uint8 codes [..., H] -> packed uint8 [..., H*bits/8] (the ``jaxkv.quant.qarray`` bitstream)."""
+    from jaxkv.quant import qarray
+
+    return qarray.pack(codes[..., None], bits)[..., 0]
+
+
+def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`."""
+    from jaxkv.quant import qarray
+
+    return qarray.unpack(packed[..., None], bits)[..., 0]
+
+
+def packed_width(H: int, bits: int) -> int:
+    """Bytes per packed row of H codes."""
+    return H * bits // 8
+
+
+def quantize_tokens(x: jax.Array, spec: SideSpec):
+    """Per-token quantization of ``x [..., K, H]`` in groups of ``spec.group`` channels.
+
+    Returns ``(codes [..., K, H], scale [..., K, C], zero [..., K, C])``.
+    """
+    *lead, K, H = x.shape
+    g = spec.group
+    c, s, z = quantize(x.reshape(*lead, K, H // g, g), spec.bits, -1, spec.scale_dtype)
+    return c.reshape(*lead, K, H), s[..., 0], z[..., 0]
+
+
+def quantize_channels(x: jax.Array, spec: SideSpec):
+    """Per-channel quantization of token groups ``x [..., J, g, K, H]`` (one group per J).
+
+    Returns ``(codes [..., J, g, K, H], scale [..., J, K, H], zero [..., J, K, H])``.
+    """
+    c, s, z = quantize(x, spec.bits, -3, spec.scale_dtype)
+    return c, s[..., 0, :, :], z[..., 0, :, :]
+
+
+def fake_quantize_sequence(x: jax.Array, spec: SideSpec, pivot_len: int) -> jax.Array:
+    """What the cache would hold for ``x [B, T, K, H]`` (positions 0..T-1), dequantized (float32).
+
+    Positions < ``pivot_len`` are returned unchanged. Per-channel groups are aligned to body slots
+    (position - pivot_len); the trailing incomplete group is returned quantized by its partial
+    statistics, which :func:`frontier` never lets a query read.
+    """
+    B, T, K, H = x.shape
+    P = pivot_len
+    body = x[:, P:].astype(jnp.float32)
+    n = T - P
+    if spec.per_channel:
+        g = spec.group
+        J = -(-n // g)
+        padded = jnp.pad(body, ((0, 0), (0, J * g - n), (0, 0), (0, 0)), mode="edge") if J * g > n else body
+        c, s, z = quantize_channels(padded.reshape(B, J, g, K, H), spec)
+        deq = dequantize(c, s[:, :, None], z[:, :, None]).reshape(B, J * g, K, H)[:, :n]
+    else:
+        c, s, z = quantize_tokens(body, spec)
+        g = spec.group
+        deq = dequantize(c.reshape(B, n, K, H // g, g), s[..., None], z[..., None]).reshape(B, n, K, H)
+    return jnp.concatenate([x[:, :P].astype(jnp.float32), deq], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache pytree
+
+
+@flax.struct.dataclass
+class QuantSide:
+    """Keys or values of one run of layers (see the module docstring for shapes)."""
+
+    data: jax.Array
+    scale: jax.Array | None
+    zero: jax.Array | None
+    window: jax.Array | None
+    spec: SideSpec = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class QuantSegment:
+    """Layers ``[start, stop)`` of a quantized body."""
+
+    k: QuantSide
+    v: QuantSide
+    start: int = flax.struct.field(pytree_node=False)
+    stop: int = flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
 class KVCache:
     pivot_k: jax.Array
     pivot_v: jax.Array
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | None
+    v: jax.Array | None
     lengths: jax.Array
+    segments: tuple[QuantSegment, ...] = ()
+    kv: KVQuantConfig | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.segments)
 
     @property
     def max_len(self) -> int:
         """S: body slots per sequence."""
-        return self.k.shape[2]
+        return self.k.shape[2] if self.k is not None else self.segments[0].k.data.shape[2]
 
     @property
     def pivot_len(self) -> int:
@@ -41,7 +395,22 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
+
+
+def _empty_side(spec: SideSpec, Lc: int, B: int, S: int, K: int, H: int, dtype) -> QuantSide:
+    if not spec.quantized:
+        return QuantSide(jnp.zeros((Lc, B, S, K, H), dtype), None, None, None, spec)
+    sdt = _scale_dtype(spec.scale_dtype)
+    meta = (Lc, B, S // spec.group, K, H) if spec.per_channel else (Lc, B, S, K, H // spec.group)
+    window = jnp.zeros((Lc, B, spec.window, K, H), dtype) if spec.window else None
+    return QuantSide(
+        data=jnp.zeros((Lc, B, S, K, packed_width(H, spec.bits)), jnp.uint8),
+        scale=jnp.zeros(meta, sdt),
+        zero=jnp.zeros(meta, jnp.int8),
+        window=window,
+        spec=spec,
+    )
 
 
 def init_cache(
@@ -51,8 +420,13 @@ def init_cache(
     dtype=jnp.float32,
     pivot_k: jax.Array | None = None,
     pivot_v: jax.Array | None = None,
+    kv: KVQuantConfig | None = None,
 ) -> KVCache:
-    """An empty cache of ``max_len`` body slots, optionally starting with pivot K/V ``[L, P, K, H]``."""
+    """An empty cache of ``max_len`` body slots, optionally starting with pivot K/V ``[L, P, K, H]``.
+
+    With ``kv`` (and anything quantized), the body is quantized as ``kv`` says; ``max_len`` is then
+    rounded up to a multiple of ``kv.group`` when keys are quantized per channel.
+    """
     L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     if (pivot_k is None) != (pivot_v is None):
         raise ValueError("pivot_k and pivot_v must be given together")
@@ -62,12 +436,138 @@ def init_cache(
         raise ValueError(
             f"pivot K/V have shapes {pivot_k.shape} and {pivot_v.shape}, expected [L={L}, P, K={K}, H={H}]"
         )
-    # Separate buffers for k and v: the cache is donated, and one buffer cannot be donated twice.
-    return KVCache(
-        # Copies: the cache is donated to jitted steps, which must not consume the caller's prefix.
-        pivot_k=jnp.array(pivot_k, dtype=dtype, copy=True),
-        pivot_v=jnp.array(pivot_v, dtype=dtype, copy=True),
-        k=jnp.zeros((L, batch, max_len, K, H), dtype),
-        v=jnp.zeros((L, batch, max_len, K, H), dtype),
-        lengths=jnp.zeros((batch,), jnp.int32),
+    # Copies: the cache is donated to jitted steps, which must not consume the caller's prefix.
+    pk = jnp.array(pivot_k, dtype=dtype, copy=True)
+    pv = jnp.array(pivot_v, dtype=dtype, copy=True)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if kv is None or kv.is_identity(L):
+        # Separate buffers for k and v: the cache is donated, and one buffer cannot be donated twice.
+        return KVCache(
+            pivot_k=pk,
+            pivot_v=pv,
+            k=jnp.zeros((L, batch, max_len, K, H), dtype),
+            v=jnp.zeros((L, batch, max_len, K, H), dtype),
+            lengths=lengths,
+        )
+    kv.check(cfg)
+    plan = plan_segments(cfg, kv)
+    if any(ks.per_channel for _, _, ks, _ in plan):
+        max_len = -(-max_len // kv.group) * kv.group
+    segments = tuple(
+        QuantSegment(
+            k=_empty_side(ks, stop - start, batch, max_len, K, H, dtype),
+            v=_empty_side(vs, stop - start, batch, max_len, K, H, dtype),
+            start=start,
+            stop=stop,
+        )
+        for start, stop, ks, vs in plan
     )
+    return KVCache(pivot_k=pk, pivot_v=pv, k=None, v=None, lengths=lengths, segments=segments, kv=kv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Storage accounting (real bytes of the leaves: packed codes count bits, not elements)
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array leaf (``jax.Array`` or ``ShapeDtypeStruct``) of ``tree``."""
+    return int(sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _body_and_window_bytes(cache: KVCache) -> tuple[int, int]:
+    if not cache.segments:
+        return tree_bytes((cache.k, cache.v)), 0
+    body = window = 0
+    for seg in cache.segments:
+        for side in (seg.k, seg.v):
+            body += tree_bytes((side.data, side.scale, side.zero))
+            window += tree_bytes(side.window)
+    return body, window
+
+
+def kv_storage(cfg: ModelConfig, kv: KVQuantConfig | None = None, dtype=jnp.float16) -> dict[str, float]:
+    """Real storage of a cache for one sequence, from the leaves of an (abstract) cache.
+
+    ``bytes_per_token``: body bytes per token, all layers, keys and values, codes + scales + zeros
+    (per-channel key scales are amortised over their group of tokens). ``window_bytes``: the fixed
+    full-precision window per sequence (R or R + group - 1 tokens). Pivot slots are shared by the
+    batch and not counted.
+    """
+    S = 64 * (kv.group if kv is not None else 1)
+    shapes = jax.eval_shape(lambda: init_cache(cfg, 1, S, dtype, kv=kv))
+    body, window = _body_and_window_bytes(shapes)
+    return {"bytes_per_token": body / shapes.max_len, "window_bytes": window}
+
+
+def kv_bytes_per_token(cfg: ModelConfig, kv: KVQuantConfig | None = None, dtype=jnp.float16) -> float:
+    """Body bytes per token of a cache (all layers, scales included); ``kv=None``: the fp16 cache."""
+    return kv_storage(cfg, kv, dtype)["bytes_per_token"]
+
+
+def kv_bytes_per_token_fp16(cfg: ModelConfig) -> float:
+    """Bytes per token of the full-precision fp16/bf16 cache: 2 (K and V) * L * K * H * 2."""
+    return kv_bytes_per_token(cfg, None, jnp.float16)
+
+
+def cache_bytes(cache: KVCache) -> int:
+    """Bytes that ``cache`` holds on the device (all leaves)."""
+    return tree_bytes(cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer bit budget ("Quantize What Counts", arXiv 2502.15075)
+
+
+def kv_weight_norms(params, cfg: ModelConfig) -> dict[str, list[float]]:
+    """Frobenius and spectral norms of W_k and W_v per layer (float64, on the host)."""
+    out: dict[str, list[float]] = {"wk_fro": [], "wv_fro": [], "wk_spec": [], "wv_spec": []}
+    for name, key in (("wk", "wk"), ("wv", "wv")):
+        from jaxkv.quant import qarray
+
+        w = params["layers"][key]
+        if qarray.is_qarray(w):  # norms of the weights as the quantized model holds them
+            w = qarray.dequantize(w, jnp.float32)
+        w = np.asarray(jax.device_get(w), np.float64)
+        for layer in range(cfg.num_layers):
+            out[f"{name}_fro"].append(float(np.linalg.norm(w[layer])))
+            out[f"{name}_spec"].append(float(np.linalg.norm(w[layer], 2)))
+    return out
+
+
+def allocate_bits(
+    norm_k, norm_v, budget: float, choices: tuple[int, ...] = (2, 3, 4, 8)
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per-layer (key bits, value bits) with mean code bits over all 2L tensors <= ``budget``.
+
+    Error model of a uniform b-bit quantizer of a projection output whose scale follows its weight
+    norm (the argument of "Quantize What Counts"): ``err(b) ∝ ||W||^2 4^-b``. Greedy marginal
+    allocation: start every tensor at the fewest bits, then repeatedly give the next bit width to
+    the tensor with the largest error drop per added bit that still fits the budget. Ties favour keys.
+    """
+    choices = tuple(sorted(choices))
+    norm_k, norm_v = np.asarray(norm_k, np.float64), np.asarray(norm_v, np.float64)
+    L = len(norm_k)
+    if len(norm_v) != L:
+        raise ConfigError(f"allocate_bits: {L} key norms but {len(norm_v)} value norms")
+    if not choices[0] <= budget <= choices[-1]:
+        raise ConfigError(f"kv budget must lie in [{choices[0]}, {choices[-1]}] bits, got {budget}")
+    weights = np.concatenate([norm_k, norm_v]) ** 2
+    level = np.zeros(2 * L, np.int64)  # index into choices
+    total, cap = 2 * L * choices[0], budget * 2 * L + 1e-9
+    while True:
+        best, best_gain = None, 0.0
+        for t in range(2 * L):
+            if level[t] + 1 >= len(choices):
+                continue
+            b0, b1 = choices[level[t]], choices[level[t] + 1]
+            if total + b1 - b0 > cap:
+                continue
+            gain = weights[t] * (4.0**-b0 - 4.0**-b1) / (b1 - b0)
+            if gain > best_gain * (1 + 1e-12):
+                best, best_gain = t, gain
+        if best is None:
+            break
+        total += choices[level[best] + 1] - choices[level[best]]
+        level[best] += 1
+    bits = [choices[i] for i in level]
+    return tuple(bits[:L]), tuple(bits[L:])

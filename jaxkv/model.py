@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.config import ModelConfig
-from jaxkv.kvcache import KVCache
+from jaxkv.kvattention import attend_cached, attend_fake_quant
+from jaxkv.kvcache import KVCache, KVQuantConfig, plan_segments
 
 # Added to masked scores; finite so that a fully-masked (padding) row gives a uniform softmax, not NaN.
 _MASKED = -1e30
@@ -98,8 +100,12 @@ def _causal_mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
     return mask
 
 
-def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig):
-    """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths)."""
+def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
+    """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths).
+
+    ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
+    (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
+    """
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -110,7 +116,9 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig):
     k = apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
     v = v.reshape(B, T, K, H)
 
-    if cache_kv is None:
+    if attend is not None:
+        attn, new_kv = attend(q, k, v)
+    elif cache_kv is None:
         attn = _attend(q, k, v, _causal_mask(positions, positions, cfg), cfg)
         new_kv = None
     else:
@@ -134,14 +142,24 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig):
     return x, new_kv
 
 
-def decoder(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, collect: bool = False):
+def decoder(
+    params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, collect: bool = False,
+    kv: KVQuantConfig | None = None, pivot_len: int = 0,
+):  # fmt: skip
     """Embedding and all blocks, before the final norm.
 
     Returns ``(hidden [B,T,D], cache, layer_outputs)``; ``layer_outputs`` is ``[L,B,T,D]`` (each
-    block's output) when ``collect`` else None.
+    block's output) when ``collect`` else None. ``kv``/``pivot_len`` apply to the cache-free forward
+    only: attention then sees K/V as a cache quantized by ``kv`` would hold them (see
+    :func:`forward_kv`); a cache carries its own quantization.
     """
     x = jnp.take(params["embed"], tokens, axis=0)
     inv_freq = rope_inv_freq(cfg)
+
+    if cache is None and kv is not None and not kv.is_identity(cfg.num_layers):
+        return _decoder_fake_quant(params, x, positions, cfg, collect, kv, pivot_len, inv_freq)
+    if cache is not None and cache.quantized:
+        return _decoder_quant_cache(params, x, positions, cache, cfg, collect, inv_freq)
 
     if cache is None:
 
@@ -167,6 +185,80 @@ def decoder(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, 
     return x, cache.replace(k=new_k, v=new_v, lengths=lengths.astype(jnp.int32)), outs
 
 
+def _layer_slice(layers, start: int, stop: int, num_layers: int):
+    """Layers [start, stop) of the stacked parameters (all of them without a copy)."""
+    if (start, stop) == (0, num_layers):
+        return layers
+    return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def _decoder_fake_quant(
+    params, x, positions, cfg: ModelConfig, collect, kv: KVQuantConfig, pivot_len, inv_freq
+):
+    """Cache-free blocks with quantized-cache attention, one scan per run of layers with equal bits."""
+    kv.check(cfg)
+    outs = []
+    for start, stop, kspec, vspec in plan_segments(cfg, kv):
+        attend = functools.partial(
+            attend_fake_quant,
+            positions=positions,
+            cfg=cfg,
+            kv=kv,
+            kspec=kspec,
+            vspec=vspec,
+            pivot_len=pivot_len,
+        )
+
+        def body(x, lp, attend=attend):
+            x, _ = _layer(
+                x, lp, positions, inv_freq, None, cfg, attend=lambda q, k, v: (attend(q, k, v), None)
+            )
+            return x, (x if collect else None)
+
+        x, o = jax.lax.scan(body, x, _layer_slice(params["layers"], start, stop, cfg.num_layers))
+        outs.append(o)
+    return x, None, (jnp.concatenate(outs) if collect else None)
+
+
+def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig, collect, inv_freq):
+    """Blocks over a quantized cache (``jaxkv.kvattention.attend_cached``), one scan per segment."""
+    P, S = cache.pivot_len, cache.max_len
+    valid = positions >= 0
+    slot = jnp.where(valid, positions - P, S)  # S is out of bounds: dropped by the scatters
+    n_old = cache.lengths
+    n_new = jnp.maximum(n_old, jnp.max(jnp.where(valid, positions - P + 1, 0), axis=1)).astype(jnp.int32)
+    segments, outs = [], []
+    for seg in cache.segments:
+
+        def body(x, xs):
+            lp, pk, pv, ks, vs = xs
+
+            def attend(q, k, v):
+                out, ks2, vs2 = attend_cached(
+                    q, k, v, pk, pv, ks, vs, positions, n_old, n_new, slot, cfg, cache.kv
+                )
+                return out, (ks2, vs2)
+
+            x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend)
+            return x, ((x if collect else None), ks, vs)
+
+        xs = (
+            _layer_slice(params["layers"], seg.start, seg.stop, cfg.num_layers),
+            cache.pivot_k[seg.start : seg.stop],
+            cache.pivot_v[seg.start : seg.stop],
+            seg.k,
+            seg.v,
+        )
+        x, (o, ks, vs) = jax.lax.scan(body, x, xs)
+        segments.append(seg.replace(k=ks, v=vs))
+        outs.append(o)
+    return (
+        x,
+        cache.replace(segments=tuple(segments), lengths=n_new),
+        (jnp.concatenate(outs) if collect else None),
+    )
+
+
 def logits_from_hidden(params, x, cfg: ModelConfig) -> jax.Array:
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
@@ -180,6 +272,35 @@ def forward(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig):
     """Logits [B, T, V] (float32) and the updated cache (None when called without one)."""
     x, cache, _ = decoder(params, tokens, positions, cache, cfg)
     return logits_from_hidden(params, x, cfg), cache
+
+
+def forward_kv(params, tokens, positions, cfg: ModelConfig, kv: KVQuantConfig | None, pivot_len: int = 0):
+    """Cache-free logits [B, T, V] with attention reading K/V as a cache quantized by ``kv`` would.
+
+    For perplexity: ``positions`` are ``0..T-1`` in every row and the first ``pivot_len`` positions act
+    as full-precision pivot slots (``pivot_len=1`` keeps the [BOS] K/V of the full-precision model
+    intact, IntactKV[B]). Query i reads key j quantized iff a decoding step at i would
+    (``jaxkv.kvcache``: past-only or all, residual, complete per-channel groups), so these logits
+    equal those of decoding the window token by token (or in any chunks) through
+    ``init_cache(..., pivot_k/v = those pivot tokens' K/V, kv=kv)``, up to float rounding. With
+    nothing quantized this is :func:`forward` bit for bit.
+    """
+    x, _, _ = decoder(params, tokens, positions, None, cfg, kv=kv, pivot_len=pivot_len)
+    return logits_from_hidden(params, x, cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVForward:
+    """``forward_fn(params, tokens, positions) -> logits`` for ``jaxkv.evaluate.perplexity``: the
+    cache-free forward with quantized-KV attention (:func:`forward_kv`). Hashable, so repeated
+    perplexity calls reuse one compilation."""
+
+    cfg: ModelConfig
+    kv: KVQuantConfig | None
+    pivot_len: int = 0
+
+    def __call__(self, params, tokens, positions):
+        return forward_kv(params, tokens, positions, self.cfg, self.kv, self.pivot_len)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

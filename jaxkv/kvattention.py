@@ -1,0 +1,347 @@
+"""Attention over a quantized KV cache (decode, prefill), and the cache-free forward that equals it.
+
+Conventions: the dimension alphabet of ``jaxkv.config`` (B T S P K G H), plus, for quantized sides,
+C = H / group channel groups, J = S / group token groups and E = an index inside a group. The cache
+layout and the rule of which copy (quantized or full precision) a query reads are in
+``jaxkv.kvcache``; ``i``/``j`` below are body slots (position - P) of the query/key.
+
+Two implementations of the cached attention, chosen by ``impl``:
+
+* ``"folded"`` (used by the model): the body is read as packed integer codes; per-channel key scales
+  are folded into the query (``q * scale`` per token group, O(T·J·H) work) and per-token value
+  scales into the probabilities (``p * scale`` per channel group), zero points enter as one bias
+  term per group. No full-precision copy of the body is formed (only the unpacked integer codes of
+  one layer, which a fused kernel would not materialise either). Scores of the pivot segment, the
+  quantized body and the full-precision window/new tokens are merged on the slot axis and go
+  through one softmax.
+* ``"reference"``: dequantize the body, build every query's keys/values explicitly
+  ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
+
+Compute: products run in the query's dtype with float32 accumulation; scales, zero points, the
+softmax and the output sums are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.config import ModelConfig
+from jaxkv.kvcache import (
+    KVQuantConfig,
+    QuantSide,
+    SideSpec,
+    dequantize,
+    fake_quantize_sequence,
+    frontier,
+    pack_codes,
+    quantize_channels,
+    quantize_tokens,
+    unpack_codes,
+)
+
+# Added to masked scores; finite so that a fully-masked (padding) row gives a uniform softmax, not NaN.
+_MASKED = -1e30
+_F32 = jnp.float32
+
+
+def _mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
+    """[B,T,S] True where key position k may be seen from query position q (both >= 0)."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if cfg.sliding_window is not None:
+        mask &= k > q - cfg.sliding_window
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing new tokens
+
+
+def window_view(side: QuantSide, x: jax.Array, n_old: jax.Array):
+    """Full-precision copies of slots ``[n_old - W, n_old + T)``: the ring in slot order, then ``x``.
+
+    Returns ``(view [B, W + T, K, H], base [B])``: view index w holds slot ``base + w`` (the new
+    tokens are contiguous from slot n_old; entries of negative slots are meaningless).
+    """
+    W = side.spec.window
+    base = n_old - W
+    if not W:
+        return x, base
+    idx = jnp.mod(base[:, None] + jnp.arange(W), W)
+    old = jnp.take_along_axis(side.window, idx[:, :, None, None], axis=1)
+    return jnp.concatenate([old.astype(x.dtype), x], axis=1), base
+
+
+def write_side(side: QuantSide, x, slot, n_old, n_new, view, base) -> QuantSide:
+    """Store the new tokens ``x [B, T, K, H]`` (body slots ``slot [B, T]``, S = padding) in one layer.
+
+    Per-token sides quantize every new token; per-channel keys quantize each group of ``group``
+    slots completed by this call, reading its older tokens from the window (``view``/``base``).
+    The ring keeps the full-precision copies of the last W slots.
+    """
+    spec = side.spec
+    B, T, K, H = x.shape
+    S = side.data.shape[1]
+    b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    if not spec.quantized:
+        return side.replace(data=side.data.at[b_idx, slot].set(x.astype(side.data.dtype), mode="drop"))
+    if spec.per_channel:
+        g = spec.group
+        nb = (g - 1 + T) // g  # groups one call can complete
+        blk = n_old[:, None] // g + jnp.arange(nb)  # [B, nb] the first is the group n_old falls in
+        ok = (blk + 1) * g <= n_new[:, None]
+        slots = blk[..., None] * g + jnp.arange(g)  # [B, nb, E]
+        vidx = jnp.clip(slots - base[:, None, None], 0, view.shape[1] - 1).reshape(B, nb * g)
+        vals = jnp.take_along_axis(view, vidx[:, :, None, None], axis=1).reshape(B, nb, g, K, H)
+        codes, scale, zero = quantize_channels(vals, spec)
+        wslot = jnp.where(ok[..., None], slots, S).reshape(B, nb * g)
+        bi = jnp.broadcast_to(jnp.arange(B)[:, None], (B, nb * g))
+        data = side.data.at[bi, wslot].set(pack_codes(codes.reshape(B, nb * g, K, H), spec.bits), mode="drop")
+        wblk = jnp.where(ok, blk, S // g)
+        bj = jnp.broadcast_to(jnp.arange(B)[:, None], (B, nb))
+        new_scale = side.scale.at[bj, wblk].set(scale, mode="drop")
+        new_zero = side.zero.at[bj, wblk].set(zero, mode="drop")
+    else:
+        codes, scale, zero = quantize_tokens(x, spec)
+        data = side.data.at[b_idx, slot].set(pack_codes(codes, spec.bits), mode="drop")
+        new_scale = side.scale.at[b_idx, slot].set(scale, mode="drop")
+        new_zero = side.zero.at[b_idx, slot].set(zero, mode="drop")
+    window = side.window
+    if spec.window:
+        W = spec.window
+        # Only the last W slots of the call: earlier ones would collide in the ring.
+        keep = (slot < S) & (slot >= n_new[:, None] - W)
+        window = window.at[b_idx, jnp.where(keep, jnp.mod(slot, W), W)].set(
+            x.astype(window.dtype), mode="drop"
+        )
+    return side.replace(data=data, scale=new_scale, zero=new_zero, window=window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the quantized body
+
+
+def body_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
+    """q·k for every body slot, float32 [B, T, K, G, S], from the stored codes (scales folded into q)."""
+    spec = side.spec
+    cd = qg.dtype
+    if not spec.quantized:
+        return jnp.einsum("BTKGH,BSKH->BTKGS", qg, side.data.astype(cd), preferred_element_type=_F32)
+    B, S, K, _ = side.data.shape
+    H, g = qg.shape[-1], spec.group
+    codes = unpack_codes(side.data, spec.bits).astype(cd)  # exact: codes < 256
+    scale, zero = side.scale.astype(_F32), side.zero.astype(_F32)
+    if spec.per_channel:
+        # k[j, h] = (c[j, h] - z[J, h]) * s[J, h] for j in group J: q·k = sum_h (q s)[J, h] c[j, h] - (q s)[J]·z[J].
+        qs = jnp.einsum("BTKGH,BJKH->BTKGJH", qg.astype(_F32), scale)
+        dot = jnp.einsum(
+            "BTKGJH,BJEKH->BTKGJE",
+            qs.astype(cd),
+            codes.reshape(B, S // g, g, K, H),
+            preferred_element_type=_F32,
+        )
+        bias = jnp.einsum("BTKGJH,BJKH->BTKGJ", qs, zero)
+        return (dot - bias[..., None]).reshape(*dot.shape[:4], S)
+    # Per token: k[j, C, E] = (c - z[j, C]) s[j, C]: q·k = sum_C s[j, C] (q_C·c[j, C] - z[j, C] sum(q_C)).
+    qc = qg.reshape(*qg.shape[:4], H // g, g)
+    part = jnp.einsum(
+        "BTKGCE,BSKCE->BTKGSC", qc, codes.reshape(B, S, K, H // g, g), preferred_element_type=_F32
+    )
+    qsum = jnp.sum(qc.astype(_F32), axis=-1)
+    return jnp.einsum("BTKGSC,BSKC->BTKGS", part, scale) - jnp.einsum("BTKGC,BSKC->BTKGS", qsum, scale * zero)
+
+
+def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
+    """sum_j p[j] v[j], float32 [B, T, K, G, H], for probabilities p [B, T, K, G, S] (float32)."""
+    spec = side.spec
+    if not spec.quantized:
+        return jnp.einsum(
+            "BTKGS,BSKH->BTKGH", p.astype(cd), side.data.astype(cd), preferred_element_type=_F32
+        )
+    if spec.per_channel:
+        raise NotImplementedError("values are quantized per token")
+    B, S, K, Hp = side.data.shape
+    g = spec.group
+    codes = unpack_codes(side.data, spec.bits).astype(cd)
+    H = codes.shape[-1]
+    # v[j, C, E] = (c - z[j, C]) s[j, C]: fold s into p per channel group, z as one bias per group.
+    ps = jnp.einsum("BTKGS,BSKC->BTKGSC", p, side.scale.astype(_F32))
+    out = jnp.einsum(
+        "BTKGSC,BSKCE->BTKGCE", ps.astype(cd), codes.reshape(B, S, K, H // g, g), preferred_element_type=_F32
+    )
+    bias = jnp.einsum("BTKGSC,BSKC->BTKGC", ps, side.zero.astype(_F32))
+    return (out - bias[..., None]).reshape(*out.shape[:4], H)
+
+
+def dequantize_body(side: QuantSide) -> jax.Array:
+    """The whole body as float32 [B, S, K, H] (reference path and tests only)."""
+    spec = side.spec
+    if not spec.quantized:
+        return side.data.astype(_F32)
+    B, S, K, _ = side.data.shape
+    codes = unpack_codes(side.data, spec.bits)
+    H, g = codes.shape[-1], spec.group
+    if spec.per_channel:
+        c = codes.reshape(B, S // g, g, K, H)
+        return dequantize(c, side.scale[:, :, None], side.zero[:, :, None]).reshape(B, S, K, H)
+    c = codes.reshape(B, S, K, H // g, g)
+    return dequantize(c, side.scale[..., None], side.zero[..., None]).reshape(B, S, K, H)
+
+
+def _to_slots(x: jax.Array, base: jax.Array, S: int) -> jax.Array:
+    """Window-indexed [..., W+T] -> slot-indexed [..., S] (x[slot - base]; out-of-window entries are junk)."""
+    idx = jnp.clip(jnp.arange(S)[None, :] - base[:, None], 0, x.shape[-1] - 1)  # [B, S]
+    idx = idx.reshape(idx.shape[0], *(1,) * (x.ndim - 2), S)
+    return jnp.take_along_axis(x, idx, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached attention (prefill and decode)
+
+
+def attend_cached(
+    q, k, v, pivot_k, pivot_v, kside: QuantSide, vside: QuantSide, positions, n_old, n_new, slot,
+    cfg: ModelConfig, kv: KVQuantConfig, impl: str = "folded",
+):  # fmt: skip
+    """Write the new K/V of one layer into a quantized cache, then attend.
+
+    q [B,T,N,H], k/v [B,T,K,H] (after RoPE); pivot_k/v [P,K,H]; ``kside``/``vside`` this layer's cache
+    (leaves without the L axis); positions [B,T] (-1 = padding); n_old/n_new [B] body lengths before
+    and after this call; slot [B,T] body slots (S for padding). Returns ``(out [B,T,N*H], kside, vside)``.
+    """
+    B, T, N, H = q.shape
+    K, G = cfg.num_kv_heads, cfg.group_size
+    P = pivot_k.shape[0]
+    kspec, vspec = kside.spec, vside.spec
+    kview, kbase = window_view(kside, k, n_old) if kspec.quantized else (None, None)
+    vview, vbase = window_view(vside, v, n_old) if vspec.quantized else (None, None)
+    kside = write_side(kside, k, slot, n_old, n_new, kview, kbase)
+    vside = write_side(vside, v, slot, n_old, n_new, vview, vbase)
+
+    S = kside.data.shape[1]
+    j = jnp.arange(S)
+    i = positions - P  # query body slots
+    body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
+    mask = jnp.concatenate(
+        [_mask(positions, jnp.broadcast_to(jnp.arange(P), (B, P)), cfg), _mask(positions, body_pos, cfg)],
+        axis=-1,
+    )
+    use_k = j[None, None, :] < frontier(i, kspec, kv)[..., None]  # [B,T,S] read the quantized copy
+    use_v = j[None, None, :] < frontier(i, vspec, kv)[..., None]
+    cd = q.dtype
+    qg = q.reshape(B, T, K, G, H)
+
+    if impl == "reference":
+        out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
+        return out.astype(cd).reshape(B, T, N * H), kside, vside
+    if impl != "folded":
+        raise ValueError(f"impl must be 'folded' or 'reference', got {impl!r}")
+
+    s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
+    s_body = body_scores(qg, kside)
+    if kspec.quantized:
+        s_win = jnp.einsum("BTKGH,BWKH->BTKGW", qg, kview.astype(cd), preferred_element_type=_F32)
+        s_body = jnp.where(use_k[:, :, None, None, :], s_body, _to_slots(s_win, kbase, S))
+    scores = jnp.concatenate([s_piv, s_body], axis=-1) * (1.0 / np.sqrt(H))
+    scores = jnp.where(mask[:, :, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    p_piv, p_body = probs[..., :P], probs[..., P:]
+
+    out = jnp.einsum("BTKGP,PKH->BTKGH", p_piv.astype(cd), pivot_v.astype(cd), preferred_element_type=_F32)
+    if vspec.quantized:
+        out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
+        wslot = vbase[:, None] + jnp.arange(vview.shape[1])  # [B, W+T] slot of each window entry
+        p_win = jnp.take_along_axis(p_body, jnp.clip(wslot, 0, S - 1)[:, None, None, None, :], axis=-1)
+        fp = (wslot[:, None, :] >= frontier(i, vspec, kv)[..., None]) & (
+            wslot[:, None, :] < n_new[:, None, None]
+        )
+        p_win = jnp.where(fp[:, :, None, None, :], p_win, 0.0)
+        out += jnp.einsum(
+            "BTKGW,BWKH->BTKGH", p_win.astype(cd), vview.astype(cd), preferred_element_type=_F32
+        )
+    else:
+        out += body_values(p_body, vside, cd)
+    return out.astype(cd).reshape(B, T, N * H), kside, vside
+
+
+def _slots_fp(view, base, S):
+    """Window [B, W+T, K, H] -> slot-indexed [B, S, K, H] float32 (junk outside the window)."""
+    idx = jnp.clip(jnp.arange(S)[None, :] - base[:, None], 0, view.shape[1] - 1)
+    return jnp.take_along_axis(view, idx[:, :, None, None], axis=1).astype(_F32)
+
+
+def _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask):
+    """Dequantize-then-attend: every query's keys and values built explicitly, all in float32."""
+    B, T, K, G, H = qg.shape
+    P = pivot_k.shape[0]
+    S = kside.data.shape[1]
+
+    def per_query(side, view, base, use):
+        deq = dequantize_body(side)
+        if not side.spec.quantized:
+            return jnp.broadcast_to(deq[:, None], (B, T, S, K, H))
+        return jnp.where(use[..., None, None], deq[:, None], _slots_fp(view, base, S)[:, None])
+
+    keys = jnp.concatenate(
+        [jnp.broadcast_to(pivot_k.astype(_F32), (B, T, P, K, H)), per_query(kside, kview, kbase, use_k)],
+        axis=2,
+    )
+    values = jnp.concatenate(
+        [jnp.broadcast_to(pivot_v.astype(_F32), (B, T, P, K, H)), per_query(vside, vview, vbase, use_v)],
+        axis=2,
+    )
+    scores = jnp.einsum("BTKGH,BTSKH->BTKGS", qg.astype(_F32), keys) * (1.0 / np.sqrt(H))
+    scores = jnp.where(mask[:, :, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("BTKGS,BTSKH->BTKGH", probs, values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache-free attention with the same quantization (perplexity)
+
+
+def attend_fake_quant(
+    q, k, v, positions, cfg: ModelConfig, kv: KVQuantConfig, kspec: SideSpec, vspec: SideSpec, pivot_len: int
+) -> jax.Array:
+    """Causal attention over the T tokens themselves where each (query i, key j) pair reads the copy
+    a cache would hand it: quantized iff ``j < frontier(i)`` (``jaxkv.kvcache``), else full precision.
+
+    ``positions`` must be ``0..T-1`` in every row (the perplexity protocol); the first ``pivot_len``
+    positions play the pivot segment and are never quantized. Since quantized values depend only on
+    the token (per-token groups) or on its complete group of slots (per-channel keys), and the rule
+    only on (i, j), this equals decoding the sequence through a quantized cache whose pivot holds
+    the first ``pivot_len`` tokens' full-precision K/V, however the tokens are fed (up to float
+    rounding). Returns [B, T, N*H].
+    """
+    B, T, N, H = q.shape
+    K, G = cfg.num_kv_heads, cfg.group_size
+    cd = q.dtype
+    qg = q.reshape(B, T, K, G, H)
+    body = positions - pivot_len  # body slot of every token, negative in the pivot
+
+    def quantized_pairs(spec):
+        read_q = body[:, None, :] < frontier(body, spec, kv)[..., None]
+        return read_q & (body[:, None, :] >= 0) & (body[:, :, None] >= 0)  # [B, T(query), T(key)]
+
+    scores = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k, preferred_element_type=_F32)
+    if kspec.quantized:
+        kq = fake_quantize_sequence(k, kspec, pivot_len).astype(cd)
+        s_q = jnp.einsum("BTKGH,BSKH->BTKGS", qg, kq, preferred_element_type=_F32)
+        scores = jnp.where(quantized_pairs(kspec)[:, :, None, None, :], s_q, scores)
+    scores = scores * (1.0 / np.sqrt(H))
+    scores = jnp.where(_mask(positions, positions, cfg)[:, :, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if vspec.quantized:
+        use_v = quantized_pairs(vspec)[:, :, None, None, :]
+        vq = fake_quantize_sequence(v, vspec, pivot_len).astype(cd)
+        out = jnp.einsum(
+            "BTKGS,BSKH->BTKGH", jnp.where(use_v, 0.0, probs).astype(cd), v, preferred_element_type=_F32
+        ) + jnp.einsum(
+            "BTKGS,BSKH->BTKGH", jnp.where(use_v, probs, 0.0).astype(cd), vq, preferred_element_type=_F32
+        )
+    else:
+        out = jnp.einsum("BTKGS,BSKH->BTKGH", probs.astype(cd), v, preferred_element_type=_F32)
+    return out.astype(cd).reshape(B, T, N * H)
