@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
-from jaxkv.kvcache import KVCache, init_cache
+from jaxkv.kvcache import KVCache, KVQuantConfig, init_cache
 from jaxkv.model import forward
 from jaxkv.sampling import sample
 
@@ -142,6 +142,7 @@ def generate_iter(
     chat: bool = False,
     chunk: int | None = 1,
     stop_at_eos: bool = True,
+    kv: KVQuantConfig | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(new_tokens [B, n], done [B])`` after every ``chunk`` decode steps (None: one chunk).
 
@@ -174,7 +175,7 @@ def generate_iter(
     pivot_k = pivot_v = None
     if prefix is not None:
         pivot_k, pivot_v = prefix.k, prefix.v
-    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v)
+    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv)  # kv: quantized KV cache
     P = cache.pivot_len
 
     tokens = np.zeros((B, bucket), np.int32)
