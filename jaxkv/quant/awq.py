@@ -232,4 +232,3 @@ def awq_quantize_params(
         )
     changed = {f"layers/{k}": v for k, v in stacked.items() if k not in layer_sel}
     return quantized, changed
-

@@ -85,7 +85,8 @@ def _gptq_block(W1, U1, S1, Z1, maxq, zsym):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("bits", "group", "sym", "scale_dtype", "block_size", "act_order", "static_groups")
+    jax.jit,
+    static_argnames=("bits", "group", "sym", "scale_dtype", "block_size", "act_order", "static_groups"),
 )
 def _gptq(w, H, damp, *, bits, group, sym, scale_dtype, block_size, act_order, static_groups):
     I, O = w.shape
@@ -207,7 +208,9 @@ def gptq_quantize_params(
     layer_sel = {n.split("/", 1)[1] for n in selected if n.startswith("layers/")}
     other = set(selected) - {f"layers/{n}" for n in layer_sel}
     if other - {"lm_head"}:
-        raise ValueError(f"GPTQ can quantize the block linears and lm_head, not {sorted(other - {'lm_head'})}")
+        raise ValueError(
+            f"GPTQ can quantize the block linears and lm_head, not {sorted(other - {'lm_head'})}"
+        )
     layers = params["layers"]
     X = calib.embed_windows(params, tokens)
     B = recipe.calib_batch

@@ -149,7 +149,9 @@ def is_qarray(x) -> bool:
 
 def _check_group(shape: tuple[int, ...], bits: int, group: int, name: str = "weight") -> int:
     if len(shape) < 2:
-        raise ValueError(f"{name}: a quantized weight needs at least 2 dimensions [..., in, out], got {shape}")
+        raise ValueError(
+            f"{name}: a quantized weight needs at least 2 dimensions [..., in, out], got {shape}"
+        )
     I = shape[-2]
     group = I if group in (None, 0, -1) else group
     if group <= 0 or I % group:
@@ -195,7 +197,9 @@ def quant_params(w: jax.Array, bits: int, group: int, sym: bool = False, scale_d
     return scale, zero
 
 
-def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int, group: int) -> jax.Array:
+def quantize_codes(
+    w: jax.Array, scale: jax.Array, zero: jax.Array | None, bits: int, group: int
+) -> jax.Array:
     """Codes ``clip(round(w / scale) + zero, 0, 2^b - 1)`` [..., I, O] (compute dtype, integer-valued)."""
     cd = _compute_dtype(w)
     *lead, I, O = w.shape
@@ -206,17 +210,52 @@ def quantize_codes(w: jax.Array, scale: jax.Array, zero: jax.Array | None, bits:
     return q.reshape(w.shape)
 
 
+def _rtn_numpy(w: np.ndarray, bits: int, group: int, sym: bool, scale_dtype):
+    """llm-awq's formula on the host in float64 numpy for one ``[I, O]`` matrix -> (codes, scale, zero)."""
+    I, O = w.shape
+    wg = w.astype(np.float64).reshape(I // group, group, O)
+    if sym:
+        scale = np.maximum(np.abs(wg).max(axis=1), 1e-5) / (2 ** (bits - 1) - 1)
+    else:
+        scale = np.maximum(wg.max(axis=1) - wg.min(axis=1), 1e-5) / (2**bits - 1)
+    scale = scale.astype(scale_dtype)  # round to storage first; codes and zeros follow the stored scale
+    s = scale.astype(np.float64)
+    if sym:
+        zero, z = None, 2 ** (bits - 1)
+    else:
+        zero = np.clip(-np.round(wg.min(axis=1) / s), 0, 2**bits - 1)
+        z = zero[:, None, :]
+    codes = np.clip(np.round(wg / s[:, None, :]) + z, 0, 2**bits - 1)
+    return codes.reshape(I, O).astype(np.uint8), scale, None if zero is None else zero.astype(np.uint8)
+
+
 def quantize_tensor(
     w: jax.Array, bits: int, group: int, sym: bool = False, scale_dtype=jnp.float16, name: str = "weight"
 ) -> QArray:
     """Round-to-nearest (llm-awq ``pseudo_quantize_tensor``) and pack ``w [..., I, O]`` into a QArray.
 
     ``group`` of -1 (or 0) means per-channel (one group spans all of I). The compute dtype of the result
-    is ``w.dtype``.
+    is ``w.dtype``. A concrete ``w`` is quantized on the host in float64 numpy, one matrix at a time:
+    XLA's CPU division is not correctly rounded (measured: 1/3 of ``x / 3`` differ from IEEE by an
+    ulp), and the formula is meant to be reproduced exactly, on any backend. Under a trace the same
+    formula runs in JAX (:func:`quant_params`, :func:`quantize_codes`).
     """
     group = _check_group(w.shape, bits, group, name)
-    scale, zero = quant_params(w, bits, group, sym, scale_dtype)
-    codes = quantize_codes(w, scale, zero, bits, group)
+    if isinstance(w, jax.core.Tracer):
+        scale, zero = quant_params(w, bits, group, sym, scale_dtype)
+        codes = quantize_codes(w, scale, zero, bits, group)
+        return from_codes(codes, scale, zero, bits, group, w.dtype)
+    *lead, I, O = w.shape
+    w_host = np.asarray(jax.device_get(w))
+    ng = I // group
+    codes = np.empty((*lead, I, O), np.uint8)
+    scale = np.empty((*lead, ng, O), np.dtype(scale_dtype))
+    zero = None if sym else np.empty((*lead, ng, O), np.uint8)
+    for idx in np.ndindex(*lead):
+        c, s, z = _rtn_numpy(w_host[idx], bits, group, sym, np.dtype(scale_dtype))
+        codes[idx], scale[idx] = c, s
+        if zero is not None:
+            zero[idx] = z
     return from_codes(codes, scale, zero, bits, group, w.dtype)
 
 

@@ -67,7 +67,9 @@ class QuantRecipe:
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
-            raise QuantError(f"bits={self.bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})")
+            raise QuantError(
+                f"bits={self.bits} is not supported (supported: {', '.join(map(str, SUPPORTED_BITS))})"
+            )
         if self.method not in METHODS:
             raise QuantError(f"method={self.method!r} is not supported (supported: {', '.join(METHODS)})")
         if not isinstance(self.group, int) or (self.group <= 0 and self.group != -1):
@@ -83,7 +85,14 @@ class QuantRecipe:
                     re.compile(r)
                 except re.error as e:
                     raise QuantError(f"{name} rule {r!r} is not a valid regular expression ({e})") from None
-        for name in ("calib_samples", "calib_seqlen", "calib_batch", "block_size", "awq_grid", "awq_clip_tokens"):
+        for name in (
+            "calib_samples",
+            "calib_seqlen",
+            "calib_batch",
+            "block_size",
+            "awq_grid",
+            "awq_clip_tokens",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise QuantError(f"{name} must be a positive integer, got {v!r}")
@@ -163,7 +172,9 @@ def select(params, recipe: QuantRecipe) -> dict[str, tuple[int, ...]]:
             raise QuantError(f"{name} is already quantized or not floating point (dtype {leaf.dtype})")
         expected_ndim = 3 if name.startswith("layers/") else 2
         if len(leaf.shape) != expected_ndim:
-            raise QuantError(f"{name} has shape {tuple(leaf.shape)}, not a matrix; only linear weights can be quantized")
+            raise QuantError(
+                f"{name} has shape {tuple(leaf.shape)}, not a matrix; only linear weights can be quantized"
+            )
         in_dim = leaf.shape[-2]
         g = recipe.group_for(in_dim)
         if in_dim % g:
@@ -175,10 +186,14 @@ def select(params, recipe: QuantRecipe) -> dict[str, tuple[int, ...]]:
             )
         c, _ = chunk_shape(recipe.bits)
         if in_dim % c:
-            raise QuantError(f"{recipe.bits}-bit packing needs the input dimension of {name} ({in_dim}) to be a multiple of {c}")
+            raise QuantError(
+                f"{recipe.bits}-bit packing needs the input dimension of {name} ({in_dim}) to be a multiple of {c}"
+            )
         chosen[name] = tuple(leaf.shape)
     if not chosen:
-        raise QuantError(f"the recipe's rules select no parameter (include={recipe.include}, exclude={recipe.exclude})")
+        raise QuantError(
+            f"the recipe's rules select no parameter (include={recipe.include}, exclude={recipe.exclude})"
+        )
     return chosen
 
 
