@@ -14,6 +14,7 @@ from jaxkv.quant import (
     QArray,
     QuantError,
     QuantRecipe,
+    calib,
     dequantize,
     quantize,
     quantize_params,
@@ -21,7 +22,6 @@ from jaxkv.quant import (
     weight_bytes,
     weight_bytes_fp16,
 )
-from jaxkv.quant import calib
 
 LINEARS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
