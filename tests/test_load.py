@@ -249,3 +249,21 @@ def test_file_that_is_not_gguf(tmp_path):
     f.write_bytes(b"\0" * 16)
     with pytest.raises(LoadError, match="not a .gguf file"):
         load(str(f))
+
+
+def test_extra_consolidated_safetensors_is_ignored(tiny_model_factory, tmp_path):
+    """Mistral repos also ship consolidated.safetensors (same weights, other names): not ours to read."""
+    tm = tiny_model_factory("mistral_gqa")
+    dest = tmp_path / "model"
+    shutil.copytree(tm.path, dest)
+    save_file(
+        {"tok_embeddings.weight": tm.state["model.embed_tokens.weight"]}, dest / "consolidated.safetensors"
+    )
+    cfg, params = load_hf_dir(dest)
+    assert_tree_equal(params, expected_params(tm.state, cfg))
+
+
+def test_loaded_model_is_hashable_and_compares_by_identity_fields(tiny_model_factory):
+    tm = tiny_model_factory("llama_mqa")
+    a, b = load(str(tm.path)), load(str(tm.path))
+    assert a == b and hash(a) == hash(b)

@@ -25,7 +25,7 @@ from jaxkv.config import ModelConfig
 from jaxkv.errors import LoadError
 from jaxkv.fetch import PRESETS, is_fetched, preset_path
 from jaxkv.load.gguf import load_gguf, open_gguf
-from jaxkv.load.hf import download_hub, load_hf_dir, params_from_hf_state_dict
+from jaxkv.load.hf import download_hub, load_hf_dir, params_from_hf_state_dict, safetensors_files
 from jaxkv.load.tokenizer import load_hf_tokenizer, tokenizer_from_gguf_metadata
 
 __all__ = [
@@ -54,8 +54,9 @@ class LoadedModel:
     """
 
     cfg: ModelConfig
-    params: Any = dataclasses.field(repr=False)
-    tokenizer: Any = dataclasses.field(repr=False)
+    # Compared and hashed through the fingerprint, not leaf by leaf.
+    params: Any = dataclasses.field(repr=False, compare=False)
+    tokenizer: Any = dataclasses.field(repr=False, compare=False)
     name: str
     source: str
     kind: str
@@ -120,20 +121,24 @@ def resolve(model: str) -> tuple[str, Path]:
     return "hf", download_hub(model)
 
 
-def load(model: str, dtype=jnp.float32) -> LoadedModel:
-    """Load config, params (``jax.Array`` leaves of ``dtype``) and tokenizer from a preset/path/hub id."""
+def load(model: str, dtype=jnp.float32, mesh=None) -> LoadedModel:
+    """Load config, params (``jax.Array`` leaves of ``dtype``) and tokenizer from a preset/path/hub id.
+
+    With ``mesh`` (``jaxkv.sharding.make_mesh``), every tensor is read once and placed straight into
+    its sharding: no host or device holds the whole model.
+    """
     kind, path = resolve(model)
     if kind == "gguf":
         reader = open_gguf(path)
-        cfg, params, meta = load_gguf(path, dtype, reader=reader)
+        cfg, params, meta = load_gguf(path, dtype, reader=reader, mesh=mesh)
         # Like a Hugging Face directory without tokenizer files, a GGUF without a vocabulary has no tokenizer.
         has_vocab = "tokenizer.ggml.model" in meta
         tokenizer = tokenizer_from_gguf_metadata(meta, source=str(path)) if has_vocab else None
         files = [path]
     else:
-        cfg, params = load_hf_dir(path, dtype)
+        cfg, params = load_hf_dir(path, dtype, mesh=mesh)
         tokenizer = load_hf_tokenizer(path)
-        files = sorted(path.glob("*.safetensors"))
+        files = safetensors_files(path)
     return LoadedModel(
         cfg=cfg,
         params=params,

@@ -68,7 +68,7 @@ _ML_DTYPES = {
 HF_WEIGHT_PATTERNS = (
     "config.json",
     "generation_config.json",
-    "*.safetensors",
+    "model*.safetensors",  # model.safetensors or model-0000i-of-0000n.safetensors, not consolidated.*
     "model.safetensors.index.json",
 )
 HF_TOKENIZER_PATTERNS = (
@@ -92,12 +92,16 @@ def _describe(names: list[str], limit: int = 5) -> str:
     return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def params_from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32) -> dict:
+def params_from_hf_state_dict(
+    cfg: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32, mesh=None
+) -> dict:
     """Map a Hugging Face state dict (name -> array, ``[out, in]`` linears) to jaxkv params.
 
     ``tensors`` may be lazy (a Mapping that reads on ``__getitem__``); each tensor is read once.
     Returns the nested params dict of :mod:`jaxkv.params` with ``jax.Array`` leaves of ``dtype``.
     Raises :class:`~jaxkv.errors.CheckpointError` naming any unmapped, missing or misshapen tensor.
+    With ``mesh`` (a ``jaxkv.sharding`` mesh) every tensor goes straight into its sharding
+    (:func:`jaxkv.sharding.assemble_params`): no host or device ever holds the whole model.
     """
     infos = param_infos(cfg)
     layer_infos: dict[str, ArrayInfo] = infos["layers"]
@@ -136,14 +140,7 @@ def params_from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray
         hint = " (the config has tie_word_embeddings=False)" if "lm_head.weight" in missing else ""
         raise CheckpointError(f"checkpoint is missing tensors: {_describe(missing)}{hint}")
 
-    out: dict = {"layers": {}}
-    for name, info in infos.items():
-        if name != "layers":
-            out[name] = np.empty(info.shape, np_dtype)
-    for name, info in layer_infos.items():
-        out["layers"][name] = np.empty(info.shape, np_dtype)
-
-    for hf_name, (path, layer, transpose) in plan.items():
+    def checked(hf_name: str, path: tuple[str, ...], layer: int | None, transpose: bool) -> np.ndarray:
         info = layer_infos[path[1]] if layer is not None else infos[path[0]]
         arr = tensors[hf_name]
         want = _hf_shape(info, layer is not None, transpose)
@@ -152,8 +149,29 @@ def params_from_hf_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray
                 f"tensor {hf_name} has shape {tuple(arr.shape)}, the config implies {want} "
                 f"(jaxkv param {'/'.join(path)} {info.shape})"
             )
+        return arr.T if transpose else arr
+
+    if mesh is not None:
+        from jaxkv.sharding import assemble_params
+
+        where = {(path, layer): (hf_name, transpose) for hf_name, (path, layer, transpose) in plan.items()}
+
+        def read(path: tuple[str, ...], layer: int | None) -> np.ndarray:
+            hf_name, transpose = where[path, layer]
+            return checked(hf_name, path, layer, transpose)
+
+        return assemble_params(cfg, read, dtype, mesh)
+
+    out: dict = {"layers": {}}
+    for name, info in infos.items():
+        if name != "layers":
+            out[name] = np.empty(info.shape, np_dtype)
+    for name, info in layer_infos.items():
+        out["layers"][name] = np.empty(info.shape, np_dtype)
+
+    for hf_name, (path, layer, transpose) in plan.items():
         dest = out[path[0]] if layer is None else out["layers"][path[1]][layer]
-        np.copyto(dest, arr.T if transpose else arr, casting="unsafe")
+        np.copyto(dest, checked(hf_name, path, layer, transpose), casting="unsafe")
     # One host->device transfer per (stacked) leaf.
     return {
         k: ({n: jnp.asarray(a) for n, a in v.items()} if k == "layers" else jnp.asarray(v))
@@ -216,27 +234,38 @@ def _shard_reader(path: Path) -> tuple[list[str], Callable[[str], np.ndarray]]:
     return names, read
 
 
-def read_safetensors_dir(model_dir: str | Path) -> LazyTensors:
-    """A lazy ``name -> np.ndarray`` mapping over ``model.safetensors`` or the shards of its index."""
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face directory: the shards its index lists, else ``model.safetensors``.
+
+    Only when neither exists are all ``*.safetensors`` taken: some repos (Mistral's) also ship a
+    ``consolidated.safetensors`` with the same weights under other names, which must not be mixed in.
+    """
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise LoadError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
-        if not files:
-            raise LoadError(
-                f"{model_dir}: no *.safetensors files (PyTorch .bin checkpoints are not supported)"
-            )
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise LoadError(f"{f}: shard listed in the index is missing")
+        return files
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{model_dir}: no *.safetensors files (PyTorch .bin checkpoints are not supported)")
+    return files
+
+
+def read_safetensors_dir(model_dir: str | Path) -> LazyTensors:
+    """A lazy ``name -> np.ndarray`` mapping over the files of :func:`safetensors_files`."""
+    model_dir = Path(model_dir)
+    files = safetensors_files(model_dir)
     readers: dict[str, Callable[[str], np.ndarray]] = {}
-    for fname in files:
-        path = model_dir / fname
-        if not path.is_file():
-            raise LoadError(f"{path}: shard listed in the index is missing")
+    for path in files:
         names, read = _shard_reader(path)
         for n in names:
             if n in readers:
@@ -245,14 +274,17 @@ def read_safetensors_dir(model_dir: str | Path) -> LazyTensors:
     return LazyTensors(list(readers), lambda n: readers[n](n))
 
 
-def load_hf_dir(path: str | Path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
-    """Load ``(cfg, params)`` from a local Hugging Face directory (config.json + safetensors)."""
+def load_hf_dir(path: str | Path, dtype=jnp.float32, mesh=None) -> tuple[ModelConfig, dict]:
+    """Load ``(cfg, params)`` from a local Hugging Face directory (config.json + safetensors).
+
+    With ``mesh``, each tensor goes straight into its ``jaxkv.sharding`` sharding.
+    """
     path = Path(path)
     if not path.is_dir():
         raise LoadError(f"{path}: no such directory")
     cfg = load_hf_config(path)
     try:
-        params = params_from_hf_state_dict(cfg, read_safetensors_dir(path), dtype)
+        params = params_from_hf_state_dict(cfg, read_safetensors_dir(path), dtype, mesh=mesh)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return cfg, params

@@ -121,8 +121,9 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf"):
     if merges is None:
         raise TokenizerError(f"{source}: byte-level BPE tokenizer without tokenizer.ggml.merges")
 
+    vocab = _byte_level_vocab(tokens)
     bpe = models.BPE(
-        vocab=_byte_level_vocab(tokens),
+        vocab=vocab,
         merges=[tuple(m.split(" ", 1)) for m in merges],
         dropout=None,
         continuing_subword_prefix="",
@@ -142,10 +143,11 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str = "gguf"):
     tk.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     tk.decoder = decoders.ByteLevel()
 
-    special = [t for t, ty in zip(tokens, token_types) if ty == _CONTROL]
-    user = [t for t, ty in zip(tokens, token_types) if ty == _USER_DEFINED]
-    # They are in the vocabulary already, so adding them keeps their ids; it only makes the
-    # tokenizer match them whole in raw text instead of cutting them into byte-level pieces.
+    # Only tokens present in the vocabulary under their own spelling: adding them keeps their ids and
+    # only makes the tokenizer match them whole in raw text instead of cutting them into byte-level
+    # pieces. A re-spelled (mislabelled) one would instead get a new id past the model's vocabulary.
+    special = [t for t, ty in zip(tokens, token_types) if ty == _CONTROL and t in vocab]
+    user = [t for t, ty in zip(tokens, token_types) if ty == _USER_DEFINED and t in vocab]
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
 
