@@ -33,6 +33,44 @@ def _load(args):
     return load(args.model, dtype=getattr(jnp, args.dtype))
 
 
+# --- quantized KV cache flags (issue 4) ---------------------------------------------------------
+
+
+def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False) -> None:
+    g = p.add_argument_group("KV cache quantization (16 bits = off)")
+    g.add_argument("--kbits", type=int, default=16, choices=(16, 8, 4, 3, 2), help="key bits")
+    g.add_argument("--vbits", type=int, default=16, choices=(16, 8, 4, 3, 2), help="value bits")
+    g.add_argument(
+        "--kv-group", type=int, default=32, help="group size: tokens (per-channel keys), channels else"
+    )
+    g.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept at full precision")
+    g.add_argument("--kv-mode", default="past-only", choices=("past-only", "all"))
+    g.add_argument("--kv-key-granularity", default="per-channel", choices=("per-channel", "per-token"))
+    g.add_argument(
+        "--kv-scale-dtype", default="float8_e4m3fn", choices=("float8_e4m3fn", "float16", "bfloat16")
+    )
+    g.add_argument(
+        "--kv-budget", type=float, default=None, help="mean K/V bits; per-layer bits from W_k/W_v norms"
+    )
+    if pivot:
+        g.add_argument(
+            "--kv-pivot", type=int, default=0, help="leading window positions kept full precision (1 = [BOS])"
+        )
+
+
+def _kv_config(args, model):
+    from jaxkv.kvcache import make_kv_config
+
+    return make_kv_config(
+        model.params, model.cfg, kbits=args.kbits, vbits=args.vbits, group=args.kv_group,
+        residual=args.kv_residual, mode=args.kv_mode, k_granularity=args.kv_key_granularity,
+        scale_dtype=args.kv_scale_dtype, budget=args.kv_budget,
+    )  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------
+
+
 def cmd_fetch(args) -> int:
     from jaxkv.fetch import fetch
 
@@ -51,6 +89,7 @@ def cmd_generate(args) -> int:
     generated: list[int] = []
     printed = ""
     eos = set(model.cfg.eos_token_ids)
+    kv = _kv_config(args, model)
     for piece, _ in generate_iter(
         model,
         None,
@@ -63,6 +102,7 @@ def cmd_generate(args) -> int:
         max_len=args.max_len,
         chat=args.chat,
         chunk=1,
+        kv=kv,
     ):
         if t_first is None:
             t_first = time.perf_counter()
@@ -85,6 +125,15 @@ def cmd_generate(args) -> int:
             f"[{n} tokens; first token after {t_first - t0:.2f} s; {rate:.1f} tokens/s after it]",
             file=sys.stderr,
         )
+        if kv is not None:
+            from jaxkv.kvcache import kv_report
+
+            rep = kv_report(model.cfg, kv)
+            print(
+                f"[KV cache {kv.label()}: {rep['kv_bytes_per_token']:.0f} bytes/token, "
+                f"{rep['kv_ratio_fp16']:.3f}x fp16]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -101,8 +150,19 @@ def cmd_eval_ppl(args) -> int:
 
         raise JaxkvError(f"{args.model} has no BOS token; the perplexity protocol needs one")
     windows = make_windows(ids, bos, args.seqlen, args.windows)
+    kv = _kv_config(args, model)
+    forward_fn = None
+    if kv is not None or args.kv_pivot:
+        from jaxkv.model import KVForward
+
+        forward_fn = KVForward(model.cfg, kv, args.kv_pivot)
     res = perplexity(
-        model.params, model.cfg, windows, batch_size=args.batch_size, progress=not args.no_progress
+        model.params,
+        model.cfg,
+        windows,
+        batch_size=args.batch_size,
+        forward_fn=forward_fn,
+        progress=not args.no_progress,
     )
     out = {
         "model": args.model,
@@ -114,6 +174,9 @@ def cmd_eval_ppl(args) -> int:
         "tokens": res.tokens,
         "seconds": res.seconds,
     }
+    from jaxkv.kvcache import kv_report
+
+    out.update(kv_report(model.cfg, kv), kv_pivot=args.kv_pivot)
     if args.json:
         print(json.dumps(out))
     else:
@@ -142,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + new tokens)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
+    _add_kv_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -154,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true")
+    _add_kv_args(p, pivot=True)
     p.set_defaults(func=cmd_eval_ppl)
     return parser
 

@@ -571,3 +571,67 @@ def allocate_bits(
         level[best] += 1
     bits = [choices[i] for i in level]
     return tuple(bits[:L]), tuple(bits[L:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry-point helpers (the CLI and scripts stay thin)
+
+
+def make_kv_config(
+    params=None,
+    cfg: ModelConfig | None = None,
+    *,
+    kbits: int = 16,
+    vbits: int = 16,
+    group: int = 32,
+    residual: int = 0,
+    mode: str = "past-only",
+    k_granularity: str = "per-channel",
+    scale_dtype: str = "float8_e4m3fn",
+    budget: float | None = None,
+) -> KVQuantConfig | None:
+    """A checked :class:`KVQuantConfig`, or None when nothing is quantized.
+
+    With ``budget`` (mean bits per cached element), per-layer key/value bits come from
+    :func:`allocate_bits` on the W_k/W_v norms of ``params`` and ``kbits``/``vbits`` are ignored.
+    """
+    layer_kbits = layer_vbits = None
+    if budget is not None:
+        if params is None or cfg is None:
+            raise ConfigError("a kv bit budget needs the model's parameters")
+        norms = kv_weight_norms(params, cfg)
+        layer_kbits, layer_vbits = allocate_bits(norms["wk_fro"], norms["wv_fro"], budget)
+    kv = KVQuantConfig(
+        kbits=kbits,
+        vbits=vbits,
+        k_granularity=k_granularity,
+        group=group,
+        residual=residual,
+        mode=mode,
+        scale_dtype=scale_dtype,
+        layer_kbits=layer_kbits,
+        layer_vbits=layer_vbits,
+    )
+    if cfg is not None:
+        if kv.is_identity(cfg.num_layers):
+            return None
+        kv.check(cfg)
+    return kv
+
+
+def kv_report(cfg: ModelConfig, kv: KVQuantConfig | None) -> dict[str, Any]:
+    """JSON fields describing the KV cache: config, bytes per token (real storage) and the fp16 baseline."""
+    storage = kv_storage(cfg, kv)
+    fp16 = kv_bytes_per_token_fp16(cfg)
+    out: dict[str, Any] = {
+        "kv": None if kv is None else {**kv.to_dict(), "label": kv.label()},
+        "kv_bytes_per_token": storage["bytes_per_token"],
+        "kv_bytes_per_token_fp16": fp16,
+        "kv_ratio_fp16": storage["bytes_per_token"] / fp16,
+        "kv_window_bytes": storage["window_bytes"],
+    }
+    if kv is not None and (kv.layer_kbits or kv.layer_vbits):
+        bits = kv.layer_bits(cfg.num_layers)
+        out["kv_layer_kbits"] = [b[0] for b in bits]
+        out["kv_layer_vbits"] = [b[1] for b in bits]
+    return out
