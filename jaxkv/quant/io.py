@@ -183,7 +183,9 @@ def restore_quantized(path: str | Path) -> QuantizedCheckpoint:
     path = Path(path).absolute()
     meta = read_metadata(path)
     try:
-        with ocp.PyTreeCheckpointer() as ckptr:
+        with ocp.PyTreeCheckpointer() as ckptr, warnings.catch_warnings():
+            # Single-host restore onto the default device: the sharding notice does not apply.
+            warnings.filterwarnings("ignore", message="Sharding info not provided")
             arrays = ckptr.restore(path / "arrays")
     except Exception as e:  # orbax / tensorstore raise many types for missing or damaged files
         raise CheckpointError(f"{path}: cannot read the arrays ({type(e).__name__}: {e})") from None
@@ -546,10 +548,12 @@ def _import_linear(t, prefix: str, qc: dict, I: int, O: int, dtype) -> QArray:
         zeros = awq_unpack_cols(qzeros).astype(np.int64)
     else:
         raise CheckpointError(f"quant_method {method!r} is not supported (gptq, awq)")
+    # A symmetric checkpoint (every zero 2^(b-1)) becomes a symmetric QArray: no zero array stored.
+    sym = bool(qc.get("sym", False)) and bool((zeros == 2 ** (bits - 1)).all())
     return QArray(
         packed=jnp.asarray(packed),
         scale=jnp.asarray(scales.astype(np.float16)),
-        zero=jnp.asarray(zeros.astype(np.uint8)),
+        zero=None if sym else jnp.asarray(zeros.astype(np.uint8)),
         bits=bits,
         group=group,
         dtype=np.dtype(dtype),
