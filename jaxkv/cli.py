@@ -68,6 +68,109 @@ def _kv_config(args, model):
     )  # fmt: skip
 
 
+# --- weight quantization (issue 3) ---------------------------------------------------------------
+
+
+def _add_wq_args(p: argparse.ArgumentParser, for_eval: bool = True) -> None:
+    g = p.add_argument_group("weight quantization (16 bits = off)")
+    g.add_argument("--wbits", type=int, default=16 if for_eval else 4, choices=(16, 8, 4, 3, 2))
+    g.add_argument("--group", type=int, default=64, help="input rows per scale; -1 = per-channel")
+    g.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq"))
+    g.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
+    g.add_argument("--scale-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    g.add_argument("--calib-samples", type=int, default=128, help="GPTQ/AWQ calibration windows")
+    g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
+    g.add_argument("--act-order", action="store_true", help="GPTQ act-order (implies static groups)")
+    if for_eval:
+        g.add_argument(
+            "--quantized", default=None, help="a saved quantized model (jaxkv quantize --out, HF GPTQ/AWQ)"
+        )
+
+
+def _wq_recipe(args):
+    from jaxkv.quant import QuantRecipe
+
+    return QuantRecipe(
+        bits=args.wbits, group=args.group, method=args.method, sym=args.sym, scale_dtype=args.scale_dtype,
+        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, act_order=args.act_order,
+    )  # fmt: skip
+
+
+def _load_wq(args):
+    """The model to evaluate: --quantized DIR, else --model quantized per --wbits (16: as loaded)."""
+    if getattr(args, "quantized", None):
+        from jaxkv.quant.io import load_quantized
+
+        return load_quantized(args.quantized)
+    model = _load(args)
+    if args.wbits == 16:
+        return model
+    from jaxkv.quant import quantize
+
+    return quantize(model, _wq_recipe(args), progress=not args.no_progress)
+
+
+def _wq_report(args, model) -> dict:
+    from jaxkv.quant import quantized_bytes, weight_bytes, weight_bytes_fp16
+
+    recipe = getattr(model, "recipe", None)
+    qb, qfp = quantized_bytes(model.params)
+    out = {
+        "weight_bytes": weight_bytes(model.params),
+        "weight_bytes_fp16": weight_bytes_fp16(model.params),
+        "quantized_weight_bytes": qb,
+        "quantized_weight_bytes_fp16": qfp,
+    }
+    if recipe is not None:
+        out.update(wbits=recipe.bits, group=recipe.group, method=recipe.method, sym=recipe.sym)
+    if getattr(args, "quantized", None):
+        out["quantized"] = args.quantized
+    return out
+
+
+def cmd_quantize(args) -> int:
+    from jaxkv.quant import quantize
+
+    if args.wbits == 16:
+        from jaxkv.errors import JaxkvError
+
+        raise JaxkvError("--wbits 16 means no quantization; choose 8, 4, 3 or 2")
+    model = _load(args)
+    t0 = time.perf_counter()
+    qm = quantize(model, _wq_recipe(args), progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    if args.format == "jaxkv":
+        from jaxkv.quant.io import save_quantized
+
+        path = save_quantized(args.out, qm, _wq_recipe(args))
+    else:
+        from jaxkv.quant.io import export_hf
+
+        path = export_hf(args.out, qm.params, qm.cfg, fmt=args.format, tokenizer=qm.tokenizer)
+    out = {"model": args.model, "out": str(path), "format": args.format, "seconds": seconds}
+    out.update(_wq_report(args, qm))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        ratio = out["quantized_weight_bytes"] / max(out["quantized_weight_bytes_fp16"], 1)
+        print(f"saved {_wq_recipe(args).describe()} to {path} ({ratio:.3f}x fp16 for the quantized layers)")
+    return 0
+
+
+def _add_quantize_command(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ) and save the packed model")
+    _add_model_args(p)
+    _add_wq_args(p, for_eval=False)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--format", default="jaxkv", choices=("jaxkv", "gptq", "awq"),
+        help="jaxkv (Orbax + JSON), or a Hugging Face GPTQ/AWQ safetensors directory",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+
 # -------------------------------------------------------------------------------------------------
 
 
@@ -141,7 +244,7 @@ def cmd_eval_ppl(args) -> int:
     from jaxkv.corpus import load_text
     from jaxkv.evaluate import make_windows, perplexity
 
-    model = _load(args)
+    model = _load_wq(args)
     text = load_text(args.data)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     bos = model.cfg.bos_token_id
@@ -177,6 +280,7 @@ def cmd_eval_ppl(args) -> int:
     from jaxkv.kvcache import kv_report
 
     out.update(kv_report(model.cfg, kv), kv_pivot=args.kv_pivot)
+    out.update(_wq_report(args, model))
     if args.json:
         print(json.dumps(out))
     else:
@@ -219,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true")
     _add_kv_args(p, pivot=True)
+    _add_wq_args(p)
     p.set_defaults(func=cmd_eval_ppl)
+
+    _add_quantize_command(sub)
     return parser
 
 
