@@ -114,6 +114,12 @@ def _wq_report(args, model) -> dict:
     from jaxkv.quant import quantized_bytes, weight_bytes, weight_bytes_fp16
 
     recipe = getattr(model, "recipe", None)
+    if recipe is None and getattr(args, "quantized", None):
+        from jaxkv.quant.io import saved_recipe
+
+        recipe = saved_recipe(args.quantized)
+    elif recipe is None and args.wbits != 16:
+        recipe = _wq_recipe(args)
     qb, qfp = quantized_bytes(model.params)
     out = {
         "weight_bytes": weight_bytes(model.params),

@@ -168,6 +168,14 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def saved_recipe(path: str | Path) -> QuantRecipe | None:
+    """The recipe recorded in a jaxkv quantized checkpoint (None for other directories or none recorded)."""
+    if not (Path(path) / "quant.json").is_file():
+        return None
+    d = read_metadata(path).get("recipe")
+    return QuantRecipe.from_dict(d) if d else None
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantizedCheckpoint:
     cfg: ModelConfig
