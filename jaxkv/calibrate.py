@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxkv import sharding
 from jaxkv.errors import JaxkvError
 from jaxkv.kvcache import init_cache
 from jaxkv.model import decoder
@@ -131,6 +133,9 @@ def train_step(trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cf
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
+_loss_jit = jax.jit(calibration_loss, static_argnames=("model_cfg", "loss_kind"))
+
+
 def epoch_order(cfg: CalibConfig, epoch: int) -> np.ndarray:
     """The window order of one epoch: a permutation fixed by the seed and the epoch number."""
     return np.random.default_rng([cfg.seed, epoch]).permutation(cfg.samples)
@@ -147,6 +152,7 @@ def calibrate(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    mesh: Mesh | None = None,
 ) -> CalibResult:
     """Calibrate ``prefix`` so that ``q_model`` with it matches ``fp_model`` on ``windows``.
 
@@ -154,6 +160,11 @@ def calibrate(
     ``cfg.samples`` rows are used. ``checkpoint_dir`` receives periodic Orbax checkpoints; with
     ``resume`` the latest one there is restored first. ``stop_after`` ends the run after that many
     steps in total (to test resumption).
+
+    With ``mesh`` the run is data-parallel over ``data`` x ``fsdp`` (each step's windows split across
+    them; every process builds only its rows), weights sit in their ``jaxkv.sharding`` shardings (fsdp
+    splits D, tensor splits heads) and the prefix K/V split by KV heads; the returned prefix holds
+    global arrays (``jaxkv.sharding.to_host`` reads them on any process).
     """
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] < cfg.samples:
@@ -166,8 +177,15 @@ def calibrate(
     model_cfg = fp_model.cfg
     tx = make_optimizer(cfg)
     fp_kv = (prefix.k, prefix.v)
-    trainable = {"k": jnp.array(prefix.k, copy=True), "v": jnp.array(prefix.v, copy=True)}
-    opt_state = tx.init(trainable)
+    fp_params, q_params = fp_model.params, q_model.params
+    if mesh is not None:
+        fp_params = sharding.shard_params(fp_params, model_cfg, mesh)
+        q_params = sharding.shard_params(q_params, model_cfg, mesh)
+        kv_sh = sharding.kv_sharding(prefix.k.shape, model_cfg, mesh)
+        fp_kv = sharding.place(fp_kv, (kv_sh, kv_sh))
+    trainable = {"k": jnp.array(fp_kv[0], copy=True), "v": jnp.array(fp_kv[1], copy=True)}
+    # Under a mesh, jit puts the optimiser state on the mesh too (global arrays on every process).
+    opt_state = tx.init(trainable) if mesh is None else jax.jit(tx.init)(trainable)
     start_step = 0
     manager = None
     if checkpoint_dir is not None:
@@ -186,10 +204,13 @@ def calibrate(
     total = cfg.total_steps if stop_after is None else min(cfg.total_steps, stop_after)
     losses: list[float] = []
     first_batch = windows[epoch_order(cfg, 0)[: cfg.batch_size]]
-    initial = float(
-        calibration_loss(trainable if start_step == 0 else {"k": prefix.k, "v": prefix.v},
-                         fp_model.params, q_model.params, fp_kv, jnp.asarray(first_batch), model_cfg, cfg.loss)
-    )  # fmt: skip
+    first_batch = jnp.asarray(first_batch) if mesh is None else sharding.global_batch(first_batch, mesh)
+    with sharding.activate(mesh):
+        initial = float(
+            _loss_jit(trainable if start_step == 0 else {"k": fp_kv[0], "v": fp_kv[1]},
+                      fp_params, q_params, fp_kv, first_batch, model_cfg, cfg.loss)
+        )  # fmt: skip
+    progress = progress and jax.process_index() == 0  # multi-host: one bar, from process 0
     bar = tqdm(total=total, initial=start_step, desc="calibrate", unit="step", disable=not progress)
     t0 = time.perf_counter()
     steps_run = 0
@@ -199,10 +220,18 @@ def calibrate(
             idx = epoch_order(cfg, epoch)[within * cfg.batch_size : (within + 1) * cfg.batch_size]
             if len(idx) < cfg.batch_size:  # last, partial batch of an epoch: wrap around
                 idx = np.concatenate([idx, epoch_order(cfg, epoch)[: cfg.batch_size - len(idx)]])
-            batch = jnp.asarray(windows[idx].reshape(n_micro, cfg.micro_batch, T))
-            trainable, opt_state, loss = train_step(
-                trainable, opt_state, fp_model.params, q_model.params, fp_kv, batch, model_cfg, cfg.loss, tx
-            )
+            rows = idx.reshape(n_micro, cfg.micro_batch)
+            if mesh is None:
+                batch = jnp.asarray(windows[rows])
+            else:  # windows split over the batch axes; a process reads only the rows its devices hold
+                batch = sharding.global_batch(
+                    lambda i, rows=rows: windows[rows[i[0], i[1]]][..., i[2]],
+                    mesh, rows.shape + (T,), windows.dtype, batch_dim=1,
+                )  # fmt: skip
+            with sharding.activate(mesh):
+                trainable, opt_state, loss = train_step(
+                    trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cfg, cfg.loss, tx
+                )
             losses.append(float(loss))
             steps_run += 1
             bar.update(1)

@@ -23,6 +23,7 @@ float64.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxkv import sharding
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 
@@ -117,6 +119,12 @@ def _exp(x: float) -> float:
 _nll_step = jax.jit(_token_nll, static_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
+def _nll_step_on(mesh):
+    # Replicated per-token NLLs: every process can read them (they are [B, L-2], small).
+    return jax.jit(_token_nll, static_argnums=0, out_shardings=sharding.replicated(mesh))
+
+
 def perplexity(
     params,
     cfg: ModelConfig | None,
@@ -124,6 +132,7 @@ def perplexity(
     batch_size: int = 8,
     forward_fn: ForwardFn | None = None,
     progress: bool = True,
+    mesh=None,
 ) -> PplResult:
     """Perplexity of the model over ``windows`` [N, L] (from :func:`make_windows`).
 
@@ -131,6 +140,11 @@ def perplexity(
     the default ``jaxkv.model.forward(params, tokens, positions, None, cfg)[0]`` (e.g. a quantized or
     prefixed forward); ``cfg`` may then be None, otherwise it is used to check token ids against
     the vocabulary.
+
+    With ``mesh`` (a ``jaxkv.sharding`` mesh) each batch of windows is split over the batch axes, every
+    process building only its rows; a params dict is placed in its shardings when ``cfg`` is given
+    (other params, e.g. a prefixed forward's tuple, must already be placed). Every process returns
+    the same result.
     """
     windows = np.asarray(windows)
     if windows.ndim != 2 or not np.issubdtype(windows.dtype, np.integer):
@@ -156,7 +170,13 @@ def perplexity(
 
     windows = windows.astype(np.int32, copy=False)
     batch = min(batch_size, n)  # one small batch is not padded up to batch_size
-    positions = jnp.asarray(np.broadcast_to(np.arange(seqlen, dtype=np.int32), (batch, seqlen)))
+    step, place_rows = _nll_step, jnp.asarray
+    if mesh is not None:
+        if cfg is not None and isinstance(params, dict):
+            params = sharding.shard_params(params, cfg, mesh)
+        step, place_rows = _nll_step_on(mesh), functools.partial(sharding.global_batch, mesh=mesh)
+    positions = place_rows(np.broadcast_to(np.arange(seqlen, dtype=np.int32), (batch, seqlen)))
+    progress = progress and jax.process_index() == 0  # multi-host: one bar, from process 0
     starts = range(0, n, batch)
     bar = tqdm(total=n, desc=f"ppl L={seqlen}", unit="win", disable=not progress)
     t0 = time.perf_counter()
@@ -177,7 +197,8 @@ def perplexity(
             real = rows.shape[0]
             if real < batch:
                 rows = np.concatenate([rows, np.repeat(rows[-1:], batch - real, axis=0)])
-            out = _nll_step(forward_fn, params, jnp.asarray(rows), positions)
+            with sharding.activate(mesh):
+                out = step(forward_fn, params, place_rows(rows), positions)
             # Collect the previous batch only after dispatching this one, so the host-side sum
             # overlaps the device's work on the next batch.
             if pending is not None:

@@ -24,7 +24,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxkv import sharding
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.kvcache import KVCache, KVQuantConfig, init_cache
@@ -143,11 +145,14 @@ def generate_iter(
     chunk: int | None = 1,
     stop_at_eos: bool = True,
     kv: KVQuantConfig | None = None,
+    mesh: Mesh | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(new_tokens [B, n], done [B])`` after every ``chunk`` decode steps (None: one chunk).
 
     The first yield holds the token produced by the prefill. Tokens after a sequence's EOS are
-    ``pad_id``. :func:`generate` collects this iterator; the CLI streams it.
+    ``pad_id``. :func:`generate` collects this iterator; the CLI streams it. With ``mesh``, weights,
+    cache and prompts are placed in their ``jaxkv.sharding`` shardings (tensor-parallel decode on a
+    ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest.
     """
     cfg: ModelConfig = model.cfg
     tokenizer = getattr(model, "tokenizer", None)
@@ -184,6 +189,13 @@ def generate_iter(
         tokens[b, : len(t)] = t
         positions[b, : len(t)] = P + np.arange(len(t))
     last_index = np.array([len(t) - 1 for t in ids], np.int32)
+    params = model.params
+    if mesh is not None:
+        params = sharding.shard_params(params, cfg, mesh)
+        cache = sharding.shard_cache(cache, cfg, mesh)
+        tokens, positions, last_index = (
+            sharding.global_batch(a, mesh) for a in (tokens, positions, last_index)
+        )
 
     eos_ids = jnp.asarray(cfg.eos_token_ids if stop_at_eos and cfg.eos_token_ids else (-1,), jnp.int32)
     pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
@@ -191,10 +203,11 @@ def generate_iter(
     temperature = jnp.float32(temperature)
     top_p = jnp.float32(top_p)
 
-    first, cache = _prefill(
-        model.params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), temperature, top_p,
-        cfg, top_k,
-    )  # fmt: skip
+    with sharding.activate(mesh):
+        first, cache = _prefill(
+            params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), temperature, top_p,
+            cfg, top_k,
+        )  # fmt: skip
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     state = DecodeState(cache, out, jnp.int32(1), jnp.isin(first, eos_ids), key)
     first_np, done_np = np.asarray(first), np.asarray(state.done)
@@ -204,9 +217,8 @@ def generate_iter(
     step_chunk = max_new_tokens if chunk is None else max(1, chunk)
     while emitted < max_new_tokens and not done_np.all():
         limit = min(emitted + step_chunk, max_new_tokens)
-        state = _decode(
-            model.params, state, jnp.int32(limit), temperature, top_p, eos_ids, pad_id, cfg, top_k
-        )
+        with sharding.activate(mesh):
+            state = _decode(params, state, jnp.int32(limit), temperature, top_p, eos_ids, pad_id, cfg, top_k)
         step = int(state.step)
         done_np = np.asarray(state.done)
         yield np.asarray(state.out[:, emitted:step]), done_np

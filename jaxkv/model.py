@@ -26,6 +26,7 @@ import numpy as np
 from jaxkv.config import ModelConfig
 from jaxkv.kvattention import attend_cached, attend_fake_quant
 from jaxkv.kvcache import KVCache, KVQuantConfig, plan_segments
+from jaxkv.sharding import constrain
 
 # Added to masked scores; finite so that a fully-masked (padding) row gives a uniform softmax, not NaN.
 _MASKED = -1e30
@@ -139,7 +140,8 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
     x = x + dense(attn, lp["wo"])
     h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     x = x + dense(jax.nn.silu(dense(h, lp["w_gate"])) * dense(h, lp["w_up"]), lp["w_down"])
-    return x, new_kv
+    # Block boundary: pin the activation sharding under a mesh (a no-op without one; jaxkv.sharding).
+    return constrain(x), new_kv
 
 
 def decoder(
@@ -153,7 +155,7 @@ def decoder(
     only: attention then sees K/V as a cache quantized by ``kv`` would hold them (see
     :func:`forward_kv`); a cache carries its own quantization.
     """
-    x = jnp.take(params["embed"], tokens, axis=0)
+    x = constrain(jnp.take(params["embed"], tokens, axis=0))
     inv_freq = rope_inv_freq(cfg)
 
     if cache is None and kv is not None and not kv.is_identity(cfg.num_layers):

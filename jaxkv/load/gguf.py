@@ -89,12 +89,13 @@ def gguf_metadata(reader) -> dict[str, Any]:
 
 
 def load_gguf(
-    path: str | Path, dtype=jnp.float32, *, reader=None
+    path: str | Path, dtype=jnp.float32, *, reader=None, mesh=None
 ) -> tuple[ModelConfig, dict, dict[str, Any]]:
     """Load ``(cfg, params, metadata)`` from a GGUF file, dequantized to float32 then cast to ``dtype``.
 
     ``metadata`` is the file's key/value metadata (tokenizer included). Pass an already-open
-    ``reader`` (from :func:`open_gguf`) to avoid parsing the file twice.
+    ``reader`` (from :func:`open_gguf`) to avoid parsing the file twice. With ``mesh``, each tensor
+    goes straight into its ``jaxkv.sharding`` sharding.
     """
     from gguf import quants
 
@@ -145,7 +146,7 @@ def load_gguf(
         return w
 
     try:
-        params = params_from_hf_state_dict(cfg, LazyTensors(list(by_hf), read), dtype)
+        params = params_from_hf_state_dict(cfg, LazyTensors(list(by_hf), read), dtype, mesh=mesh)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return cfg, params, meta
