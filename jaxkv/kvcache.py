@@ -251,11 +251,14 @@ def _store_scale(s: jax.Array, dtype) -> jax.Array:
     s = jnp.clip(s, tiny, float(info.max))
     if jnp.dtype(dtype) == jnp.float32:
         return s
-    stored = s.astype(dtype)
+    # The barriers force the value really rounded to ``dtype``: XLA may otherwise fold
+    # convert(convert(s, narrow), f32) back to s (allow_excess_precision, on by default; seen on GPU),
+    # and the codes would then be computed against a scale other than the one stored.
+    stored = jax.lax.optimization_barrier(s.astype(dtype))
     uint = jnp.uint8 if info.bits == 8 else jnp.uint16
     # For positive finite floats the next representable value has the next bit pattern.
     bumped = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(stored, uint) + 1, dtype)
-    return jnp.where(stored.astype(jnp.float32) < s, bumped, stored)
+    return jax.lax.optimization_barrier(jnp.where(stored.astype(jnp.float32) < s, bumped, stored))
 
 
 def quantize(x: jax.Array, bits: int, axis: int, scale_dtype: str):
