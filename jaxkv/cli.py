@@ -50,7 +50,10 @@ def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False) -> None:
         "--kv-scale-dtype", default="float8_e4m3fn", choices=("float8_e4m3fn", "float16", "bfloat16")
     )
     g.add_argument(
-        "--kv-budget", type=float, default=None, help="mean K/V bits; per-layer bits from W_k/W_v norms"
+        "--kv-budget",
+        type=float,
+        default=None,
+        help="mean K/V bits: per-layer bits from W_k/W_v norms (replaces --kbits/--vbits)",
     )
     if pivot:
         g.add_argument(
