@@ -81,6 +81,7 @@ def _add_wq_args(p: argparse.ArgumentParser, for_eval: bool = True) -> None:
     g.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq"))
     g.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
     g.add_argument("--scale-dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    g.add_argument("--calib-data", default="sotu-calib", help="GPTQ/AWQ calibration text (as --data)")
     g.add_argument("--calib-samples", type=int, default=128, help="GPTQ/AWQ calibration windows")
     g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     g.add_argument("--act-order", action="store_true", help="GPTQ act-order (implies static groups)")
@@ -95,7 +96,8 @@ def _wq_recipe(args):
 
     return QuantRecipe(
         bits=args.wbits, group=args.group, method=args.method, sym=args.sym, scale_dtype=args.scale_dtype,
-        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, act_order=args.act_order,
+        calib_data=args.calib_data, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+        act_order=args.act_order,
     )  # fmt: skip
 
 

@@ -63,7 +63,7 @@ def test_quantize_then_eval_equals_on_the_fly(model_dir, tmp_path, capsys):
 
 def test_gptq_export_and_errors(model_dir, tmp_path, capsys):
     common = ["--model", str(model_dir), "--wbits", "3", "--group", "32", "--no-progress"]
-    out = run_json(capsys, ["quantize", *common, "--method", "gptq", "--calib-samples", "2", "--calib-seqlen", "16",
+    out = run_json(capsys, ["quantize", *common, "--method", "gptq", "--calib-samples", "2", "--calib-seqlen", "16", "--calib-data", str(model_dir / "text.txt"),
                             "--format", "gptq", "--out", str(tmp_path / "g"), "--json"])  # fmt: skip
     assert out["format"] == "gptq" and (tmp_path / "g" / "model.safetensors").is_file()
     ppl = run_json(capsys, ["eval", "ppl", "--quantized", str(tmp_path / "g"), "--data", str(model_dir / "text.txt"),
@@ -71,4 +71,6 @@ def test_gptq_export_and_errors(model_dir, tmp_path, capsys):
     assert ppl["weight_bytes"] < ppl["weight_bytes_fp16"]
     assert main(["quantize", "--model", str(model_dir), "--group", "128", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("jaxkv: error: group size 128 does not divide the input dimension 96 of layers/w_down")
+    assert err.startswith(
+        "jaxkv: error: group size 128 does not divide the input dimension 96 of layers/w_down"
+    )

@@ -150,8 +150,7 @@ def test_awq_packing_equals_autoawq_order():
     np.testing.assert_array_equal(nib[:, order], codes)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("bits, tie", [(2, False), (3, True), (4, False), (8, True)])
 def test_hf_gptq_export_import_round_trip(tmp_path, bits, tie):
     qm = quantize(tiny_model(tie=tie, bias=tie), QuantRecipe(bits=bits, group=32, sym=bits == 2))
     export_hf(tmp_path / "hf", qm.params, qm.cfg, fmt="gptq")
