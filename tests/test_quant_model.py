@@ -70,6 +70,12 @@ def test_structure_of_the_quantized_tree(tiny):
     assert jax.tree.structure(tiny.params) != jax.tree.structure(qp)
 
 
+def test_quantizing_twice_is_an_error(tiny):
+    qp = quantize_params(tiny.params, tiny.cfg, QuantRecipe(bits=4, group=32))
+    with pytest.raises(QuantError, match="layers/w_down is already quantized"):
+        quantize_params(qp, tiny.cfg, QuantRecipe(bits=4, group=32))
+
+
 def test_rules_select_layers_and_lm_head(tiny):
     r = QuantRecipe(
         bits=8, group=-1, include=(r"layers/w_(gate|up|down)", "lm_head"), exclude=("layers/w_up",)

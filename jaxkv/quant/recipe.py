@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.errors import JaxkvError
-from jaxkv.quant.qarray import SUPPORTED_BITS, chunk_shape
+from jaxkv.quant.qarray import SUPPORTED_BITS, QArray, chunk_shape
 
 METHODS = ("rtn", "gptq", "awq")
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -168,7 +168,7 @@ def select(params, recipe: QuantRecipe) -> dict[str, tuple[int, ...]]:
                 "embed cannot be quantized: the model reads it with a gather (and as the output "
                 "matrix when tied); remove it from the include rules"
             )
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        if isinstance(leaf, QArray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise QuantError(f"{name} is already quantized or not floating point (dtype {leaf.dtype})")
         expected_ndim = 3 if name.startswith("layers/") else 2
         if len(leaf.shape) != expected_ndim:
