@@ -191,13 +191,6 @@ def dequantize_body(side: QuantSide) -> jax.Array:
     return dequantize(c, side.scale[..., None], side.zero[..., None]).reshape(B, S, K, H)
 
 
-def _to_slots(x: jax.Array, base: jax.Array, S: int) -> jax.Array:
-    """Window-indexed [..., W+T] -> slot-indexed [..., S] (x[slot - base]; out-of-window entries are junk)."""
-    idx = jnp.clip(jnp.arange(S)[None, :] - base[:, None], 0, x.shape[-1] - 1)  # [B, S]
-    idx = idx.reshape(idx.shape[0], *(1,) * (x.ndim - 2), S)
-    return jnp.take_along_axis(x, idx, axis=-1)
-
-
 # ----------------------------------------------------------------------------------------------
 # Cached attention (prefill and decode)
 
@@ -240,30 +233,63 @@ def attend_cached(
     if impl != "folded":
         raise ValueError(f"impl must be 'folded' or 'reference', got {impl!r}")
 
+    # One softmax over [pivot P | body S | key window W+T]: every visible slot appears exactly once,
+    # in the body when the query reads its quantized key, in the window otherwise. Only
+    # window-sized gathers follow, never one over S.
     s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
-    s_body = body_scores(qg, kside)
+    parts, masks = [s_piv, body_scores(qg, kside)], [mask[..., :P], mask[..., P:]]
     if kspec.quantized:
-        s_win = jnp.einsum("BTKGH,BWKH->BTKGW", qg, kview.astype(cd), preferred_element_type=_F32)
-        s_body = jnp.where(use_k[:, :, None, None, :], s_body, _to_slots(s_win, kbase, S))
-    scores = jnp.concatenate([s_piv, s_body], axis=-1) * (1.0 / np.sqrt(H))
-    scores = jnp.where(mask[:, :, None, None, :], scores, _MASKED)
+        qk = frontier(i, kspec, kv)
+        masks[1] = masks[1] & use_k
+        kslot = kbase[:, None] + jnp.arange(kview.shape[1])  # [B, Wk+T] slot of each window entry
+        kwin_pos = jnp.where((kslot >= 0) & (kslot < n_new[:, None]), P + kslot, -1)
+        parts.append(jnp.einsum("BTKGH,BWKH->BTKGW", qg, kview.astype(cd), preferred_element_type=_F32))
+        masks.append(_mask(positions, kwin_pos, cfg) & (kslot[:, None, :] >= qk[..., None]))
+    scores = jnp.concatenate(parts, axis=-1) * (1.0 / np.sqrt(H))
+    scores = jnp.where(jnp.concatenate(masks, axis=-1)[:, :, None, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
-    p_piv, p_body = probs[..., :P], probs[..., P:]
+    p_piv, p_body, p_kwin = probs[..., :P], probs[..., P : P + S], probs[..., P + S :]
+
+    def win_rows(side: QuantSide, slots):
+        """Body rows of ``side`` at window slots [B, W] (clipped), dequantized float32 [B, W, K, H]."""
+        idx = jnp.clip(slots, 0, S - 1)[:, :, None, None]
+        rows = jnp.take_along_axis(side.data, idx, axis=1)
+        if not side.spec.quantized:
+            return rows.astype(_F32)
+        codes = unpack_codes(rows, side.spec.bits)
+        g = side.spec.group
+        c = codes.reshape(*codes.shape[:-1], H // g, g)
+        sc, z = (jnp.take_along_axis(a, idx, axis=1)[..., None] for a in (side.scale, side.zero))
+        return dequantize(c, sc, z).reshape(codes.shape)
+
+    def gather_last(x, idx, valid):
+        """x[..., idx] for idx [B, W] (masked where not valid) -> [B, T, K, G, W]."""
+        g = jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[-1] - 1)[:, None, None, None, :], axis=-1)
+        return jnp.where(valid[:, None, None, None, :], g, 0.0)
 
     out = jnp.einsum("BTKGP,PKH->BTKGH", p_piv.astype(cd), pivot_v.astype(cd), preferred_element_type=_F32)
-    if vspec.quantized:
-        out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
-        wslot = vbase[:, None] + jnp.arange(vview.shape[1])  # [B, W+T] slot of each window entry
-        p_win = jnp.take_along_axis(p_body, jnp.clip(wslot, 0, S - 1)[:, None, None, None, :], axis=-1)
-        fp = (wslot[:, None, :] >= frontier(i, vspec, kv)[..., None]) & (
-            wslot[:, None, :] < n_new[:, None, None]
-        )
-        p_win = jnp.where(fp[:, :, None, None, :], p_win, 0.0)
-        out += jnp.einsum(
-            "BTKGW,BWKH->BTKGH", p_win.astype(cd), vview.astype(cd), preferred_element_type=_F32
-        )
-    else:
+    if not vspec.quantized:
         out += body_values(p_body, vside, cd)
+        if kspec.quantized:  # keys read from the window: their values from the full-precision body
+            out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kwin, win_rows(vside, kslot))
+    else:
+        qv = frontier(i, vspec, kv)
+        # Quantized values (slot < qv): body slots, and key-window slots the value rule quantizes.
+        out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
+        if kspec.quantized:
+            p_kq = jnp.where((kslot[:, None, :] < qv[..., None])[:, :, None, None, :], p_kwin, 0.0)
+            out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kq, win_rows(vside, kslot))
+        # Full-precision values (slot >= qv) from the value window, whichever part holds their probability.
+        vslot = vbase[:, None] + jnp.arange(vview.shape[1])  # [B, Wv+T]
+        p_vwin = gather_last(p_body, vslot, (vslot >= 0) & (vslot < S))
+        if kspec.quantized:
+            w = vslot - kbase[:, None]
+            p_vwin += gather_last(p_kwin, w, (w >= 0) & (w < kview.shape[1]))
+        fp = (vslot[:, None, :] >= qv[..., None]) & (vslot[:, None, :] < n_new[:, None, None])
+        p_vwin = jnp.where(fp[:, :, None, None, :], p_vwin, 0.0)
+        out += jnp.einsum(
+            "BTKGW,BWKH->BTKGH", p_vwin.astype(cd), vview.astype(cd), preferred_element_type=_F32
+        )
     return out.astype(cd).reshape(B, T, N * H), kside, vside
 
 

@@ -41,7 +41,9 @@ def np_store_scale(s, name):
 
 
 def np_fake_quant(x, bits, axis, scale_dtype="float8_e4m3fn"):
-    """x float64; one group along ``axis``; returns the dequantized float64 values."""
+    """x float64; one group along ``axis``; returns the dequantized float64 values (16 bits: x)."""
+    if bits == 16:
+        return x
     levels = 2**bits - 1
     mn, mx = x.min(axis, keepdims=True), x.max(axis, keepdims=True)
     s = np_store_scale(np.maximum((mx - mn) / levels, np.abs(mn) / 127), scale_dtype)
@@ -165,6 +167,8 @@ ATTN_CONFIGS = [
     KVQuantConfig(2, 4, group=8, k_granularity="per-token", residual=2),
     KVQuantConfig(8, 3, group=8, k_granularity="per-token", mode="all"),
     KVQuantConfig(3, 8, group=4, residual=5),
+    KVQuantConfig(4, 16, group=4, residual=2),  # full-precision values, keys from body and window
+    KVQuantConfig(16, 2, group=8, mode="all"),
 ]
 
 
