@@ -89,6 +89,9 @@ class CalibResult:
     tokens_per_second: float  # calibration tokens processed (student forward+backward) per second
 
 
+# Cached: the optimiser is a static argument of the jitted train_step, so a new object per calibrate()
+# call would recompile the step every time.
+@functools.lru_cache(maxsize=16)
 def make_optimizer(cfg: CalibConfig) -> optax.GradientTransformation:
     warmup = int(round(cfg.warmup_ratio * cfg.total_steps))
     schedule = optax.join_schedules(
