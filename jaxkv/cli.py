@@ -30,7 +30,35 @@ def _load(args):
 
     from jaxkv.load import load
 
-    return load(args.model, dtype=getattr(jnp, args.dtype))
+    return load(args.model, dtype=getattr(jnp, args.dtype), mesh=getattr(args, "device_mesh", None))
+
+
+# --- meshes and multi-host runs (issue 6) --------------------------------------------------------
+
+
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    """``--mesh`` (jaxkv.sharding) and the multi-host flags (jaxkv.distributed)."""
+    from jaxkv.distributed import add_distributed_args
+    from jaxkv.sharding import add_mesh_arg
+
+    add_mesh_arg(p)
+    add_distributed_args(p)
+
+
+def _start(args) -> None:
+    """Join a multi-host run if flags/environment ask (before any other JAX call), then build the mesh.
+
+    Only process 0 prints results: the others' stdout goes to /dev/null.
+    """
+    args.device_mesh = None
+    if not hasattr(args, "mesh"):
+        return
+    from jaxkv import distributed, sharding
+
+    info = distributed.initialize_from_args(args)
+    if not info.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    args.device_mesh = sharding.mesh_from_args(args)
 
 
 # --- quantized KV cache flags (issue 4) ---------------------------------------------------------
@@ -217,6 +245,7 @@ def cmd_generate(args) -> int:
         chat=args.chat,
         chunk=1,
         kv=kv,
+        mesh=args.device_mesh,
     ):
         if t_first is None:
             t_first = time.perf_counter()
@@ -277,6 +306,7 @@ def cmd_eval_ppl(args) -> int:
         batch_size=args.batch_size,
         forward_fn=forward_fn,
         progress=not args.no_progress,
+        mesh=args.device_mesh,
     )
     out = {
         "model": args.model,
@@ -321,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
     _add_kv_args(p)
+    _add_scale_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="evaluate a model")
@@ -335,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_kv_args(p, pivot=True)
     _add_wq_args(p)
+    _add_scale_args(p)
     p.set_defaults(func=cmd_eval_ppl)
 
     _add_quantize_command(sub)
@@ -348,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxkv.errors import JaxkvError
 
     try:
+        _start(args)
         return args.func(args)
     except (JaxkvError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if os.environ.get("JAXKV_DEBUG"):
