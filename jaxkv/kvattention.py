@@ -12,8 +12,9 @@ Two implementations of the cached attention, chosen by ``impl``:
   scales into the probabilities (``p * scale`` per channel group), zero points enter as one bias
   term per group. No full-precision copy of the body is formed (only the unpacked integer codes of
   one layer, which a fused kernel would not materialise either). Scores of the pivot segment, the
-  quantized body and the full-precision window/new tokens are merged on the slot axis and go
-  through one softmax.
+  quantized body and the full-precision key window (ring + new tokens) go through one softmax in
+  which each visible slot appears once; values are then read from the body or the value window
+  with gathers of window size only (never over S).
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
 
