@@ -23,9 +23,10 @@ Conventions
   of the dim's tuple until the units divide (down to full replication: what serving stacks do with
   KV heads on wide tensor-parallel meshes); ``"error"`` raises :class:`ShardingError` naming the
   array, the dimension and the sizes.
-* A QArray's ``packed``, ``scale`` and ``zero`` use the *same* spec as the dense weight would: their
-  dims are (leading axes, input rows / packed rows / groups, output columns), so shard ``i`` of each
-  holds the codes, scales and zero points of the same rows and columns.
+* A QArray's ``packed``, ``scale`` and ``zero`` share one spec (the dense weight's, unless whole groups
+  or packing chunks forbid splitting the input dim): their dims are (leading axes, input rows /
+  packed rows / groups, output columns), so shard ``i`` of each holds the codes, scales and zero
+  points of the same rows and columns.
 * KV cache (``jaxkv.kvcache``): the pivot segment ``[L, P, K, H]`` shards K only; every body leaf,
   full precision or quantized (``data``, ``scale``, ``zero``, ``window``, all ``[L, B, *, K, *]``)
   shards B over the batch axes and K over ``tensor``. A prefix shards like the pivot segment.
@@ -158,9 +159,9 @@ class MeshSpec:
                     raise ShardingError(f"{where}: {a}={d[a]!r} is not an integer") from None
         if "indivisible" in d:
             kw["indivisible"] = str(d["indivisible"])
-        if "data" not in kw and -1 not in kw.values():
-            # Unnamed data axis: it takes the devices the other axes leave (data=-1 is the default).
-            kw["data"] = -1
+        if "data" not in kw:
+            # An unnamed data axis takes the devices the other axes leave, unless one of them does.
+            kw["data"] = 1 if -1 in kw.values() else -1
         return cls(**kw)
 
     def sizes(self, n_devices: int) -> dict[str, int]:
@@ -171,8 +172,8 @@ class MeshSpec:
             if n == -1:
                 if n_devices % known:
                     raise ShardingError(
-                        f"mesh {self.describe()}: {n_devices} devices do not divide into the fixed "
-                        f"axes' {known}"
+                        f"mesh {self.describe()}: {n_devices} devices are not a multiple of the {known} "
+                        f"that the fixed axes take"
                     )
                 sizes[a] = n_devices // known
         if math.prod(sizes.values()) != n_devices:
@@ -276,7 +277,7 @@ def spec_for(
     """The PartitionSpec of one array with logical ``axes`` (None: never sharded) and ``shape``.
 
     ``units[d]`` lists extra divisibility constraints of dim ``d`` (e.g. ``(9, "query heads")``). A
-    mesh axis is used at most once per array (a later dim asking for it again gets the rest).
+    mesh axis is used at most once per array (a later dim asking for it again goes without).
     """
     rules = current_rules() if rules is None else rules
     sizes = _mesh_sizes(mesh)
@@ -344,16 +345,19 @@ def _path_str(path) -> str:
 
 
 def _is_qarray(x) -> bool:
-    # By duck type: jaxkv.quant imports jaxkv.model, which imports this module.
-    return type(x).__name__ == "QArray" and hasattr(x, "packed") and hasattr(x, "group")
+    from jaxkv.quant.qarray import is_qarray  # deferred: jaxkv.model imports this module at start-up
+
+    return is_qarray(x)
+
+
+def _dense_spec(info: ArrayInfo, cfg: ModelConfig, mesh, rules, name: str) -> P:
+    return spec_for(info.axes, info.shape, mesh, rules, _units_for(info.axes, cfg), name)
 
 
 def param_specs(cfg: ModelConfig, mesh: Mesh | Mapping[str, int], rules: ShardingRules | None = None) -> dict:
     """PartitionSpecs of every dense parameter, derived from :func:`jaxkv.params.param_infos`."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, info: spec_for(
-            info.axes, info.shape, mesh, rules, _units_for(info.axes, cfg), f"param {_path_str(path)}"
-        ),
+        lambda path, info: _dense_spec(info, cfg, mesh, rules, f"param {_path_str(path)}"),
         param_infos(cfg),
         is_leaf=_is_info,
     )
@@ -406,9 +410,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None, rules: ShardingRu
         if _is_qarray(leaf):
             sh = NamedSharding(mesh, qarray_spec(leaf, info, cfg, mesh, rules, f"param {name}"))
             return leaf.replace(packed=sh, scale=sh, zero=None if leaf.zero is None else sh)
-        return NamedSharding(
-            mesh, spec_for(info.axes, info.shape, mesh, rules, _units_for(info.axes, cfg), f"param {name}")
-        )
+        return NamedSharding(mesh, _dense_spec(info, cfg, mesh, rules, f"param {name}"))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qarray)
 
@@ -552,10 +554,8 @@ def place(tree, shardings):
     def one(x, sh):
         if x is None:
             return None
-        if isinstance(x, jax.Array) and (not x.is_fully_addressable or sh.is_fully_addressable):
-            return jax.device_put(x, sh)
-        if sh.is_fully_addressable:
-            return jax.device_put(x, sh)
+        if sh.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sh)  # within this process, or global -> global (a reshard)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
 

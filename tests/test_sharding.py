@@ -126,9 +126,11 @@ def test_mesh_spec_parsing_and_sizes():
         "tensor": 2,
     }  # data takes the rest
     assert sh.MeshSpec.parse("data=2, fsdp=-1").sizes(8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sh.MeshSpec.parse("fsdp=-1").sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert sh.MeshSpec.parse("tensor=2,indivisible=error").rules.indivisible == "error"
     for bad, match in [
         ("data=2,tensor=3", "needs 6 devices"),
+        ("tensor=3", "not a multiple of the 3"),
         ("pipeline=2", "unknown keys"),
         ("data=two", "not an integer"),
         ("data=-1,tensor=-1", "at most one"),
