@@ -210,7 +210,8 @@ def generate_iter(
         )  # fmt: skip
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     state = DecodeState(cache, out, jnp.int32(1), jnp.isin(first, eos_ids), key)
-    first_np, done_np = np.asarray(first), np.asarray(state.done)
+    # to_host: under a multi-host mesh the batch is spread over processes (np.asarray would refuse).
+    first_np, done_np = sharding.to_host(first), sharding.to_host(state.done)
     yield first_np[:, None], done_np
 
     emitted = 1
@@ -220,8 +221,8 @@ def generate_iter(
         with sharding.activate(mesh):
             state = _decode(params, state, jnp.int32(limit), temperature, top_p, eos_ids, pad_id, cfg, top_k)
         step = int(state.step)
-        done_np = np.asarray(state.done)
-        yield np.asarray(state.out[:, emitted:step]), done_np
+        done_np = sharding.to_host(state.done)
+        yield sharding.to_host(state.out)[:, emitted:step], done_np
         emitted = step
 
 

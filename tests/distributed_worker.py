@@ -4,7 +4,7 @@
 the JAX distributed runtime at 127.0.0.1:PORT (N > 1), builds the tiny model (every process builds
 the same one from the same seed), runs two IntactKV calibration steps with Orbax checkpoints, resumes
 from the checkpoint (a multi-host restore), evaluates perplexity with and without the calibrated
-prefix, and writes ``DIR/result-I.json``. With N = 1 it runs the single-process, unsharded reference.
+prefix, generates, and writes ``DIR/result-I.json``. With N = 1 it runs the single-process, unsharded reference.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     from jaxkv.calibrate import CalibConfig, calibrate
     from jaxkv.config import ModelConfig
     from jaxkv.evaluate import make_windows, perplexity
+    from jaxkv.generate import generate
     from jaxkv.params import init_params
     from jaxkv.prefix import PrefixedForward, make_prefix, model_fingerprint
     from jaxkv.quant import QuantRecipe, quantize_params
@@ -89,7 +90,11 @@ def main() -> None:
     )  # the prefix is already global
     prefixed = perplexity(placed, None, ppl_windows, batch_size=2, forward_fn=PrefixedForward(cfg), progress=False, mesh=mesh)  # fmt: skip
 
+    # generate: batch over data (across the processes), heads over tensor; tokens gathered to every process
+    gen = generate(q, res.prefix, [[5, 9, 11], [7, 3]], max_new_tokens=5, stop_at_eos=False, mesh=mesh)
+
     out = {
+        "generated": gen.tokens,
         "process_id": info.process_id,
         "num_processes": info.num_processes,
         "global_devices": info.global_devices,

@@ -1,5 +1,6 @@
 """Multi-host: a real two-process run on localhost through ``jax.distributed`` (CPU backend, gloo
-collectives) agrees with the single-process run; flag/environment resolution of the settings."""
+collectives) agrees with the single-process run (calibration with Orbax checkpoints and a resume,
+perplexity with and without the prefix, generation); flag/environment resolution of the settings."""
 
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def test_two_process_calibration_and_evaluation_agree_with_one_process(runs):
     for name in ("ppl", "ppl_prefixed", "nll_sum"):
         np.testing.assert_allclose(p0[name], ref[name], rtol=1e-5)
         assert p0[name] == p1[name]
+
+
+def test_two_process_generate_agrees_with_one_process(runs):
+    assert runs["p0"]["generated"] == runs["p1"]["generated"] == runs["ref"]["generated"]
+    assert len(runs["ref"]["generated"]) == 2
 
 
 def test_only_process_zero_logs(runs):
