@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxkv import __version__
+from jaxkv import __version__, sharding
 from jaxkv.errors import JaxkvError
 from jaxkv.prefix import Prefix, model_fingerprint
 
@@ -39,7 +39,7 @@ class CheckpointError(JaxkvError):
 def _arrays_sha256(tree: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for name in sorted(tree):
-        a = np.asarray(jax.device_get(tree[name]))
+        a = sharding.to_host(tree[name])  # also a global array spread over several hosts
         h.update(name.encode())
         h.update(str(a.dtype).encode() + str(a.shape).encode())
         h.update(np.ascontiguousarray(a).tobytes())
@@ -51,8 +51,12 @@ def save_prefix(path: str | Path, prefix: Prefix, model=None, extra: dict | None
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     arrays = {"k": prefix.k, "v": prefix.v, "logits": prefix.logits}
-    with ocp.PyTreeCheckpointer() as ckptr:
-        ckptr.save(path / "arrays", arrays, force=True)
+    if jax.process_count() > 1:
+        # Orbax refuses process-local jax.Arrays in a multi-host save (e.g. the logits of make_prefix);
+        # numpy values are taken as identical on every process and written once.
+        arrays = {
+            n: np.asarray(a) if getattr(a, "is_fully_addressable", True) else a for n, a in arrays.items()
+        }
     recipe = getattr(model, "recipe", None) if model is not None else None
     meta = {
         "format": PREFIX_FORMAT,
@@ -66,7 +70,12 @@ def save_prefix(path: str | Path, prefix: Prefix, model=None, extra: dict | None
         "sha256": _arrays_sha256(arrays),
         **(extra or {}),
     }
-    (path / "prefix.json").write_text(json.dumps(meta, indent=2, default=str))
+    # Multi-host: process 0 writes the metadata, every process saves its shards; Orbax's save ends with
+    # a barrier, so the whole checkpoint exists on return on every process.
+    if jax.process_index() == 0:
+        (path / "prefix.json").write_text(json.dumps(meta, indent=2, default=str))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        ckptr.save(path / "arrays", arrays, force=True)
     return path
 
 

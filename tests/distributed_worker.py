@@ -38,6 +38,7 @@ def main() -> None:
 
     from jaxkv import sharding as sh
     from jaxkv.calibrate import CalibConfig, calibrate
+    from jaxkv.checkpoint import restore_prefix, save_prefix
     from jaxkv.config import ModelConfig
     from jaxkv.evaluate import make_windows, perplexity
     from jaxkv.generate import generate
@@ -79,6 +80,9 @@ def main() -> None:
         fp, q, prefix, windows, calib, progress=False, mesh=mesh, checkpoint_dir=ckpt, resume=True
     )
     k, v = sh.to_host(res.prefix.k), sh.to_host(res.prefix.v)
+    # the prefix checkpoint: every process saves its shards, process 0 the metadata; all read it back
+    save_prefix(Path(args.out) / "prefix", res.prefix, q)
+    restored = restore_prefix(Path(args.out) / "prefix", q)
 
     text = rng.randint(3, cfg.vocab_size, 200)
     ppl_windows = make_windows(text, cfg.bos_token_id, 10, 6)
@@ -104,6 +108,9 @@ def main() -> None:
         "k": k.tolist(),
         "v": v.tolist(),
         "k_change": float(np.max(np.abs(k - np.asarray(prefix.k)))),
+        "restored_prefix_equal": bool(
+            np.array_equal(np.asarray(restored.k), k) and np.array_equal(np.asarray(restored.v), v)
+        ),
         "resumed_steps": len(resumed.losses),
         "resumed_k_equal": bool(np.array_equal(sh.to_host(resumed.prefix.k), k)),
         "ppl": plain.ppl,

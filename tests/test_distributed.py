@@ -80,6 +80,7 @@ def test_two_process_calibration_and_evaluation_agree_with_one_process(runs):
         assert p0[name] == p1[name]  # every process reads the same global result
     # Orbax multi-host checkpoints: the resumed run restores the final step and has nothing left to do
     assert p0["resumed_steps"] == 0 and p0["resumed_k_equal"] and p1["resumed_k_equal"]
+    assert p0["restored_prefix_equal"] and p1["restored_prefix_equal"]  # save_prefix / restore_prefix
     # evaluation: perplexity with and without the calibrated prefix
     assert p0["tokens"] == ref["tokens"]
     for name in ("ppl", "ppl_prefixed", "nll_sum"):
