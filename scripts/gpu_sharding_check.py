@@ -10,8 +10,8 @@ Run on a host with 2 GPUs (one process sees both)::
 Prints one JSON object:
 
 * ``decode``: greedy generation with mesh ``tensor=2`` over devices 0-1 against device 0 alone.
-  ``float32``: the generated tokens must be equal and the prefill logits close (the sharded matmuls
-  sum in another order); ``bfloat16`` (``--dtype``): ms per decoded token (decode time / steps, after
+  ``float32`` (matmul precision "highest"): the generated tokens must be equal and the prefill
+  logits close (the sharded matmuls sum in another order); ``bfloat16`` (``--dtype``): ms per decoded token (decode time / steps, after
   a warm-up run that compiles), prefill seconds, and weight bytes held per device.
 * ``calibration``: IntactKV calibration (RTN W4 g128 student, [BOS] prefix) with mesh ``data=2``
   against one device: losses and trained prefix compared, calibration tokens per second (second run,
@@ -109,10 +109,13 @@ def check_decode(cfg, args, devices) -> dict:
     mesh2 = sh.make_mesh("tensor=2", devices[:2])
     out: dict = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": args.batch}
     fp32 = random_model(cfg, jnp.float32)
-    one, _ = decode_run(fp32, None, prompts, args.new_tokens)
-    two, _ = decode_run(fp32, mesh2, prompts, args.new_tokens)
+    # "highest": float32 matmuls in float32 (GPUs default to TF32, whose rounding would swamp the
+    # difference that sharding makes).
+    with jax.default_matmul_precision("highest"):
+        one, _ = decode_run(fp32, None, prompts, args.new_tokens)
+        two, _ = decode_run(fp32, mesh2, prompts, args.new_tokens)
+        a, b = prefill_logits(fp32, None, prompts), prefill_logits(fp32, mesh2, prompts)
     out["float32_tokens_equal"] = one.tokens == two.tokens
-    a, b = prefill_logits(fp32, None, prompts), prefill_logits(fp32, mesh2, prompts)
     out["float32_prefill_logits_max_abs_diff"] = float(np.max(np.abs(a - b)))
     out["float32_prefill_logits_max_abs"] = float(np.max(np.abs(a)))
     del fp32
