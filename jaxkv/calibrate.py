@@ -187,8 +187,12 @@ def calibrate(
         kv_sh = sharding.kv_sharding(prefix.k.shape, model_cfg, mesh)
         fp_kv = sharding.place(fp_kv, (kv_sh, kv_sh))
     trainable = {"k": jnp.array(fp_kv[0], copy=True), "v": jnp.array(fp_kv[1], copy=True)}
-    # Under a mesh, jit puts the optimiser state on the mesh too (global arrays on every process).
-    opt_state = tx.init(trainable) if mesh is None else jax.jit(tx.init)(trainable)
+    opt_state = tx.init(trainable)
+    if mesh is not None:
+        # Adam's moments split like the prefix, counters replicated: the first step then sees the
+        # shardings every later step does (one compilation), and all of it is global (multi-host).
+        rep = sharding.replicated(mesh)
+        opt_state = sharding.place(opt_state, jax.tree.map(lambda x: kv_sh if x.ndim else rep, opt_state))
     start_step = 0
     manager = None
     if checkpoint_dir is not None:
