@@ -145,7 +145,8 @@ def check_calibration(cfg, args, devices) -> dict:
             q_m = dataclasses.replace(q, params=jax.device_put(q.params, devices[0]))
         else:
             fp_m, q_m = fp, q
-        # Warm-up: step 0 (fresh prefix) and step 1 (the previous step's donated output) compile apart.
+        # Warm-up of two steps: on one device, step 0 (uncommitted fresh prefix) and step 1 (committed
+        # output of step 0) compile apart.
         calibrate(fp_m, q_m, prefix, windows, calib, progress=False, mesh=mesh, stop_after=2)
         t0 = time.perf_counter()
         res = calibrate(fp_m, q_m, prefix, windows, calib, progress=False, mesh=mesh)
