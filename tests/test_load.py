@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -13,7 +14,6 @@ import pytest
 from reference import assert_tree_equal, expected_params
 from safetensors.numpy import load_file, save_file
 
-import jaxkv.load
 from jaxkv.config import ConfigError
 from jaxkv.errors import CheckpointError, JaxkvError, LoadError
 from jaxkv.load import LoadedModel, load, load_hf_dir, params_from_hf_state_dict
@@ -219,7 +219,7 @@ def test_load_hub_id_uses_download(tiny_model_factory, monkeypatch):
         calls.append(repo_id)
         return tm.path
 
-    monkeypatch.setattr(jaxkv.load, "download_hub", fake_download)
+    monkeypatch.setattr(importlib.import_module("jaxkv.load"), "download_hub", fake_download)
     m = load("someorg/tiny-llama")
     assert calls == ["someorg/tiny-llama"] and m.kind == "hf" and m.name == "someorg/tiny-llama"
 
@@ -232,7 +232,11 @@ def test_preset_not_fetched(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("name", ["./missing.gguf", "/no/such/dir", "missing.gguf", "not a model"])
 def test_missing_path(name, monkeypatch):
-    monkeypatch.setattr(jaxkv.load, "download_hub", lambda repo_id: pytest.fail("must not hit the hub"))
+    monkeypatch.setattr(
+        importlib.import_module("jaxkv.load"),
+        "download_hub",
+        lambda repo_id: pytest.fail("must not hit the hub"),
+    )
     with pytest.raises(LoadError, match="no such file or directory"):
         load(name)
 

@@ -50,7 +50,8 @@ class LoadedModel:
     dtype and the weight files (names and sampled contents, see :func:`_file_digest`): equal
     fingerprints mean the same weights however they were named, so it can key derived artefacts
     (quantized params, prefixes) across machines. ``tokenizer`` is a
-    ``PreTrainedTokenizerFast``, or None when the checkpoint carries no tokenizer.
+    ``PreTrainedTokenizerFast``, or None when the checkpoint carries no tokenizer. ``recipe`` is set
+    by :func:`jaxkv.quantize` and the quantized-checkpoint loader.
     """
 
     cfg: ModelConfig
@@ -62,6 +63,8 @@ class LoadedModel:
     kind: str
     fingerprint: str
     dtype: str
+    # The weight-quantization recipe (a QuantRecipe) once quantized; None for full precision.
+    recipe: Any = None
 
 
 _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16

@@ -248,8 +248,7 @@ def load_quantized(path: str | Path):
             f"{path}: neither a jaxkv quantized checkpoint (quant.json) nor a Hugging Face GPTQ/AWQ "
             "directory (config.json with a quantization_config)"
         )
-    fields = {f.name for f in dataclasses.fields(LoadedModel)}
-    return LoadedModel(**{k: v for k, v in values.items() if k in fields})
+    return LoadedModel(**values)
 
 
 # --------------------------------------------------------------------------- bit packing helpers (numpy)
