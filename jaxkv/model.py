@@ -146,30 +146,38 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
 
 def decoder(
     params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, collect: bool = False,
-    kv: KVQuantConfig | None = None, pivot_len: int = 0,
+    kv: KVQuantConfig | None = None, pivot_len: int = 0, pivot_kv=None,
 ):  # fmt: skip
     """Embedding and all blocks, before the final norm.
 
     Returns ``(hidden [B,T,D], cache, layer_outputs)``; ``layer_outputs`` is ``[L,B,T,D]`` (each
-    block's output) when ``collect`` else None. ``kv``/``pivot_len`` apply to the cache-free forward
-    only: attention then sees K/V as a cache quantized by ``kv`` would hold them (see
-    :func:`forward_kv`); a cache carries its own quantization.
+    block's output) when ``collect`` else None. ``kv``/``pivot_len``/``pivot_kv`` apply to the
+    cache-free forward only: attention then sees K/V as a cache quantized by ``kv`` would hold them
+    (see :func:`forward_kv`); a cache carries its own quantization and pivot.
     """
     x = constrain(jnp.take(params["embed"], tokens, axis=0))
     inv_freq = rope_inv_freq(cfg)
+    if pivot_kv is not None:
+        pivot_len = pivot_kv[0].shape[1]
 
     if cache is None and kv is not None and not kv.is_identity(cfg.num_layers):
-        return _decoder_fake_quant(params, x, positions, cfg, collect, kv, pivot_len, inv_freq)
+        return _decoder_fake_quant(params, x, positions, cfg, collect, kv, pivot_len, inv_freq, pivot_kv)
     if cache is not None and cache.quantized:
         return _decoder_quant_cache(params, x, positions, cache, cfg, collect, inv_freq)
 
     if cache is None:
+        mask = _causal_mask(positions, positions, cfg)
 
-        def body(x, lp):
-            x, _ = _layer(x, lp, positions, inv_freq, None, cfg)
+        def body(x, xs):
+            lp, pk, pv = xs
+            attend = None
+            if pk is not None:
+                attend = lambda q, k, v: (_attend(q, *_intact(k, v, pk, pv), mask, cfg), None)  # noqa: E731
+            x, _ = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend)
             return x, (x if collect else None)
 
-        x, outs = jax.lax.scan(body, x, params["layers"])
+        pk, pv = (None, None) if pivot_kv is None else pivot_kv
+        x, outs = jax.lax.scan(body, x, (params["layers"], pk, pv))
         return x, None, outs
 
     P, S = cache.pivot_len, cache.max_len
@@ -194,8 +202,14 @@ def _layer_slice(layers, start: int, stop: int, num_layers: int):
     return jax.tree.map(lambda a: a[start:stop], layers)
 
 
+def _intact(k, v, pivot_k, pivot_v):
+    """K/V [B,T,K,H] whose first P positions are replaced by a prefix's pivot K/V [P,K,H] (IntactKV)."""
+    P = pivot_k.shape[0]
+    return k.at[:, :P].set(pivot_k.astype(k.dtype)), v.at[:, :P].set(pivot_v.astype(v.dtype))
+
+
 def _decoder_fake_quant(
-    params, x, positions, cfg: ModelConfig, collect, kv: KVQuantConfig, pivot_len, inv_freq
+    params, x, positions, cfg: ModelConfig, collect, kv: KVQuantConfig, pivot_len, inv_freq, pivot_kv=None
 ):
     """Cache-free blocks with quantized-cache attention, one scan per run of layers with equal bits."""
     kv.check(cfg)
@@ -211,13 +225,18 @@ def _decoder_fake_quant(
             pivot_len=pivot_len,
         )
 
-        def body(x, lp, attend=attend):
-            x, _ = _layer(
-                x, lp, positions, inv_freq, None, cfg, attend=lambda q, k, v: (attend(q, k, v), None)
-            )
+        def body(x, xs, attend=attend):
+            lp, pk, pv = xs
+
+            def attend_intact(q, k, v):
+                return attend(q, *(_intact(k, v, pk, pv) if pk is not None else (k, v))), None
+
+            x, _ = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend_intact)
             return x, (x if collect else None)
 
-        x, o = jax.lax.scan(body, x, _layer_slice(params["layers"], start, stop, cfg.num_layers))
+        pk, pv = (None, None) if pivot_kv is None else (pivot_kv[0][start:stop], pivot_kv[1][start:stop])
+        layers = _layer_slice(params["layers"], start, stop, cfg.num_layers)
+        x, o = jax.lax.scan(body, x, (layers, pk, pv))
         outs.append(o)
     return x, None, (jnp.concatenate(outs) if collect else None)
 
@@ -276,32 +295,43 @@ def forward(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig):
     return logits_from_hidden(params, x, cfg), cache
 
 
-def forward_kv(params, tokens, positions, cfg: ModelConfig, kv: KVQuantConfig | None, pivot_len: int = 0):
+def forward_kv(
+    params, tokens, positions, cfg: ModelConfig, kv: KVQuantConfig | None, pivot_len: int = 0, pivot_kv=None
+):
     """Cache-free logits [B, T, V] with attention reading K/V as a cache quantized by ``kv`` would.
 
     For perplexity: ``positions`` are ``0..T-1`` in every row and the first ``pivot_len`` positions act
-    as full-precision pivot slots (``pivot_len=1`` keeps the [BOS] K/V of the full-precision model
-    intact, IntactKV[B]). Query i reads key j quantized iff a decoding step at i would
-    (``jaxkv.kvcache``: past-only or all, residual, complete per-channel groups), so these logits
-    equal those of decoding the window token by token (or in any chunks) through
-    ``init_cache(..., pivot_k/v = those pivot tokens' K/V, kv=kv)``, up to float rounding. With
-    nothing quantized this is :func:`forward` bit for bit.
+    as full-precision pivot slots (``pivot_len=1`` keeps [BOS]'s K/V unquantized). Query i reads key j
+    quantized iff a decoding step at i would (``jaxkv.kvcache``: past-only or all, residual, complete
+    per-channel groups), so these logits equal those of decoding the window token by token (or in
+    any chunks) through ``init_cache(..., pivot_k/v = those pivot tokens' K/V, kv=kv)``, up to float
+    rounding. With nothing quantized this is :func:`forward` bit for bit.
+
+    ``pivot_kv = (k, v)``, each ``[L, P, K, H]`` (an IntactKV prefix), replaces the K/V the model
+    computes at positions ``0..P-1`` (which must hold the prefix's pivot tokens) and sets
+    ``pivot_len = P``: the windows then see the full-precision model's pivot K/V, as generation
+    from that prefix does. Differentiable in ``pivot_kv``.
     """
-    x, _, _ = decoder(params, tokens, positions, None, cfg, kv=kv, pivot_len=pivot_len)
+    x, _, _ = decoder(params, tokens, positions, None, cfg, kv=kv, pivot_len=pivot_len, pivot_kv=pivot_kv)
     return logits_from_hidden(params, x, cfg)
 
 
 @dataclasses.dataclass(frozen=True)
 class KVForward:
     """``forward_fn(params, tokens, positions) -> logits`` for ``jaxkv.evaluate.perplexity``: the
-    cache-free forward with quantized-KV attention (:func:`forward_kv`). Hashable, so repeated
-    perplexity calls reuse one compilation."""
+    cache-free forward with quantized-KV attention (:func:`forward_kv`). With ``intact`` the params
+    are ``(model_params, prefix.k, prefix.v)`` and the prefix supplies the pivot K/V (IntactKV).
+    Hashable, so repeated perplexity calls reuse one compilation."""
 
     cfg: ModelConfig
-    kv: KVQuantConfig | None
+    kv: KVQuantConfig | None = None
     pivot_len: int = 0
+    intact: bool = False
 
     def __call__(self, params, tokens, positions):
+        if self.intact:
+            params, k, v = params
+            return forward_kv(params, tokens, positions, self.cfg, self.kv, pivot_kv=(k, v))
         return forward_kv(params, tokens, positions, self.cfg, self.kv, self.pivot_len)
 
 

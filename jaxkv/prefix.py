@@ -15,7 +15,6 @@ Conventions
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 
@@ -134,29 +133,6 @@ def _is_quantized(params) -> bool:
 
 def _not_array(x) -> bool:
     return not isinstance(x, dict | list | tuple)
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefixedForward:
-    """A cache-free forward over windows that start with the pivot tokens, reading the pivot's K/V
-    from a prefix instead of computing them: ``fn((params, k, v), tokens, positions) -> logits``.
-
-    ``tokens[:, :P]`` must be the pivot tokens (the caller checks with :func:`check_pivot`); the
-    logits returned at pivot positions are zeros: the perplexity protocol never scores the
-    prediction made at BOS, which is why perplexity takes single-token (BOS) prefixes only. It plugs into :func:`jaxkv.evaluate.perplexity` as ``forward_fn`` with
-    ``params=(model_params, prefix.k, prefix.v)``: with ``--intactkv bos`` the perplexity protocol is
-    unchanged except that BOS's K/V come from the full-precision model.
-    """
-
-    cfg: ModelConfig
-
-    def __call__(self, params_kv, tokens, positions):
-        params, k, v = params_kv
-        P = k.shape[1]
-        B, T = tokens.shape
-        cache = init_cache(self.cfg, B, T - P, k.dtype, k, v)
-        logits, _ = forward(params, tokens[:, P:], positions[:, P:], cache, self.cfg)
-        return jnp.concatenate([jnp.zeros((B, P, logits.shape[-1]), logits.dtype), logits], axis=1)
 
 
 def check_pivot(windows, prefix: Prefix) -> None:

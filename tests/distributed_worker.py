@@ -42,8 +42,9 @@ def main() -> None:
     from jaxkv.config import ModelConfig
     from jaxkv.evaluate import make_windows, perplexity
     from jaxkv.generate import generate
+    from jaxkv.model import KVForward
     from jaxkv.params import init_params
-    from jaxkv.prefix import PrefixedForward, make_prefix, model_fingerprint
+    from jaxkv.prefix import make_prefix, model_fingerprint
     from jaxkv.quant import QuantRecipe, quantize_params
 
     cfg = ModelConfig(
@@ -92,7 +93,7 @@ def main() -> None:
         res.prefix.k,
         res.prefix.v,
     )  # the prefix is already global
-    prefixed = perplexity(placed, None, ppl_windows, batch_size=2, forward_fn=PrefixedForward(cfg), progress=False, mesh=mesh)  # fmt: skip
+    prefixed = perplexity(placed, None, ppl_windows, batch_size=2, forward_fn=KVForward(cfg, intact=True), progress=False, mesh=mesh)  # fmt: skip
 
     # generate: batch over data (across the processes), heads over tensor; tokens gathered to every process
     gen = generate(q, res.prefix, [[5, 9, 11], [7, 3]], max_new_tokens=5, stop_at_eos=False, mesh=mesh)

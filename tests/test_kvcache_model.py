@@ -121,6 +121,30 @@ def test_decoding_in_chunks_equals_perplexity_forward(model, kv):
     np.testing.assert_allclose(ref[0, 0], np.asarray(prefix.logits), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv", [None, KVQuantConfig(4, 2, group=4, residual=2)], ids=["fp", "K4V2"])
+def test_intact_forward_equals_decoding_from_the_prefix(model, kv):
+    """``KVForward(intact=True)`` with a prefix whose K/V the model would not compute itself (a
+    calibrated one, here a perturbed one) gives the logits of decoding through a cache whose pivot
+    holds that prefix; the prefix really matters (the logits move with it)."""
+    cfg, params = model.cfg, model.params
+    window = [1] + np.random.default_rng(1).integers(3, cfg.vocab_size, 17).tolist()
+    T = len(window)
+    tokens = jnp.asarray([window], jnp.int32)
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    prefix = make_prefix(model, "bos")
+    noise = jax.random.normal(jax.random.key(3), prefix.k.shape)
+    pk, pv = prefix.k + 0.5 * noise, prefix.v - 0.5 * noise
+    got = np.asarray(KVForward(cfg, kv, intact=True)((params, pk, pv), tokens, positions))
+    cache = init_cache(cfg, 1, T, pivot_k=pk, pivot_v=pv, kv=kv)
+    ref = []
+    for t in range(1, T):
+        logits, cache = _forward(params, tokens[:, t : t + 1], positions[:, t : t + 1], cache, cfg)
+        ref.append(np.asarray(logits)[0, 0])
+    np.testing.assert_allclose(got[0, 1:], np.stack(ref), atol=2e-5, rtol=0)
+    exact = np.asarray(KVForward(cfg, kv, intact=True)((params, prefix.k, prefix.v), tokens, positions))
+    assert np.abs(exact[0, 1:] - got[0, 1:]).max() > 1e-2
+
+
 def test_perplexity_with_quantized_kv(model):
     cfg, params = model.cfg, model.params
     windows = np.random.default_rng(1).integers(3, cfg.vocab_size, (3, 24)).astype(np.int32)

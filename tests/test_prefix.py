@@ -77,14 +77,15 @@ def test_bad_pivots(model):
 
 def test_perplexity_with_exact_bos_prefix_equals_plain(model):
     from jaxkv.evaluate import make_windows, perplexity
-    from jaxkv.prefix import PrefixedForward, check_pivot
+    from jaxkv.model import KVForward
+    from jaxkv.prefix import check_pivot
 
     ids = np.random.RandomState(5).randint(3, 89, 200)
     windows = make_windows(ids, 1, 20, 6)
     prefix = make_prefix(model, "bos")
     check_pivot(windows, prefix)
     plain = perplexity(model.params, model.cfg, windows, batch_size=4, progress=False)
-    fn = PrefixedForward(model.cfg)
+    fn = KVForward(model.cfg, intact=True)
     pre = perplexity(
         (model.params, prefix.k, prefix.v), None, windows, batch_size=4, forward_fn=fn, progress=False
     )

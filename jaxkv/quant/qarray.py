@@ -175,6 +175,13 @@ def _compute_dtype(w) -> jnp.dtype:
     return jnp.promote_types(w.dtype, jnp.float32)
 
 
+def _stored(scale: jax.Array, scale_dtype) -> jax.Array:
+    """``scale`` rounded to ``scale_dtype`` for real: under jit XLA may fold convert(convert(s, fp16),
+    f32) back to ``s`` (excess precision, seen on GPU), and codes would follow a scale other than the
+    stored one. The barrier keeps the narrow value."""
+    return jax.lax.optimization_barrier(scale.astype(scale_dtype))
+
+
 def quant_params(w: jax.Array, bits: int, group: int, sym: bool = False, scale_dtype=jnp.float16):
     """llm-awq's ``pseudo_quantize_tensor`` statistics per group of input rows.
 
@@ -189,10 +196,9 @@ def quant_params(w: jax.Array, bits: int, group: int, sym: bool = False, scale_d
     wg = w.astype(cd).reshape(*lead, I // group, group, O)
     if sym:
         mx = jnp.maximum(jnp.max(jnp.abs(wg), axis=-2), 1e-5)
-        scale = (mx / (2 ** (bits - 1) - 1)).astype(scale_dtype)
-        return scale, None
+        return _stored(mx / (2 ** (bits - 1) - 1), scale_dtype), None
     mx, mn = jnp.max(wg, axis=-2), jnp.min(wg, axis=-2)
-    scale = (jnp.maximum(mx - mn, 1e-5) / (2**bits - 1)).astype(scale_dtype)
+    scale = _stored(jnp.maximum(mx - mn, 1e-5) / (2**bits - 1), scale_dtype)
     zero = jnp.clip(-jnp.round(mn / scale.astype(cd)), 0, 2**bits - 1)
     return scale, zero
 
