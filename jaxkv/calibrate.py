@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from jaxkv import sharding
 from jaxkv.errors import JaxkvError
-from jaxkv.kvcache import init_cache
+from jaxkv.kvcache import KVQuantConfig, init_cache
 from jaxkv.model import decoder
 from jaxkv.prefix import Prefix
 
@@ -109,23 +109,62 @@ def block_outputs(params, model_cfg, kv, windows, P):
     return outs.astype(jnp.float32)
 
 
-def calibration_loss(trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind: str):
+def quantized_kv_block_outputs(params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg):
+    """As :func:`block_outputs`, with attention reading K/V quantized by ``kv_cfg`` (the pivot stays
+    full precision): the window runs after the pivot tokens with ``pivot_kv`` replacing their K/V,
+    and the pivot positions' outputs are dropped."""
+    B, T = windows.shape
+    P = len(pivot_tokens)
+    tokens = jnp.concatenate([jnp.broadcast_to(jnp.asarray(pivot_tokens, windows.dtype), (B, P)), windows], 1)
+    positions = jnp.broadcast_to(jnp.arange(P + T, dtype=jnp.int32), (B, P + T))
+    _, _, outs = decoder(
+        params, tokens, positions, None, model_cfg, collect=True, kv=kv_cfg, pivot_kv=pivot_kv
+    )
+    return outs[:, :, P:].astype(jnp.float32)
+
+
+def calibration_loss(
+    trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind: str, kv_cfg=None, pivot_tokens=()
+):
+    """Sum over blocks (or the last) of half the mean squared difference of block outputs, teacher =
+    the FP model after the FP prefix, student = ``q_params`` after the trainable prefix (its KV cache
+    quantized by ``kv_cfg`` when given)."""
     P = fp_kv[0].shape[1]
     teacher = jax.lax.stop_gradient(block_outputs(fp_params, model_cfg, fp_kv, windows, P))
-    student = block_outputs(q_params, model_cfg, (trainable["k"], trainable["v"]), windows, P)
+    pivot_kv = (trainable["k"], trainable["v"])
+    if kv_cfg is None:
+        student = block_outputs(q_params, model_cfg, pivot_kv, windows, P)
+    else:
+        student = quantized_kv_block_outputs(q_params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg)
     per_block = jnp.mean(jnp.square(student - teacher), axis=(1, 2, 3)) / 2
     return per_block[-1] if loss_kind == "last" else jnp.sum(per_block)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model_cfg", "loss_kind", "tx"), donate_argnames=("trainable", "opt_state")
+    jax.jit,
+    static_argnames=("model_cfg", "loss_kind", "tx", "kv_cfg", "pivot_tokens"),
+    donate_argnames=("trainable", "opt_state"),
 )
-def train_step(trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cfg, loss_kind, tx):
+def train_step(
+    trainable,
+    opt_state,
+    fp_params,
+    q_params,
+    fp_kv,
+    batch,
+    model_cfg,
+    loss_kind,
+    tx,
+    kv_cfg=None,
+    pivot_tokens=(),
+):
     """One optimiser step over batch [n_micro, micro_batch, T], gradients accumulated over micro batches."""
     grad_fn = jax.value_and_grad(calibration_loss)
 
     def micro(acc, windows):
-        loss, g = grad_fn(trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind)
+        loss, g = grad_fn(
+            trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind, kv_cfg, pivot_tokens
+        )
         return jax.tree.map(jnp.add, acc, (loss, g)), None
 
     zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
@@ -136,7 +175,7 @@ def train_step(trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cf
     return optax.apply_updates(trainable, updates), opt_state, loss
 
 
-_loss_jit = jax.jit(calibration_loss, static_argnames=("model_cfg", "loss_kind"))
+_loss_jit = jax.jit(calibration_loss, static_argnames=("model_cfg", "loss_kind", "kv_cfg", "pivot_tokens"))
 
 
 def epoch_order(cfg: CalibConfig, epoch: int) -> np.ndarray:
@@ -156,6 +195,7 @@ def calibrate(
     progress: bool = True,
     stop_after: int | None = None,
     mesh: Mesh | None = None,
+    kv: KVQuantConfig | None = None,
 ) -> CalibResult:
     """Calibrate ``prefix`` so that ``q_model`` with it matches ``fp_model`` on ``windows``.
 
@@ -168,7 +208,13 @@ def calibrate(
     them; every process builds only its rows), weights sit in their ``jaxkv.sharding`` shardings (fsdp
     splits D, tensor splits heads) and the prefix K/V split by KV heads; the returned prefix holds
     global arrays (``jaxkv.sharding.to_host`` reads them on any process).
+
+    ``kv`` (a :class:`jaxkv.kvcache.KVQuantConfig`) calibrates for a quantized KV cache: the student's
+    attention reads the windows' K/V as that cache would (the prefix stays full precision), so the
+    prefix learns to serve a model whose weights and KV cache are both quantized.
     """
+    if kv is not None and kv.is_identity(fp_model.cfg.num_layers):
+        kv = None
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] < cfg.samples:
         raise JaxkvError(
@@ -215,7 +261,7 @@ def calibrate(
     with sharding.activate(mesh):
         initial = float(
             _loss_jit(trainable if start_step == 0 else {"k": fp_kv[0], "v": fp_kv[1]},
-                      fp_params, q_params, fp_kv, first_batch, model_cfg, cfg.loss)
+                      fp_params, q_params, fp_kv, first_batch, model_cfg, cfg.loss, kv, tuple(prefix.tokens))
         )  # fmt: skip
     progress = progress and jax.process_index() == 0  # multi-host: one bar, from process 0
     bar = tqdm(total=total, initial=start_step, desc="calibrate", unit="step", disable=not progress)
@@ -237,8 +283,9 @@ def calibrate(
                 )  # fmt: skip
             with sharding.activate(mesh):
                 trainable, opt_state, loss = train_step(
-                    trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cfg, cfg.loss, tx
-                )
+                    trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cfg, cfg.loss, tx,
+                    kv, tuple(prefix.tokens),
+                )  # fmt: skip
             losses.append(float(loss))
             steps_run += 1
             bar.update(1)

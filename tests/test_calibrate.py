@@ -123,3 +123,29 @@ def test_bad_calibration_settings(models, windows):
     fp, q = models
     with pytest.raises(JaxkvError, match="at least 128 windows"):
         calibrate(fp, q, make_prefix(fp, "bos"), windows, CalibConfig(), progress=False)
+
+
+def test_calibration_for_a_quantized_kv_cache(models, windows):
+    """The student reads its windows' K/V quantized (prefix intact): with 16-bit KV the pivot-token
+    route gives the cached route's block outputs; with K2V2 the loss is larger than without KV
+    quantization and calibration still lowers it."""
+    import jax.numpy as jnp
+
+    from jaxkv.calibrate import block_outputs, calibration_loss, quantized_kv_block_outputs
+    from jaxkv.kvcache import KVQuantConfig
+
+    fp, q = models
+    prefix = make_prefix(fp, [1, 5, 6])
+    pivot_kv = (prefix.k, prefix.v)
+    w = jnp.asarray(windows[:3])
+    cached = block_outputs(q.params, CFG, pivot_kv, w, 3)
+    routed = quantized_kv_block_outputs(q.params, CFG, pivot_kv, w, (1, 5, 6), KVQuantConfig(16, 16))
+    np.testing.assert_allclose(np.asarray(routed), np.asarray(cached), atol=2e-5, rtol=0)
+
+    kv = KVQuantConfig(2, 2, group=4)
+    trainable = {"k": prefix.k, "v": prefix.v}
+    plain = calibration_loss(trainable, fp.params, q.params, pivot_kv, w, CFG, "all")
+    quant = calibration_loss(trainable, fp.params, q.params, pivot_kv, w, CFG, "all", kv, (1, 5, 6))
+    assert float(quant) > float(plain) * 1.05
+    res = calibrate(fp, q, prefix, windows, CALIB, progress=False, kv=kv)
+    assert np.mean(res.losses[-2:]) < 0.9 * res.initial_loss
