@@ -8,6 +8,7 @@ print exactly one JSON object on stdout; progress bars and logs go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -102,9 +103,10 @@ def _kv_config(args, model):
 # --- weight quantization (issue 3) ---------------------------------------------------------------
 
 
-def _add_wq_args(p: argparse.ArgumentParser, for_eval: bool = True) -> None:
+def _add_wq_args(p: argparse.ArgumentParser, default_bits: int = 16, saved: bool = True) -> None:
+    """Weight-quantization flags; ``saved`` adds --quantized DIR (a saved quantized model instead)."""
     g = p.add_argument_group("weight quantization (16 bits = off)")
-    g.add_argument("--wbits", type=int, default=16 if for_eval else 4, choices=(16, 8, 4, 3, 2))
+    g.add_argument("--wbits", type=int, default=default_bits, choices=(16, 8, 4, 3, 2))
     g.add_argument("--group", type=int, default=64, help="input rows per scale; -1 = per-channel")
     g.add_argument("--method", default="rtn", choices=("rtn", "gptq", "awq"))
     g.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
@@ -113,7 +115,7 @@ def _add_wq_args(p: argparse.ArgumentParser, for_eval: bool = True) -> None:
     g.add_argument("--calib-samples", type=int, default=128, help="GPTQ/AWQ calibration windows")
     g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window")
     g.add_argument("--act-order", action="store_true", help="GPTQ act-order (implies static groups)")
-    if for_eval:
+    if saved:
         g.add_argument(
             "--quantized", default=None, help="a saved quantized model (jaxkv quantize --out, HF GPTQ/AWQ)"
         )
@@ -129,18 +131,56 @@ def _wq_recipe(args):
     )  # fmt: skip
 
 
-def _load_wq(args):
-    """The model to evaluate: --quantized DIR, else --model quantized per --wbits (16: as loaded)."""
+def _load_wq(args, need_fp: bool = False):
+    """``(fp_model, model)``: the model to run (--quantized DIR, else --model quantized per --wbits;
+    16: as loaded) and, when ``need_fp`` (IntactKV prefixes, calibration), the full-precision --model
+    it came from (else None)."""
     if getattr(args, "quantized", None):
         from jaxkv.quant.io import load_quantized
 
-        return load_quantized(args.quantized)
+        return (_load(args) if need_fp else None), load_quantized(args.quantized)
     model = _load(args)
     if args.wbits == 16:
-        return model
+        return (model if need_fp else None), model
     from jaxkv.quant import quantize
 
-    return quantize(model, _wq_recipe(args), progress=not args.no_progress)
+    return (model if need_fp else None), quantize(model, _wq_recipe(args), progress=not args.no_progress)
+
+
+# --- IntactKV prefixes (issue 5) -------------------------------------------------------------------
+
+
+def _add_intactkv_args(p: argparse.ArgumentParser, pivots=("none", "bos", "system")) -> None:
+    g = p.add_argument_group("IntactKV")
+    g.add_argument(
+        "--intactkv",
+        default="none",
+        choices=pivots,
+        help="pivot tokens whose K/V come from the full-precision --model (bos: IntactKV[B], "
+        "system: the chat template's system prompt, IntactKV[P])",
+    )
+    g.add_argument("--prefix", default=None, help="a saved prefix (jaxkv prefix/calibrate --out DIR)")
+
+
+def _prefix_for(args, fp, model):
+    """The IntactKV prefix asked for by --prefix or --intactkv (None for neither)."""
+    from jaxkv.prefix import make_prefix
+
+    if args.prefix:
+        from jaxkv.checkpoint import restore_prefix
+
+        return restore_prefix(_prefix_dir(args.prefix), model)
+    if args.intactkv == "none":
+        return None
+    return make_prefix(fp, args.intactkv)
+
+
+def _prefix_dir(path: str) -> str:
+    """``jaxkv calibrate --out DIR`` keeps its prefix in DIR/prefix; accept either directory."""
+    from pathlib import Path
+
+    sub = Path(path) / "prefix"
+    return str(sub) if (sub / "prefix.json").is_file() else path
 
 
 def _wq_report(args, model) -> dict:
@@ -199,7 +239,7 @@ def cmd_quantize(args) -> int:
 def _add_quantize_command(sub) -> None:
     p = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ) and save the packed model")
     _add_model_args(p)
-    _add_wq_args(p, for_eval=False)
+    _add_wq_args(p, default_bits=4, saved=False)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--format", default="jaxkv", choices=("jaxkv", "gptq", "awq"),
@@ -213,6 +253,125 @@ def _add_quantize_command(sub) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
+def cmd_prefix(args) -> int:
+    from jaxkv.checkpoint import save_prefix
+    from jaxkv.prefix import make_prefix
+
+    model = _load(args)
+    pivot = args.pivot
+    if pivot not in ("bos", "system") and args.pivot_ids:
+        pivot = [int(t) for t in pivot.split(",")]
+    prefix = make_prefix(model, pivot)
+    path = save_prefix(args.out, prefix, model)
+    out = {"out": str(path), "pivot_tokens": list(prefix.tokens), "fingerprint": prefix.fingerprint}
+    print(json.dumps(out) if args.json else f"prefix of {prefix.length} pivot tokens saved to {path}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from jaxkv.calibrate import CalibConfig, calibrate
+    from jaxkv.checkpoint import restore_prefix, save_prefix
+    from jaxkv.corpus import calibration_windows, load_text, tokenize
+    from jaxkv.prefix import make_prefix
+
+    cfg = CalibConfig(
+        samples=args.samples, seqlen=args.seqlen, epochs=args.epochs, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, lr=args.lr, warmup_ratio=args.warmup, clip_norm=args.clip,
+        loss=args.loss, seed=args.seed, checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    fp, q = _load_wq(args, need_fp=True)
+    out = Path(args.out)
+    prefix = restore_prefix(_prefix_dir(args.prefix), fp) if args.prefix else make_prefix(fp, args.pivot)
+    ids = tokenize(fp.tokenizer, load_text(args.data))
+    # Text-only windows: the prefix precedes them, so a window holds seqlen - P tokens.
+    windows = calibration_windows(ids, cfg.samples, cfg.seqlen - prefix.length, cfg.seed, bos_id=None)
+    res = calibrate(
+        fp, q, prefix, windows, cfg, checkpoint_dir=out / "checkpoints", resume=args.resume,
+        progress=not args.no_progress, mesh=args.device_mesh, kv=_kv_config(args, q),
+    )  # fmt: skip
+    report = {
+        "out": str(out),
+        "pivot_tokens": list(prefix.tokens),
+        "steps": len(res.losses),
+        "initial_loss": res.initial_loss,
+        "final_loss": float(np.mean(res.losses[-cfg.steps_per_epoch :])) if res.losses else None,
+        "seconds": res.seconds,
+        "tokens_per_second": res.tokens_per_second,
+        "calibration": dataclasses.asdict(cfg),
+    }
+    save_prefix(out / "prefix", res.prefix, q, extra={"calibration": report})
+    from jaxkv import distributed
+
+    if distributed.is_main():
+        (out / "calibration.json").write_text(json.dumps({**report, "losses": res.losses}, indent=1))
+        _plot_losses(res.losses, res.initial_loss, out / "loss.png")
+    print(json.dumps(report) if args.json else f"calibrated prefix saved to {out / 'prefix'}")
+    return 0
+
+
+def _plot_losses(losses, initial, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, label="step loss")
+    ax.axhline(initial, color="gray", ls="--", label="initial (exact FP prefix)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("block-output MSE / 2, summed")
+    ax.set_title("IntactKV prefix calibration")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _add_prefix_commands(sub) -> None:
+    p = sub.add_parser("prefix", help="build an IntactKV prefix from the full-precision model and save it")
+    _add_model_args(p)
+    p.add_argument("--pivot", default="bos", help="bos, system, a string, or comma-separated token ids")
+    p.add_argument("--pivot-ids", action="store_true", help="read --pivot as comma-separated token ids")
+    p.add_argument("--out", required=True, help="output directory (Orbax arrays + prefix.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_prefix)
+
+    from jaxkv.calibrate import CalibConfig
+
+    d = CalibConfig()
+    p = sub.add_parser(
+        "calibrate",
+        help="calibrate an IntactKV prefix for a quantized model (MSE to the full-precision model)",
+    )
+    _add_model_args(p)
+    p.add_argument("--pivot", default="bos", help="bos, system or a string (ignored with --prefix)")
+    p.add_argument("--prefix", default=None, help="start from this saved prefix instead of --pivot")
+    p.add_argument("--data", default="sotu-calib", help="calibration text (as eval ppl --data)")
+    p.add_argument("--samples", type=int, default=d.samples, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=d.seqlen, help="tokens per window, prefix included")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per optimiser step")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="windows per forward/backward")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=float, default=d.warmup_ratio, help="warmup fraction of all steps")
+    p.add_argument("--clip", type=float, default=d.clip_norm, help="gradient global-norm clip")
+    p.add_argument("--loss", default=d.loss, choices=("all", "last"), help="blocks in the loss")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps")
+    p.add_argument("--out", required=True, help="output directory: prefix/, checkpoints/, loss.png")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    _add_wq_args(p, default_bits=4)
+    _add_kv_args(p)
+    _add_scale_args(p)
+    p.set_defaults(func=cmd_calibrate)
+
+
 def cmd_fetch(args) -> int:
     from jaxkv.fetch import fetch
 
@@ -224,7 +383,9 @@ def cmd_fetch(args) -> int:
 def cmd_generate(args) -> int:
     from jaxkv.generate import generate_iter
 
-    model = _load(args)
+    fp, model = _load_wq(args, need_fp=args.intactkv != "none" and not args.prefix)
+    prefix = _prefix_for(args, fp, model)
+    del fp
     tokenizer = model.tokenizer
     t0 = time.perf_counter()
     t_first = None
@@ -234,7 +395,7 @@ def cmd_generate(args) -> int:
     kv = _kv_config(args, model)
     for piece, _ in generate_iter(
         model,
-        None,
+        prefix,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -284,7 +445,9 @@ def cmd_eval_ppl(args) -> int:
     from jaxkv.corpus import load_text
     from jaxkv.evaluate import make_windows, perplexity
 
-    model = _load_wq(args)
+    fp, model = _load_wq(args, need_fp=args.intactkv != "none" and not args.prefix)
+    prefix = _prefix_for(args, fp, model)
+    del fp
     text = load_text(args.data)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     bos = model.cfg.bos_token_id
@@ -294,13 +457,26 @@ def cmd_eval_ppl(args) -> int:
         raise JaxkvError(f"{args.model} has no BOS token; the perplexity protocol needs one")
     windows = make_windows(ids, bos, args.seqlen, args.windows)
     kv = _kv_config(args, model)
-    forward_fn = None
-    if kv is not None or args.kv_pivot:
+    forward_fn, params = None, model.params
+    if prefix is not None:
+        from jaxkv.model import KVForward
+        from jaxkv.prefix import check_pivot
+
+        if prefix.length != 1 or args.kv_pivot > 1:
+            from jaxkv.errors import JaxkvError
+
+            raise JaxkvError(
+                "perplexity windows start with [BOS] only, so they take a one-token (bos) prefix; "
+                f"this prefix has pivot tokens {list(prefix.tokens)}"
+            )
+        check_pivot(windows, prefix)
+        forward_fn, params = KVForward(model.cfg, kv, intact=True), (model.params, prefix.k, prefix.v)
+    elif kv is not None or args.kv_pivot:
         from jaxkv.model import KVForward
 
         forward_fn = KVForward(model.cfg, kv, args.kv_pivot)
     res = perplexity(
-        model.params,
+        params,
         model.cfg,
         windows,
         batch_size=args.batch_size,
@@ -321,6 +497,7 @@ def cmd_eval_ppl(args) -> int:
     from jaxkv.kvcache import kv_report
 
     out.update(kv_report(model.cfg, kv), kv_pivot=args.kv_pivot)
+    out.update(intactkv=args.intactkv if prefix is None or not args.prefix else "prefix", prefix=args.prefix)
     out.update(_wq_report(args, model))
     if args.json:
         print(json.dumps(out))
@@ -350,7 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + new tokens)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (GPTQ/AWQ calibration)")
     _add_kv_args(p)
+    _add_wq_args(p)
+    _add_intactkv_args(p)
     _add_scale_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -366,10 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     _add_kv_args(p, pivot=True)
     _add_wq_args(p)
+    _add_intactkv_args(p, pivots=("none", "bos"))
     _add_scale_args(p)
     p.set_defaults(func=cmd_eval_ppl)
 
     _add_quantize_command(sub)
+    _add_prefix_commands(sub)
+    from jaxkv.analyze import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 

@@ -153,3 +153,29 @@ def hf_gguf_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_model_factory, tmp_path_factory):
+    """A tiny Llama-3-style HF directory with a word-level tokenizer and a text file, for CLI tests."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    dest = tmp_path_factory.mktemp("cli_model") / "model"
+    shutil.copytree(tiny_model_factory("llama_gqa_tied_llama3").path, dest)
+    vocab = {
+        "<unk>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{w: i + 3 for i, w in enumerate(["the", "of", "and", "to", "a", "in", "we", "our"])},
+    }
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(dest)
+    text = dest / "text.txt"
+    text.write_text(" ".join(["we the of and our in a to"[i % 20 :] for i in range(200)]))
+    return dest

@@ -1,34 +1,8 @@
 """CLI: ``jaxkv quantize`` then ``jaxkv eval ppl --quantized`` equals on-the-fly ``--wbits``; JSON bytes."""
 
 import json
-import shutil
-
-import pytest
 
 from jaxkv.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_model_factory, tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    dest = tmp_path_factory.mktemp("cli_model") / "model"
-    shutil.copytree(tiny_model_factory("llama_gqa_tied_llama3").path, dest)
-    vocab = {
-        "<unk>": 0,
-        "<s>": 1,
-        "</s>": 2,
-        **{w: i + 3 for i, w in enumerate(["the", "of", "and", "to", "a", "in", "we", "our"])},
-    }
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(dest)
-    text = dest / "text.txt"
-    text.write_text(" ".join(["we the of and our in a to"[i % 20 :] for i in range(200)]))
-    return dest
 
 
 def run_json(capsys, argv):
