@@ -270,3 +270,30 @@ def from_gguf_metadata(meta: dict[str, Any], source: str = "gguf") -> ModelConfi
         eos_token_ids=() if eos is None else (int(eos),),
         model_type=arch,
     )
+
+
+# Architecture shapes of well-known checkpoints, for benchmarks and throughput runs with random
+# weights (``jaxkv.params.init_params``); real runs load the config from the checkpoint instead.
+SHAPES: dict[str, ModelConfig] = {
+    "llama2-7b": ModelConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+        num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096,
+    ),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_ids=(128001, 128009),
+    ),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,),
+    ),
+}  # fmt: skip
+
+
+def shape_config(name: str) -> ModelConfig:
+    """The :data:`SHAPES` entry ``name``, or an error listing the known shapes."""
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; known shapes: {', '.join(sorted(SHAPES))}")
+    return SHAPES[name]

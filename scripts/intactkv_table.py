@@ -36,15 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROWS = {  # name: (weight bits or None, method, (kbits, vbits) or None)
+ROWS = {  # name: (weight bits or None, method, (kbits, vbits) or None); cheapest first
     "w3-rtn": (3, "rtn", None),
-    "w3-gptq": (3, "gptq", None),
-    "w3-awq": (3, "awq", None),
     "w4-rtn": (4, "rtn", None),
-    "w4-gptq": (4, "gptq", None),
-    "w4-awq": (4, "awq", None),
     "k4v4": (None, None, (4, 4)),
     "k4v2": (None, None, (4, 2)),
+    "w3-gptq": (3, "gptq", None),
+    "w3-awq": (3, "awq", None),
+    "w4-gptq": (4, "gptq", None),
+    "w4-awq": (4, "awq", None),
 }
 CHAT_PROMPTS = [
     "What is the State of the Union address?",
