@@ -152,9 +152,11 @@ def test_qarray_is_a_pytree_with_static_metadata_and_scan_slices_it():
     def body(h, wl):
         return h, qa.matmul(h, wl)
 
-    _, ys = jax.lax.scan(body, x, q)
-    for l in range(3):
-        np.testing.assert_allclose(ys[l], x @ qa.dequantize(q[l]), rtol=1e-5, atol=1e-5)
+    # Full float32 matmuls: on GPU, XLA's default precision (TF32) would make both sides inexact.
+    with jax.default_matmul_precision("highest"):
+        _, ys = jax.lax.scan(body, x, q)
+        for l in range(3):
+            np.testing.assert_allclose(ys[l], x @ qa.dequantize(q[l]), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         q[0, 1]
 
