@@ -508,6 +508,14 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from jaxkv import bench
+
+    results = bench.run(args)
+    print(bench.markdown(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxkv", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -549,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_intactkv_args(p, pivots=("none", "bos"))
     _add_scale_args(p)
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser(
+        "bench", help="decode/prefill speed of a shape preset with random weights, beside peers (GPU)"
+    )
+    from jaxkv import bench
+
+    bench.add_args(p)
+    p.set_defaults(func=cmd_bench)
 
     _add_quantize_command(sub)
     _add_prefix_commands(sub)

@@ -33,6 +33,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 
 import flax.struct
 import jax
@@ -303,11 +304,44 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     return w.reshape(*lead, I, O).astype(dtype)
 
 
-def matmul(x: jax.Array, w: QArray) -> jax.Array:
-    """``x [..., I] @ w [I, O]`` for a 2-D QArray, dequantizing on the fly; returns ``x.dtype``.
+@flax.struct.dataclass
+class LayerOf:
+    """Layer ``index`` (traced) of a stacked weight ``[L, ...]``, not yet sliced.
 
-    Two evaluation orders, chosen statically by size, both without a lasting float copy of ``w``:
-    * few rows (decode): the per-group product with scales applied after it,
+    The layer loop hands these to :func:`einsum` so that the GPU kernel can read the layer's bytes
+    in place; slicing first would make XLA copy the slice before a custom call.
+    """
+
+    stacked: object  # QArray or jax.Array [L, ...]
+    index: jax.Array
+
+    def get(self):
+        return self.stacked[self.index]
+
+
+def _use_kernel(x: jax.Array, w: QArray) -> bool:
+    """Whether the Pallas decode kernel (``jaxkv.kernels.qmatmul``) computes ``x @ w``.
+
+    On a GPU, for a few rows of a 16-bit ``x``, outside a device mesh (the kernel is not partitioned);
+    ``JAXKV_QMATMUL=xla`` forces the portable path (benchmarks compare the two).
+    """
+    from jaxkv.kernels import qmatmul as qk
+
+    if os.environ.get("JAXKV_QMATMUL", "auto") == "xla" or jax.default_backend() != "gpu":
+        return False
+    if x.dtype not in (jnp.bfloat16, jnp.float16) or not jax.sharding.get_abstract_mesh().empty:
+        return False
+    I, O = w.shape[-2:]
+    return qk.supported(int(np.prod(x.shape[:-1])), I, O, w.bits, w.group)
+
+
+def matmul(x: jax.Array, w) -> jax.Array:
+    """``x [..., I] @ w [I, O]`` for a 2-D QArray (or a :class:`LayerOf` one), dequantizing on the fly;
+    returns ``x.dtype``.
+
+    Evaluation orders, chosen statically, none with a lasting float copy of ``w``:
+    * GPU, few rows (decode): the Pallas kernel of ``jaxkv.kernels.qmatmul`` over the packed bytes.
+    * few rows elsewhere: the per-group product with scales applied after it,
       ``y = sum_g scale[g] * (x_g @ q_g - sum(x_g) * zero[g])``, so ``(q - zero) * scale`` is never
       formed; the integer codes enter the dot product exactly (as x.dtype; codes < 256 are exact in
       bf16) with float32 accumulation.
@@ -315,14 +349,30 @@ def matmul(x: jax.Array, w: QArray) -> jax.Array:
       computation and use one matmul; the temporary lives for one layer of the scan and is cheaper
       than ``rows * I/group * O`` partial sums.
     """
-    if w.ndim != 2:
+    q = w.stacked if isinstance(w, LayerOf) else w
+    if q.ndim != (3 if isinstance(w, LayerOf) else 2):
         raise ValueError(f"matmul needs a 2-D QArray (slice the stacked axis first), got shape {w.shape}")
-    I, O = w.shape
+    I, O = q.shape[-2:]
+    if _use_kernel(x, q):
+        from jaxkv.kernels import qmatmul as qk
+
+        if isinstance(w, LayerOf):
+            stacked, index = q, w.index
+        else:
+            stacked, index = jax.tree.map(lambda a: a[None], q), jnp.int32(0)
+        x2 = x.reshape(-1, I)
+        zero = qk.zero_points(stacked)
+        y = qk.qmatmul(x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group)
+        return y.reshape(*x.shape[:-1], O)
+    if isinstance(w, LayerOf):
+        w = w.get()
     ng = I // w.group
     rows = int(np.prod(x.shape[:-1]))
     if rows * ng <= I:
-        codes = codes_of(w).astype(x.dtype).reshape(ng, w.group, O)
-        xg = x.reshape(*x.shape[:-1], ng, w.group)
+        # XLA's CPU dot has no bf16 x bf16 -> f32 kernel: there the product runs in float32.
+        dt = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+        codes = codes_of(w).astype(dt).reshape(ng, w.group, O)
+        xg = x.astype(dt).reshape(*x.shape[:-1], ng, w.group)
         acc = jnp.einsum("...gi,gio->...go", xg, codes, preferred_element_type=jnp.float32)
         xsum = jnp.sum(xg.astype(jnp.float32), axis=-1)[..., None]
         scale = w.scale.astype(jnp.float32)
@@ -332,15 +382,21 @@ def matmul(x: jax.Array, w: QArray) -> jax.Array:
 
 
 def einsum(eqn: str, x: jax.Array, w) -> jax.Array:
-    """``jnp.einsum(eqn, x, w)`` where ``w`` may be a QArray.
+    """``jnp.einsum(eqn, x, w)`` where ``w`` may be a QArray or a :class:`LayerOf` view.
 
     ``"...i,io->...o"`` with a 2-D QArray takes :func:`matmul`; any other equation dequantizes ``w``
     to ``x.dtype`` inside the computation first.
     """
+    if isinstance(w, LayerOf) and not (
+        isinstance(w.stacked, QArray) and eqn.replace(" ", "") == "...i,io->...o"
+    ):
+        w = w.get()
+    if isinstance(w, LayerOf) or (
+        isinstance(w, QArray) and eqn.replace(" ", "") == "...i,io->...o" and w.ndim == 2
+    ):
+        return matmul(x, w)
     if not isinstance(w, QArray):
         return jnp.einsum(eqn, x, w.astype(x.dtype))
-    if eqn.replace(" ", "") == "...i,io->...o" and w.ndim == 2:
-        return matmul(x, w)
     return jnp.einsum(eqn, x, dequantize(w, x.dtype))
 
 

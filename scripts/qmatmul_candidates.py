@@ -1,0 +1,234 @@
+"""Candidates for the decode-time weight-only int4/int8 matmul, timed on one GPU side by side.
+
+For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up fused) and rows M:
+
+* ``bf16``          x @ w, eight separate bf16 weights (the baseline: what bf16 decode reads)
+* ``bf16-stacked``  x @ w[i] with w stacked [8, I, O] and i traced (what a scan over layers does)
+* ``xla-pergroup``  jaxkv's portable path: per-group product, scales after (``JAXKV_QMATMUL=xla``)
+* ``xla-dequant``   dequantize to bf16, then one matmul
+* ``xla-*-subchannel``  the two XLA paths with ``--xla_gpu_experimental_enable_subchannel_dequantisation_fusion``
+* ``pallas``        ``jaxkv.kernels.qmatmul`` reading layer i of a stacked [8, ...] QArray in place,
+                    swept over tiles (block_n, split_k, warps, stages); the best tile is reported
+
+Eight weight copies rotate so the 50 MB L2 cannot hold them; each timing is the median of repeats
+of a jitted loop over all eight, after a warm-up. GB/s = weight bytes read (codes + scales + zeros
+for quantized) / time. Each kernel's output is checked against the dequantized bf16 product
+(relative Frobenius error). Writes ``OUT.json`` and ``OUT.md``.
+
+    python scripts/qmatmul_candidates.py --out results/qmatmul_h100          # GPU, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
+    "llama3-8b": [(4096, 6144), (4096, 28672), (14336, 4096)],
+}
+COPIES = 8
+
+
+def _time(f, *args, repeats=5) -> float:
+    import jax
+
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only: bool) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.kernels import qmatmul as qk
+    from jaxkv.quant.qarray import QArray, dequantize, matmul, pack
+
+    key = jax.random.key(I * 7 + O)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    x = jax.random.normal(k1, (M, I), jnp.bfloat16)
+    codes = jax.random.randint(k2, (COPIES, I, O), 0, 2**bits, jnp.int32)
+    scale = (jax.random.uniform(k3, (COPIES, I // group, O), jnp.float32, 0.5, 1.5) * 0.02).astype(
+        jnp.float16
+    )
+    zero = jax.random.randint(k4, (COPIES, I // group, O), 0, 2**bits, jnp.int32).astype(jnp.uint8)
+    stacked = QArray(pack(codes, bits), scale, zero, bits=bits, group=group, dtype=np.dtype(jnp.bfloat16))
+    del codes
+    qbytes = stacked.nbytes_storage() / COPIES
+    singles = [stacked[i] for i in range(COPIES)]
+    ref = jnp.einsum("mi,io->mo", x.astype(jnp.float32), dequantize(singles[0], jnp.float32))
+    rows = []
+
+    def record(name, t, nbytes, out=None, **extra):
+        err = None
+        if out is not None:
+            err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        rows.append(
+            {
+                "I": I,
+                "O": O,
+                "M": M,
+                "bits": bits,
+                "group": group,
+                "candidate": name,
+                "us": t * 1e6,
+                "gbps": nbytes / t / 1e9,
+                "rel_err": err,
+                **extra,
+            }  # fmt: skip
+        )
+
+    def over_singles(fn, ws):
+        @jax.jit
+        def f(x, ws):
+            return sum(fn(x, w).astype(jnp.float32) for w in ws)
+
+        return f
+
+    if not xla_only:
+        wb = [dequantize(w, jnp.bfloat16) for w in singles]
+        f = over_singles(lambda x, w: x @ w, wb)
+        record("bf16", _time(f, x, wb) / COPIES, I * O * 2)
+        wst = jnp.stack(wb)
+        del wb
+
+        @jax.jit
+        def g(x, wst):
+            return jax.lax.fori_loop(
+                0, COPIES, lambda i, acc: acc + (x @ wst[i]).astype(jnp.float32), jnp.zeros((M, O))
+            )
+
+        record("bf16-stacked", _time(g, x, wst) / COPIES, I * O * 2)
+        del wst
+
+    sub = "-subchannel" if "subchannel" in os.environ.get("XLA_FLAGS", "") else ""
+    os.environ["JAXKV_QMATMUL"] = "xla"
+    f = over_singles(matmul, singles)
+    record("xla-pergroup" + sub, _time(f, x, singles) / COPIES, qbytes, matmul(x, singles[0]))
+    f = over_singles(lambda x, w: x @ dequantize(w, jnp.bfloat16), singles)
+    record(
+        "xla-dequant" + sub, _time(f, x, singles) / COPIES, qbytes, x @ dequantize(singles[0], jnp.bfloat16)
+    )
+    if xla_only:
+        return rows
+
+    zeros = qk.zero_points(stacked)
+
+    def kernel_time(cfg):
+        @jax.jit
+        def h(x, packed, scale, zero):
+            def body(i, acc):
+                y = qk.qmatmul(x, packed, scale, zero, i, bits=bits, group=group, config=cfg)
+                return acc + y.astype(jnp.float32)
+
+            return jax.lax.fori_loop(0, COPIES, body, jnp.zeros((M, O)))
+
+        t = _time(h, x, stacked.packed, stacked.scale, zeros) / COPIES
+        out = qk.qmatmul(
+            x, stacked.packed, stacked.scale, zeros, jnp.int32(0), bits=bits, group=group, config=cfg
+        )
+        return t, out
+
+    default = qk.default_config(I, O, group)
+    t, out = kernel_time(default)
+    record("pallas-default", t, qbytes, out, config=str(default))
+    if sweep:
+        best = None
+
+        def attempt(cfg):
+            nonlocal best
+            try:
+                t, out = kernel_time(cfg)
+            except Exception as e:  # a tile Triton cannot compile: skip it, say so
+                print(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+                return
+            if best is None or t < best[0]:
+                best = (t, cfg, out)
+
+        # Tiles first (4 warps, 4 stages), then warps and pipeline depth around the best tile.
+        for bn, sk in itertools.product((64, 128, 256), (1, 2, 4, 8)):
+            if O % bn == 0 and (I // group) % sk == 0:
+                attempt(qk.KernelConfig(bn, sk, 4, 4))
+        if best:
+            for nw, ns in ((8, 4), (4, 3), (4, 6)):
+                attempt(qk.KernelConfig(best[1].block_n, best[1].split_k, nw, ns))
+        if best:
+            record("pallas-best", best[0], qbytes, best[2], config=str(best[1]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| I x O | M | bits | candidate | us | GB/s | rel err | tile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+        lines.append(
+            f"| {r['I']}x{r['O']} | {r['M']} | {r['bits']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} | "
+            f"{err} | {r.get('config', '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b")
+    p.add_argument("--rows", default="1,8,32")
+    p.add_argument("--bits", default="4,8")
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--sweep-rows", default="1", help="rows at which the tile sweep runs")
+    p.add_argument("--xla-only", action="store_true", help="(internal) only the XLA candidates, as JSON")
+    p.add_argument("--out", default="results/qmatmul")
+    args = p.parse_args(argv)
+    shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
+    rows_list = [int(m) for m in args.rows.split(",")]
+    bits_list = [int(b) for b in args.bits.split(",")]
+    sweep_rows = {int(m) for m in args.sweep_rows.split(",") if m}
+    if args.xla_only:
+        rows = []
+        for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
+            rows += measure(I, O, M, b, args.group, False, True)
+        print(json.dumps(rows))
+        return 0
+
+    rows = []
+    for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
+        rows += measure(
+            I, O, M, b, args.group, M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"], False
+        )
+        print(markdown(rows[-4:]), flush=True)
+    flags = "--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true"
+    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--xla-only", "--shapes", args.shapes, "--rows", args.rows, "--bits", args.bits,
+         "--group", str(args.group)], capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    if proc.returncode == 0:
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        print("subchannel run failed:", proc.stderr[-2000:], file=sys.stderr)
+    rows.sort(key=lambda r: (r["I"], r["O"], r["M"], r["bits"]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows))
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The decode kernels against float64 numpy (Pallas interpret mode on CPU; compiled on a GPU), the
+fused projections against the unfused model, and the bench's case runner."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.config import ModelConfig
+from jaxkv.kernels import qmatmul as qk
+from jaxkv.model import forward, fuse_projections
+from jaxkv.params import init_params
+from jaxkv.quant.qarray import QArray, pack, quantize_tensor
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _random_q(rng, L, I, O, bits, group, sym=False):
+    codes = rng.integers(0, 2**bits, (L, I, O)).astype(np.uint8)
+    scale = (rng.random((L, I // group, O)) * 0.02 + 0.001).astype(np.float16)
+    zero = None if sym else rng.integers(0, 2**bits, (L, I // group, O)).astype(np.uint8)
+    q = QArray(pack(jnp.asarray(codes), bits), jnp.asarray(scale), None if zero is None else jnp.asarray(zero),
+               bits=bits, group=group, dtype=np.dtype(jnp.bfloat16))  # fmt: skip
+    z = np.full(scale.shape, 2 ** (bits - 1), np.uint8) if sym else zero
+    return q, codes, scale, z
+
+
+@pytest.mark.parametrize(
+    "bits,M,group,config,sym",
+    [
+        (4, 1, 64, qk.KernelConfig(64, 2, 4, 2), False),
+        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2), True),
+        (8, 3, 64, qk.KernelConfig(64, 1, 4, 2), False),
+        (4, 17, 128, None, False),  # default tile, rows padded to 32
+    ],
+)
+def test_qmatmul_matches_float64(bits, M, group, config, sym):
+    rng = np.random.default_rng(bits * 100 + M)
+    L, I, O = 3, 256, 256
+    q, codes, scale, zero = _random_q(rng, L, I, O, bits, group, sym)
+    x = jnp.asarray(rng.standard_normal((M, I)), jnp.bfloat16)
+    y = qk.qmatmul(
+        x, q.packed, q.scale, qk.zero_points(q), jnp.int32(2), bits=bits, group=group, config=config,
+        interpret=not ON_GPU,
+    )  # fmt: skip
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[2], scale[2], zero[2], group)
+    assert y.shape == (M, O) and y.dtype == jnp.bfloat16
+    err = np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+    assert err < 4e-3  # the bf16 rounding of the output (2^-9 relative), nothing more
+    # the layer index matters: another layer gives another product
+    other = qk.reference(np.asarray(x.astype(jnp.float32)), codes[1], scale[1], zero[1], group)
+    assert np.linalg.norm(np.asarray(y, np.float64) - other) / np.linalg.norm(other) > 0.1
+
+
+def test_qmatmul_rejects_tile_that_does_not_divide():
+    rng = np.random.default_rng(0)
+    q, *_ = _random_q(rng, 1, 128, 128, 4, 64)
+    with pytest.raises(ValueError, match="does not divide"):
+        qk.qmatmul(
+            jnp.ones((1, 128), jnp.bfloat16), q.packed, q.scale, q.zero, jnp.int32(0), bits=4, group=64,
+            config=qk.KernelConfig(256, 1), interpret=True,
+        )  # fmt: skip
+
+
+def _tiny_cfg():
+    return ModelConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, max_position_embeddings=128,
+    )  # fmt: skip
+
+
+def test_fused_projections_equal_separate():
+    cfg = _tiny_cfg()
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    ref, _ = forward(params, tokens, pos, None, cfg)
+    fused = fuse_projections(params)
+    assert "wqkv" in fused["layers"] and "wq" not in fused["layers"] and "w_gate_up" in fused["layers"]
+    assert fused["layers"]["wqkv"].shape == (2, 64, 64 + 2 * 32)
+    out, _ = forward(fused, tokens, pos, None, cfg)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # QArrays fuse along the output axis too: same logits as the separate quantized matrices
+    layers = {
+        k: (quantize_tensor(v, 4, 32) if k in ("wq", "wk", "wv", "w_gate", "w_up") else v)
+        for k, v in params["layers"].items()
+    }
+    qparams = {**params, "layers": layers}
+    qref, _ = forward(qparams, tokens, pos, None, cfg)
+    qfused = fuse_projections(qparams)
+    assert isinstance(qfused["layers"]["wqkv"], QArray) and qfused["layers"]["wqkv"].shape == (2, 64, 128)
+    qout, _ = forward(qfused, tokens, pos, None, cfg)
+    np.testing.assert_allclose(np.asarray(qout), np.asarray(qref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled kernel runs on a GPU only")
+def test_decode_with_kernel_matches_xla_path(monkeypatch):
+    """Greedy decode logits of an int4 model: the Pallas kernel path against the portable XLA one."""
+    from jaxkv.kvcache import init_cache
+
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=64, max_position_embeddings=256,
+    )  # fmt: skip
+    params = init_params(cfg, jax.random.key(1), jnp.bfloat16)
+    layers = {k: (quantize_tensor(v, 4, 64) if v.ndim == 3 else v) for k, v in params["layers"].items()}
+    params = fuse_projections({**params, "layers": layers})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+
+    def run():
+        cache = init_cache(cfg, 2, 16, jnp.bfloat16)
+        _, cache = jax.jit(forward, static_argnames="cfg")(params, tokens[:, :11], pos[:, :11], cache, cfg)
+        logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 11:], pos[:, 11:], cache, cfg)
+        return np.asarray(logits, np.float64)
+
+    monkeypatch.setenv("JAXKV_QMATMUL", "auto")
+    fast = run()
+    jax.clear_caches()
+    monkeypatch.setenv("JAXKV_QMATMUL", "xla")
+    slow = run()
+    assert np.linalg.norm(fast - slow) / np.linalg.norm(slow) < 2e-2
+
+
+def test_bench_case_runs_and_reports(monkeypatch):
+    from jaxkv import bench
+
+    monkeypatch.setenv("JAXKV_QMATMUL", os.environ.get("JAXKV_QMATMUL", "auto"))
+    case = bench.Case(
+        "smollm2-135m", weights="int4", batch=2, prompt=16, new_tokens=4, kv="K4V2", group=64, repeats=1
+    )
+    r = bench.run_case(case)
+    assert r["ms_per_token"] > 0 and r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    # bytes a step reads: the int4 linears (~0.27x of their fp16 bytes) + embeddings/norms + KV
+    assert 20e6 < r["step_bytes"] < 200e6
+    text = bench.markdown(
+        {"shape": "smollm2-135m", "copy_gbps": 10.0, "new_tokens": 4, "cases": [r], "peers": []}
+    )
+    assert "int4 b2 p16 kv=K4V2" in text
+    assert bench.parse_kv("bf16") is None and bench.parse_kv("K4V2-g64").group == 64
+    with pytest.raises(Exception, match="bad KV spec"):
+        bench.parse_kv("4/2")
