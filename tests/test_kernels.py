@@ -10,7 +10,7 @@ import pytest
 
 from jaxkv.config import ModelConfig
 from jaxkv.kernels import qmatmul as qk
-from jaxkv.model import forward, fuse_projections
+from jaxkv.model import decode_layout, forward, fuse_projections
 from jaxkv.params import init_params
 from jaxkv.quant.qarray import QArray, pack, quantize_tensor
 
@@ -34,6 +34,7 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 5, 32, qk.KernelConfig(128, 4, 4, 2), True),
         (8, 3, 64, qk.KernelConfig(64, 1, 4, 2), False),
         (4, 17, 128, None, False),  # default tile, rows padded to 32
+        (4, 2, 32, qk.KernelConfig(64, 3, 4, 2), False),  # 8 groups over 3 splits: the last is short
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):
@@ -142,3 +143,30 @@ def test_bench_case_runs_and_reports(monkeypatch):
     assert bench.parse_kv("bf16") is None and bench.parse_kv("K4V2-g64").group == 64
     with pytest.raises(Exception, match="bad KV spec"):
         bench.parse_kv("4/2")
+
+
+@pytest.mark.parametrize("kv", [None, "K4V2-g16"])
+def test_decode_layout_generates_the_same_tokens(kv):
+    """Unstacked, fused layers (a Python loop over layers, caches updated in place) decode exactly
+    like the stacked scan: same greedy tokens, logits equal to float rounding."""
+    from jaxkv.bench import parse_kv
+    from jaxkv.generate import generate
+
+    class M:
+        pass
+
+    cfg = _tiny_cfg()
+    params = init_params(cfg, jax.random.key(3), jnp.float32)
+    layers = {
+        k: (quantize_tensor(v, 4, 32) if k in ("wq", "wo", "w_up") else v)
+        for k, v in params["layers"].items()
+    }
+    a, b = M(), M()
+    a.cfg = b.cfg = cfg
+    a.params = {**params, "layers": layers}
+    b.params = decode_layout(a.params)
+    assert isinstance(b.params["layers"], tuple) and len(b.params["layers"]) == cfg.num_layers
+    prompts = [[1, 5, 9, 2, 7], [3, 4]]
+    kw = dict(max_new_tokens=12, kv=parse_kv(kv) if kv else None, stop_at_eos=False)
+    ra, rb = generate(a, None, prompts, **kw), generate(b, None, prompts, **kw)
+    assert ra.tokens == rb.tokens and len(ra.tokens[0]) == 12

@@ -16,10 +16,12 @@ Conventions
   The codes enter the tensor-core product exactly (integers < 256 are exact in bf16/f16) with
   float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight, so the
   kernel does a shift, a mask and a convert per weight and a few operations per group.
-* Rows are padded to 16 (the smallest tensor-core tile); the input is split into even and odd rows
-  for 4-bit codes so each nibble plane multiplies its own rows. ``split_k`` programs share the input
-  dimension of one column block and write float32 partial sums that XLA adds (a small [split_k, 16,
-  O] array next to the weight's I*O/2 bytes).
+* Rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
+  and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
+  programs share the input dimension of one column block and write float32 partial sums that XLA
+  adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
+  writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
+  so the wrapper keeps them to a pad and (with splits) one reduction.
 * GPU only (Triton lowering); :func:`supported` says when the kernel applies, and
   ``jaxkv.quant.qarray.einsum`` keeps the portable XLA path everywhere else (CPU, TPU, many rows).
   ``interpret=True`` runs the same kernel body on any backend (tests).
@@ -50,11 +52,12 @@ class KernelConfig:
 
 
 def default_config(I: int, O: int, group: int) -> KernelConfig:
-    """A tile for ``[I, O]``: enough programs to cover an H100's 132 SMs about twice."""
-    block_n = 128 if O % 128 == 0 else 64
+    """A tile for ``[I, O]``: at least two programs per SM of an H100 (132 SMs), split along I when
+    the output columns alone do not give that many (measured: scripts/qmatmul_candidates.py)."""
+    block_n = 128 if O >= 16384 and O % 128 == 0 else 64
     groups = I // group
     split_k = 1
-    while O // block_n * split_k < 256 and groups % (split_k * 2) == 0 and split_k < 16:
+    while O // block_n * split_k < 264 and split_k < 8 and split_k * 2 <= groups:
         split_k *= 2
     return KernelConfig(block_n=block_n, split_k=split_k)
 
@@ -74,34 +77,37 @@ def _row_pad(m: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
-def _kernel(
-    layer_ref, xe_ref, xo_ref, xs_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups_per_prog, block_n
-):
+def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n):
     n, k = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
     cols = pl.ds(n * block_n, block_n)
-    rows_per_group = group // 2 if bits == 4 else group
-    cdt = xe_ref.dtype
+    Mp = x_ref.shape[0]
+    first = k * groups_per_prog
 
     def body(j, acc):
-        g = k * groups_per_prog + j
-        rows = pl.ds(g * rows_per_group, rows_per_group)
-        p = p_ref[layer, rows, cols]  # uint8 [rows_per_group, block_n]
-        xe = xe_ref[:, rows]
+        g = first + j
         if bits == 4:
-            lo = (p & 0xF).astype(jnp.float32).astype(cdt)
-            hi = (p >> 4).astype(jnp.float32).astype(cdt)
-            a = pltriton.dot(xe, lo) + pltriton.dot(xo_ref[:, rows], hi)
+            p = p_ref[layer, pl.ds(g * (group // 2), group // 2), cols]  # uint8 [group/2, block_n]
+            # even input rows meet the low nibbles, odd rows the high ones (strided loads, no copies)
+            xe = x_ref[:, pl.ds(g * group, group // 2, 2)]
+            xo = x_ref[:, pl.ds(g * group + 1, group // 2, 2)]
+            lo = (p & 0xF).astype(jnp.float32).astype(xe.dtype)
+            hi = (p >> 4).astype(jnp.float32).astype(xe.dtype)
+            a = pltriton.dot(xe, lo) + pltriton.dot(xo, hi)
+            xsum = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)
         else:
-            a = pltriton.dot(xe, p.astype(jnp.float32).astype(cdt))
+            p = p_ref[layer, pl.ds(g * group, group), cols]
+            xg = x_ref[:, pl.ds(g * group, group)]
+            a = pltriton.dot(xg, p.astype(jnp.float32).astype(xg.dtype))
+            xsum = jnp.sum(xg.astype(jnp.float32), axis=1)
         scale = s_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)
-        xsum = xs_ref[:, pl.ds(g, 1)]  # [Mp, 1] float32
-        return acc + (a - xsum * zero) * scale
+        return acc + (a - xsum[:, None] * zero) * scale
 
-    acc = jnp.zeros((xe_ref.shape[0], block_n), jnp.float32)
-    acc = jax.lax.fori_loop(0, groups_per_prog, body, acc)
-    o_ref[...] = acc
+    # The last split may hold fewer groups when split_k does not divide them.
+    steps = jnp.minimum(groups_per_prog, groups - first)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
@@ -126,30 +132,33 @@ def qmatmul(
     L, _, O = packed.shape
     cfg = config or default_config(I, O, group)
     groups = I // group
-    if groups % cfg.split_k or O % cfg.block_n:
+    if O % cfg.block_n or cfg.split_k > groups:
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
     Mp = _row_pad(M)
-    xp = jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
-    xs = jnp.sum(xp.astype(jnp.float32).reshape(Mp, groups, group), axis=-1)  # [Mp, groups]
-    if bits == 4:
-        xe, xo = xp[:, 0::2], xp[:, 1::2]
-    else:
-        xe, xo = xp, xp[:, :16]  # xo unused for 8 bits
+    xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
+    # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
+    out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     kernel = functools.partial(
-        _kernel, bits=bits, group=group, groups_per_prog=groups // cfg.split_k, block_n=cfg.block_n
+        _kernel,
+        bits=bits,
+        group=group,
+        groups=groups,
+        groups_per_prog=-(-groups // cfg.split_k),
+        block_n=cfg.block_n,
     )
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
         grid=(O // cfg.block_n, cfg.split_k),
-        in_specs=[full] * 7,
+        in_specs=[full] * 5,
         out_specs=pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n)),
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xe, xo, xs, packed, scale, zero)
-    return jnp.sum(out, axis=0)[:M].astype(x.dtype)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, packed, scale, zero)
+    y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
+    return y[:M].astype(x.dtype)
 
 
 def zero_points(w) -> jax.Array:
