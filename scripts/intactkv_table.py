@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _results import open_results
 
 ROWS = {  # name: (weight bits or None, method, (kbits, vbits) or None); cheapest first
     "w3-rtn": (3, "rtn", None),
@@ -130,26 +129,7 @@ def main(argv=None) -> int:
     from jaxkv.quant import QuantRecipe, calibration_tokens, quantize
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "no_progress", "rows")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    result = {
-        "settings": settings,
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-        "jax": jax.__version__,
-        "host": platform.node(),
-        "rows": [],
-        "chat": None,
-    }
-    if args.resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") == settings:
-            result.update(rows=old["rows"], chat=old.get("chat"), fp_ppl=old.get("fp_ppl"))
-
-    def save():
-        json_path.write_text(json.dumps(result, indent=2))
-        md_path.write_text(markdown(result))
-
+    result, save = open_results(args.out, settings, args.resume, markdown, rows=[], chat=None, fp_ppl=None)
     progress = not args.no_progress
     fp = load(args.model, dtype=jnp.float32)
     cfg = fp.cfg

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from _results import open_results
 
 
 def parse_args(argv=None):
@@ -120,24 +118,7 @@ def main(argv=None) -> int:
     )
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "no_progress")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "settings": settings,
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-        "jax": jax.__version__,
-        "host": platform.node(),
-        "rows": [],
-    }
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    if args.resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") == settings:
-            result["rows"] = old["rows"]
-
-    def save():
-        json_path.write_text(json.dumps(result, indent=2))
-        md_path.write_text(markdown(result))
+    result, save = open_results(args.out, settings, args.resume, markdown, rows=[])
 
     def done(method, bits):
         return any(r["method"] == method and r["bits"] == bits for r in result["rows"])
@@ -198,7 +179,7 @@ def main(argv=None) -> int:
             evaluate(qm, method, bits, time.perf_counter() - t0)
             del qm
     save()
-    print(md_path.read_text())
+    print(markdown(result))
     return 0
 
 

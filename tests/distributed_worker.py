@@ -1,16 +1,15 @@
 """One process of a multi-host run on localhost (CPU backend); run by ``tests/test_distributed.py``.
 
 ``python tests/distributed_worker.py --num-processes N --process-id I --port PORT --out DIR``: joins
-the JAX distributed runtime at 127.0.0.1:PORT (N > 1), builds the tiny model (every process builds
-the same one from the same seed), runs two IntactKV calibration steps with Orbax checkpoints, resumes
-from the checkpoint (a multi-host restore), evaluates perplexity with and without the calibrated
-prefix, generates, and writes ``DIR/result-I.json``. With N = 1 it runs the single-process, unsharded reference.
+the JAX distributed runtime at 127.0.0.1:PORT (N > 1), builds the tiny models of
+``tests/sharding_worker.py`` (every process builds the same ones from the same seed), runs two IntactKV
+calibration steps with Orbax checkpoints, resumes from the checkpoint (a multi-host restore), evaluates
+perplexity with and without the calibrated prefix, generates, and writes ``DIR/result-I.json``. With N = 1 it runs the single-process, unsharded reference.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,41 +32,19 @@ def main() -> None:
         args.distributed = "off"
     info = distributed.initialize_from_args(args)
 
-    import jax
     import numpy as np
+    from sharding_worker import CFG, make_models
 
     from jaxkv import sharding as sh
     from jaxkv.calibrate import CalibConfig, calibrate
     from jaxkv.checkpoint import restore_prefix, save_prefix
-    from jaxkv.config import ModelConfig
     from jaxkv.evaluate import make_windows, perplexity
     from jaxkv.generate import generate
     from jaxkv.model import KVForward
-    from jaxkv.params import init_params
-    from jaxkv.prefix import make_prefix, model_fingerprint
-    from jaxkv.quant import QuantRecipe, quantize_params
+    from jaxkv.prefix import make_prefix
 
-    cfg = ModelConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=8, bos_token_id=1, eos_token_ids=(2,),
-    )  # fmt: skip
-
-    @dataclasses.dataclass
-    class Model:
-        cfg: ModelConfig
-        params: dict
-        tokenizer: object = None
-        recipe: object = None
-        fingerprint: str | None = None
-
-    fp_params = jax.tree.map(lambda x: x * 5 if x.ndim == 3 else x, init_params(cfg, jax.random.key(0)))
-    fp = Model(cfg, fp_params)
-    q = Model(
-        cfg,
-        quantize_params(fp_params, cfg, QuantRecipe(bits=4, group=8, method="rtn")),
-        recipe={"bits": 4},
-        fingerprint=model_fingerprint(fp),
-    )
+    fp, q = make_models(CFG)
+    cfg = fp.cfg
     prefix = make_prefix(fp, [1])
     mesh = sh.make_mesh(args.mesh) if multi else None
     distributed.log(f"[process 0 of {info.num_processes}] mesh {sh.describe_mesh(mesh)}")
