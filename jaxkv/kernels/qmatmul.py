@@ -16,7 +16,8 @@ Conventions
   The codes enter the tensor-core product exactly (integers < 256 are exact in bf16/f16) with
   float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight, so the
   kernel does a shift, a mask and a convert per weight and a few operations per group.
-* Rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
+* One row of 4-bit codes (batch-1 decode) takes an FMA path (no tensor cores, no layout shuffle);
+  more rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
   and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
   programs share the input dimension of one column block and write float32 partial sums that XLA
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
@@ -73,7 +74,9 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
     )
 
 
-def _row_pad(m: int) -> int:
+def _row_pad(m: int, bits: int) -> int:
+    if m == 1 and bits == 4:
+        return 1  # the FMA path of _kernel
     return max(16, 1 << (m - 1).bit_length())
 
 
@@ -86,6 +89,19 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
 
     def body(j, acc):
         g = first + j
+        if bits == 4 and Mp == 1:
+            # One row (batch-1 decode): no tensor-core tile to fill, and feeding one the converted
+            # codes costs a layout shuffle through shared memory. Plain FMAs into a 2-D accumulator
+            # instead, reduced over the rows once after the loop; the weight is dequantized with
+            # one FMA (code * scale - zero * scale).
+            p = p_ref[layer, pl.ds(g * (group // 2), group // 2), cols]
+            xe = x_ref[pl.ds(0, 1), pl.ds(g * group, group // 2, 2)].astype(jnp.float32).T
+            xo = x_ref[pl.ds(0, 1), pl.ds(g * group + 1, group // 2, 2)].astype(jnp.float32).T
+            scale = s_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)
+            zs = z_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32) * scale
+            lo = (p & 0xF).astype(jnp.float32) * scale - zs
+            hi = (p >> 4).astype(jnp.float32) * scale - zs
+            return acc + lo * xe + hi * xo
         if bits == 4:
             p = p_ref[layer, pl.ds(g * (group // 2), group // 2), cols]  # uint8 [group/2, block_n]
             # even input rows meet the low nibbles, odd rows the high ones (strided loads, no copies)
@@ -106,7 +122,11 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
 
     # The last split may hold fewer groups when split_k does not divide them.
     steps = jnp.minimum(groups_per_prog, groups - first)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
+    if bits == 4 and Mp == 1:
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((group // 2, block_n), jnp.float32))
+        acc = jnp.sum(acc, axis=0, keepdims=True)
+    else:
+        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -134,7 +154,7 @@ def qmatmul(
     groups = I // group
     if O % cfg.block_n or cfg.split_k > groups:
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
-    Mp = _row_pad(M)
+    Mp = _row_pad(M, bits)
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
