@@ -109,23 +109,24 @@ def block_outputs(params, model_cfg, kv, windows, P):
     return outs.astype(jnp.float32)
 
 
-def quantized_kv_block_outputs(params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg):
+def quantized_kv_block_outputs(params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg, wkv=None):
     """As :func:`block_outputs`, with attention reading K/V quantized by ``kv_cfg`` (the pivot stays
     full precision): the window runs after the pivot tokens with ``pivot_kv`` replacing their K/V,
-    and the pivot positions' outputs are dropped."""
+    and the pivot positions' outputs are dropped. ``wkv``: the parameters of a ``wkvquant`` ``kv_cfg``."""
     B, T = windows.shape
     P = len(pivot_tokens)
     tokens = jnp.concatenate([jnp.broadcast_to(jnp.asarray(pivot_tokens, windows.dtype), (B, P)), windows], 1)
     positions = jnp.broadcast_to(jnp.arange(P + T, dtype=jnp.int32), (B, P + T))
     _, _, outs = decoder(
-        params, tokens, positions, None, model_cfg, collect=True, kv=kv_cfg, pivot_kv=pivot_kv
+        params, tokens, positions, None, model_cfg, collect=True, kv=kv_cfg, pivot_kv=pivot_kv, wkv=wkv
     )
     return outs[:, :, P:].astype(jnp.float32)
 
 
 def calibration_loss(
-    trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind: str, kv_cfg=None, pivot_tokens=()
-):
+    trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind: str, kv_cfg=None, pivot_tokens=(),
+    wkv=None,
+):  # fmt: skip
     """Sum over blocks (or the last) of half the mean squared difference of block outputs, teacher =
     the FP model after the FP prefix, student = ``q_params`` after the trainable prefix (its KV cache
     quantized by ``kv_cfg`` when given)."""
@@ -135,7 +136,9 @@ def calibration_loss(
     if kv_cfg is None:
         student = block_outputs(q_params, model_cfg, pivot_kv, windows, P)
     else:
-        student = quantized_kv_block_outputs(q_params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg)
+        student = quantized_kv_block_outputs(
+            q_params, model_cfg, pivot_kv, windows, pivot_tokens, kv_cfg, wkv
+        )
     per_block = jnp.mean(jnp.square(student - teacher), axis=(1, 2, 3)) / 2
     return per_block[-1] if loss_kind == "last" else jnp.sum(per_block)
 
@@ -157,13 +160,14 @@ def train_step(
     tx,
     kv_cfg=None,
     pivot_tokens=(),
+    wkv=None,
 ):
     """One optimiser step over batch [n_micro, micro_batch, T], gradients accumulated over micro batches."""
     grad_fn = jax.value_and_grad(calibration_loss)
 
     def micro(acc, windows):
         loss, g = grad_fn(
-            trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind, kv_cfg, pivot_tokens
+            trainable, fp_params, q_params, fp_kv, windows, model_cfg, loss_kind, kv_cfg, pivot_tokens, wkv
         )
         return jax.tree.map(jnp.add, acc, (loss, g)), None
 
@@ -196,6 +200,7 @@ def calibrate(
     stop_after: int | None = None,
     mesh: Mesh | None = None,
     kv: KVQuantConfig | None = None,
+    wkv: dict | None = None,
 ) -> CalibResult:
     """Calibrate ``prefix`` so that ``q_model`` with it matches ``fp_model`` on ``windows``.
 
@@ -211,10 +216,12 @@ def calibrate(
 
     ``kv`` (a :class:`jaxkv.kvcache.KVQuantConfig`) calibrates for a quantized KV cache: the student's
     attention reads the windows' K/V as that cache would (the prefix stays full precision), so the
-    prefix learns to serve a model whose weights and KV cache are both quantized.
+    prefix learns to serve a model whose weights and KV cache are both quantized. ``wkv``: the
+    learned parameters of a ``wkvquant`` ``kv`` (``jaxkv.wkvquant``), fixed here: the prefix is
+    calibrated after them, for the quantizer they define.
     """
     if kv is not None and kv.is_identity(fp_model.cfg.num_layers):
-        kv = None
+        kv = wkv = None
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[0] < cfg.samples:
         raise JaxkvError(
@@ -232,6 +239,8 @@ def calibrate(
         q_params = sharding.shard_params(q_params, model_cfg, mesh)
         kv_sh = sharding.kv_sharding(prefix.k.shape, model_cfg, mesh)
         fp_kv = sharding.place(fp_kv, (kv_sh, kv_sh))
+        if wkv is not None:
+            wkv = sharding.place(wkv, jax.tree.map(lambda _: sharding.replicated(mesh), wkv))
     trainable = {"k": jnp.array(fp_kv[0], copy=True), "v": jnp.array(fp_kv[1], copy=True)}
     opt_state = tx.init(trainable)
     if mesh is not None:
@@ -261,7 +270,8 @@ def calibrate(
     with sharding.activate(mesh):
         initial = float(
             _loss_jit(trainable if start_step == 0 else {"k": fp_kv[0], "v": fp_kv[1]},
-                      fp_params, q_params, fp_kv, first_batch, model_cfg, cfg.loss, kv, tuple(prefix.tokens))
+                      fp_params, q_params, fp_kv, first_batch, model_cfg, cfg.loss, kv, tuple(prefix.tokens),
+                      wkv)
         )  # fmt: skip
     progress = progress and jax.process_index() == 0  # multi-host: one bar, from process 0
     bar = tqdm(total=total, initial=start_step, desc="calibrate", unit="step", disable=not progress)
@@ -284,7 +294,7 @@ def calibrate(
             with sharding.activate(mesh):
                 trainable, opt_state, loss = train_step(
                     trainable, opt_state, fp_params, q_params, fp_kv, batch, model_cfg, cfg.loss, tx,
-                    kv, tuple(prefix.tokens),
+                    kv, tuple(prefix.tokens), wkv,
                 )  # fmt: skip
             losses.append(float(loss))
             steps_run += 1

@@ -65,7 +65,7 @@ def _start(args) -> None:
 # --- quantized KV cache flags (issue 4) ---------------------------------------------------------
 
 
-def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False) -> None:
+def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False, params: bool = True) -> None:
     g = p.add_argument_group("KV cache quantization (16 bits = off)")
     g.add_argument("--kbits", type=int, default=16, choices=(16, 8, 4, 3, 2), help="key bits")
     g.add_argument("--vbits", type=int, default=16, choices=(16, 8, 4, 3, 2), help="value bits")
@@ -74,7 +74,15 @@ def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False) -> None:
     )
     g.add_argument("--kv-residual", type=int, default=0, help="recent tokens kept at full precision")
     g.add_argument("--kv-mode", default="past-only", choices=("past-only", "all"))
-    g.add_argument("--kv-key-granularity", default="per-channel", choices=("per-channel", "per-token"))
+    g.add_argument(
+        "--kv-method", default="minmax", choices=("minmax", "wkvquant"),
+        help="minmax, or wkvquant: per-channel smoothing + per-token quantization with learned clipping "
+        "(parameters from --kv-params DIR or --prefix DIR of jaxkv calibrate --kv-method wkvquant)",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-key-granularity", default=None, choices=("per-channel", "per-token"),
+        help="default per-channel (KIVI) for minmax, per-token for wkvquant",
+    )  # fmt: skip
     g.add_argument(
         "--kv-scale-dtype", default="float8_e4m3fn", choices=("float8_e4m3fn", "float16", "bfloat16")
     )
@@ -88,16 +96,52 @@ def _add_kv_args(p: argparse.ArgumentParser, pivot: bool = False) -> None:
         g.add_argument(
             "--kv-pivot", type=int, default=0, help="leading window positions kept full precision (1 = [BOS])"
         )
+    if params:
+        g.add_argument(
+            "--kv-params",
+            default=None,
+            help="saved wkvquant parameters (DIR or DIR/kvquant of jaxkv calibrate)",
+        )
 
 
 def _kv_config(args, model):
     from jaxkv.kvcache import make_kv_config
 
+    granularity = args.kv_key_granularity or ("per-token" if args.kv_method == "wkvquant" else "per-channel")
     return make_kv_config(
         model.params, model.cfg, kbits=args.kbits, vbits=args.vbits, group=args.kv_group,
-        residual=args.kv_residual, mode=args.kv_mode, k_granularity=args.kv_key_granularity,
-        scale_dtype=args.kv_scale_dtype, budget=args.kv_budget,
+        residual=args.kv_residual, mode=args.kv_mode, k_granularity=granularity,
+        scale_dtype=args.kv_scale_dtype, budget=args.kv_budget, method=args.kv_method,
     )  # fmt: skip
+
+
+def _wkv_dir(path) -> str | None:
+    """``jaxkv calibrate --out DIR`` keeps wkvquant parameters in DIR/kvquant; accept either directory."""
+    from pathlib import Path
+
+    for d in (Path(path) / "kvquant", Path(path)):
+        if (d / "wkvquant.json").is_file():
+            return str(d)
+    return None
+
+
+def _wkv_for(args, model, kv):
+    """The learned parameters of a wkvquant KV cache (--kv-params, else --prefix DIR/kvquant), or None."""
+    from jaxkv.errors import JaxkvError
+
+    if kv is None or kv.method != "wkvquant":
+        if getattr(args, "kv_params", None):
+            raise JaxkvError("--kv-params needs --kv-method wkvquant and a quantized KV cache")
+        return None
+    path = args.kv_params or (args.prefix and _wkv_dir(args.prefix))
+    if not path or not _wkv_dir(path):
+        raise JaxkvError(
+            "--kv-method wkvquant needs its learned parameters: --kv-params DIR, or --prefix DIR of "
+            f"`jaxkv calibrate --kv-method wkvquant` (none found in {path or args.prefix})"
+        )
+    from jaxkv.wkvquant import restore_wkv
+
+    return restore_wkv(_wkv_dir(path), model, kv)
 
 
 # --- weight quantization (issue 3) ---------------------------------------------------------------
@@ -287,11 +331,18 @@ def cmd_calibrate(args) -> int:
     out = Path(args.out)
     prefix = restore_prefix(_prefix_dir(args.prefix), fp) if args.prefix else make_prefix(fp, args.pivot)
     ids = tokenize(fp.tokenizer, load_text(args.data))
+    kv = _kv_config(args, q)
+    wkv = wkv_report = None
+    if kv is not None and kv.method == "wkvquant":
+        wkv, wkv_report = _calibrate_wkv(args, fp, q, kv, None if args.skip_prefix else prefix, ids, out)
+        if args.skip_prefix:
+            print(json.dumps(wkv_report) if args.json else f"wkvquant parameters saved to {out / 'kvquant'}")
+            return 0
     # Text-only windows: the prefix precedes them, so a window holds seqlen - P tokens.
     windows = calibration_windows(ids, cfg.samples, cfg.seqlen - prefix.length, cfg.seed, bos_id=None)
     res = calibrate(
         fp, q, prefix, windows, cfg, checkpoint_dir=out / "checkpoints", resume=args.resume,
-        progress=not args.no_progress, mesh=args.device_mesh, kv=_kv_config(args, q),
+        progress=not args.no_progress, mesh=args.device_mesh, kv=kv, wkv=wkv,
     )  # fmt: skip
     report = {
         "out": str(out),
@@ -303,6 +354,8 @@ def cmd_calibrate(args) -> int:
         "tokens_per_second": res.tokens_per_second,
         "calibration": dataclasses.asdict(cfg),
     }
+    if wkv_report is not None:
+        report["wkvquant"] = wkv_report
     save_prefix(out / "prefix", res.prefix, q, extra={"calibration": report})
     from jaxkv import distributed
 
@@ -311,6 +364,37 @@ def cmd_calibrate(args) -> int:
         _plot_losses(res.losses, res.initial_loss, out / "loss.png")
     print(json.dumps(report) if args.json else f"calibrated prefix saved to {out / 'prefix'}")
     return 0
+
+
+def _calibrate_wkv(args, fp, q, kv, prefix, ids, out):
+    """wkvquant parameters for ``q``: smoothing initialised from statistics, then CRR (unless
+    --crr-epochs 0), on windows of pivot + text (the prefix's pivot, kept full precision, or [BOS],
+    quantized, without one); saved to OUT/kvquant. With --resume a finished OUT/kvquant is reused."""
+    from jaxkv.wkvquant import CRRConfig, crr_calibrate, pivot_windows, restore_wkv, save_wkv, smoothing_init
+
+    done = out / "kvquant"
+    if args.resume and (done / "wkvquant.json").is_file():
+        from jaxkv.wkvquant import read_wkv_metadata
+
+        return restore_wkv(done, q, kv), read_wkv_metadata(done).get("wkvquant")
+    samples = args.crr_samples or args.samples
+    pivot = list(prefix.tokens) if prefix is not None else [q.cfg.bos_token_id]
+    windows = pivot_windows(ids, pivot, samples, args.seqlen, args.seed)
+    params = smoothing_init(q, kv, windows, prefix)
+    report = {"kv": kv.label(), "samples": samples, "seqlen": args.seqlen, "pivot_tokens": pivot,
+              "pivot_full_precision": prefix is not None, "crr": None}  # fmt: skip
+    if args.crr_epochs > 0:
+        crr = CRRConfig(samples=samples, epochs=args.crr_epochs, batch_size=args.crr_batch_size, lr=args.crr_lr,
+                        k=args.crr_k, clip_init=args.crr_clip_init, seed=args.seed)  # fmt: skip
+        res = crr_calibrate(
+            fp, q, kv, windows, params, crr, prefix=prefix, checkpoint_dir=out / "kvquant_checkpoints",
+            resume=args.resume, progress=not args.no_progress,
+        )  # fmt: skip
+        params = res.params
+        report["crr"] = {**dataclasses.asdict(crr), "initial_losses": res.initial_losses,
+                         "final_losses": res.final_losses, "seconds": res.seconds}  # fmt: skip
+    save_wkv(done, params, kv, q, extra={"wkvquant": report})
+    return params, report
 
 
 def _plot_losses(losses, initial, path) -> None:
@@ -367,7 +451,19 @@ def _add_prefix_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true")
     _add_wq_args(p, default_bits=4)
-    _add_kv_args(p)
+    _add_kv_args(p, params=False)
+    g = p.add_argument_group("wkvquant (--kv-method wkvquant): parameters learned first, then the prefix")
+    g.add_argument("--crr-samples", type=int, default=None, help="CRR windows (default --samples)")
+    g.add_argument("--crr-epochs", type=int, default=2, help="CRR epochs per block (0: smoothing init only)")
+    g.add_argument("--crr-batch-size", type=int, default=1, help="CRR windows per step")
+    g.add_argument("--crr-lr", type=float, default=5e-3, help="CRR AdamW learning rate")
+    g.add_argument("--crr-k", type=int, default=5, help="blocks in the CRR loss (the paper's 5)")
+    g.add_argument(
+        "--crr-clip-init", type=float, default=4.0, help="initial clipping logits (sigmoid: 0.982)"
+    )
+    g.add_argument(
+        "--skip-prefix", action="store_true", help="learn the wkvquant parameters only ([BOS] quantized)"
+    )
     _add_scale_args(p)
     p.set_defaults(func=cmd_calibrate)
 
@@ -393,6 +489,7 @@ def cmd_generate(args) -> int:
     printed = ""
     eos = set(model.cfg.eos_token_ids)
     kv = _kv_config(args, model)
+    wkv = _wkv_for(args, model, kv)
     for piece, _ in generate_iter(
         model,
         prefix,
@@ -406,6 +503,7 @@ def cmd_generate(args) -> int:
         chat=args.chat,
         chunk=1,
         kv=kv,
+        wkv=wkv,
         mesh=args.device_mesh,
     ):
         if t_first is None:
@@ -457,6 +555,8 @@ def cmd_eval_ppl(args) -> int:
         raise JaxkvError(f"{args.model} has no BOS token; the perplexity protocol needs one")
     windows = make_windows(ids, bos, args.seqlen, args.windows)
     kv = _kv_config(args, model)
+    wkv = _wkv_for(args, model, kv)
+    tail = () if wkv is None else (wkv,)  # KVForward takes wkvquant parameters last
     forward_fn, params = None, model.params
     if prefix is not None:
         from jaxkv.model import KVForward
@@ -470,11 +570,12 @@ def cmd_eval_ppl(args) -> int:
                 f"this prefix has pivot tokens {list(prefix.tokens)}"
             )
         check_pivot(windows, prefix)
-        forward_fn, params = KVForward(model.cfg, kv, intact=True), (model.params, prefix.k, prefix.v)
+        forward_fn, params = KVForward(model.cfg, kv, intact=True), (model.params, prefix.k, prefix.v, *tail)
     elif kv is not None or args.kv_pivot:
         from jaxkv.model import KVForward
 
         forward_fn = KVForward(model.cfg, kv, args.kv_pivot)
+        params = (model.params, *tail) if tail else model.params
     res = perplexity(
         params,
         model.cfg,
@@ -496,7 +597,11 @@ def cmd_eval_ppl(args) -> int:
     }
     from jaxkv.kvcache import kv_report
 
-    out.update(kv_report(model.cfg, kv), kv_pivot=args.kv_pivot)
+    out.update(
+        kv_report(model.cfg, kv),
+        kv_pivot=args.kv_pivot,
+        kv_params=_wkv_dir(args.kv_params or args.prefix or ".") if wkv else None,
+    )
     out.update(intactkv=args.intactkv if prefix is None or not args.prefix else "prefix", prefix=args.prefix)
     out.update(_wq_report(args, model))
     if args.json:

@@ -145,12 +145,14 @@ def generate_iter(
     chunk: int | None = 1,
     stop_at_eos: bool = True,
     kv: KVQuantConfig | None = None,
+    wkv: dict | None = None,
     mesh: Mesh | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(new_tokens [B, n], done [B])`` after every ``chunk`` decode steps (None: one chunk).
 
     The first yield holds the token produced by the prefill. Tokens after a sequence's EOS are
-    ``pad_id``. :func:`generate` collects this iterator; the CLI streams it. With ``mesh``, weights,
+    ``pad_id``. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
+    ``wkv``: the learned parameters of a ``wkvquant`` one (``jaxkv.wkvquant``). With ``mesh``, weights,
     cache and prompts are placed in their ``jaxkv.sharding`` shardings (tensor-parallel decode on a
     ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest.
     """
@@ -180,7 +182,7 @@ def generate_iter(
     pivot_k = pivot_v = None
     if prefix is not None:
         pivot_k, pivot_v = prefix.k, prefix.v
-    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv)  # kv: quantized KV cache
+    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv, wkv=wkv)  # kv: quantized KV cache
     P = cache.pivot_len
 
     tokens = np.zeros((B, bucket), np.int32)

@@ -33,6 +33,7 @@ from jaxkv.kvcache import (
     KVQuantConfig,
     QuantSide,
     SideSpec,
+    clip_factors,
     dequantize,
     fake_quantize_sequence,
     frontier,
@@ -106,7 +107,8 @@ def write_side(side: QuantSide, x, slot, n_old, n_new, view, base) -> QuantSide:
         new_scale = side.scale.at[bj, wblk].set(scale, mode="drop")
         new_zero = side.zero.at[bj, wblk].set(zero, mode="drop")
     else:
-        codes, scale, zero = quantize_tokens(x, spec)
+        clip = clip_factors(side.wkv["clip"]) if side.wkv is not None else None  # jaxkv.wkvquant
+        codes, scale, zero = quantize_tokens(x, spec, clip)
         data = side.data.at[b_idx, slot].set(pack_codes(codes, spec.bits), mode="drop")
         new_scale = side.scale.at[b_idx, slot].set(scale, mode="drop")
         new_zero = side.zero.at[b_idx, slot].set(zero, mode="drop")
@@ -331,8 +333,9 @@ def _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, u
 
 
 def attend_fake_quant(
-    q, k, v, positions, cfg: ModelConfig, kv: KVQuantConfig, kspec: SideSpec, vspec: SideSpec, pivot_len: int
-) -> jax.Array:
+    q, k, v, positions, cfg: ModelConfig, kv: KVQuantConfig, kspec: SideSpec, vspec: SideSpec, pivot_len: int,
+    kclip=None, vclip=None,
+) -> jax.Array:  # fmt: skip
     """Causal attention over the T tokens themselves where each (query i, key j) pair reads the copy
     a cache would hand it: quantized iff ``j < frontier(i)`` (``jaxkv.kvcache``), else full precision.
 
@@ -341,7 +344,8 @@ def attend_fake_quant(
     the token (per-token groups) or on its complete group of slots (per-channel keys), and the rule
     only on (i, j), this equals decoding the sequence through a quantized cache whose pivot holds
     the first ``pivot_len`` tokens' full-precision K/V, however the tokens are fed (up to float
-    rounding). Returns [B, T, N*H].
+    rounding). ``kclip``/``vclip``: clip logits ``[K, C, 2]`` of ``jaxkv.wkvquant`` (per-token sides).
+    Returns [B, T, N*H].
     """
     B, T, N, H = q.shape
     K, G = cfg.num_kv_heads, cfg.group_size
@@ -355,7 +359,7 @@ def attend_fake_quant(
 
     scores = jnp.einsum("BTKGH,BSKH->BTKGS", qg, k, preferred_element_type=_F32)
     if kspec.quantized:
-        kq = fake_quantize_sequence(k, kspec, pivot_len).astype(cd)
+        kq = fake_quantize_sequence(k, kspec, pivot_len, clip_factors(kclip)).astype(cd)
         s_q = jnp.einsum("BTKGH,BSKH->BTKGS", qg, kq, preferred_element_type=_F32)
         scores = jnp.where(quantized_pairs(kspec)[:, :, None, None, :], s_q, scores)
     scores = scores * (1.0 / np.sqrt(H))
@@ -363,7 +367,7 @@ def attend_fake_quant(
     probs = jax.nn.softmax(scores, axis=-1)
     if vspec.quantized:
         use_v = quantized_pairs(vspec)[:, :, None, None, :]
-        vq = fake_quantize_sequence(v, vspec, pivot_len).astype(cd)
+        vq = fake_quantize_sequence(v, vspec, pivot_len, clip_factors(vclip)).astype(cd)
         out = jnp.einsum(
             "BTKGS,BSKH->BTKGH", jnp.where(use_v, 0.0, probs).astype(cd), v, preferred_element_type=_F32
         ) + jnp.einsum(
@@ -372,3 +376,40 @@ def attend_fake_quant(
     else:
         out = jnp.einsum("BTKGS,BSKH->BTKGH", probs.astype(cd), v, preferred_element_type=_F32)
     return out.astype(cd).reshape(B, T, N * H)
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel smoothing (jaxkv.wkvquant), folded into the attention
+
+
+def attend_smoothed(attend, q, k, v, pivot, kw: dict | None, vw: dict | None):
+    """``attend(q, k, v, pivot)`` over smoothed K/V ``x~ = (x - shift) / scale`` (per KV head and channel)
+    such that the result is attention over the unsmoothed (dequantized) K/V, without forming them.
+
+    Keys: ``q·k = (q * scale)·k~ + q·shift``; the last term is the same for every key of a query
+    (pivot, quantized body and full-precision window alike, all smoothed here), so the softmax drops
+    it. Values: ``sum_j p_j v_j = (sum_j p_j v~_j) * scale + shift`` since the probabilities sum to 1.
+    ``pivot`` is ``(pivot_k, pivot_v)`` ``[P, K, H]`` or None; ``kw``/``vw`` ``{"scale", "shift", ...}``
+    ``[K, H]`` or None (that side unsmoothed). ``attend`` returns ``(out [B, T, N*H], extra)``; so does
+    this. With scale 1 and shift 0 every operation is exact: the result equals ``attend`` bit for bit.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    pk, pv = pivot if pivot is not None else (None, None)
+    if kw is not None:
+        s, d = kw["scale"].astype(_F32), kw["shift"].astype(_F32)
+        q = (q.reshape(B, T, K, N // K, H) * s[:, None]).astype(q.dtype).reshape(B, T, N, H)
+        k = ((k - d) / s).astype(k.dtype)
+        pk = None if pk is None else ((pk - d) / s).astype(pk.dtype)
+    if vw is not None:
+        s, d = vw["scale"].astype(_F32), vw["shift"].astype(_F32)
+        v = ((v - d) / s).astype(v.dtype)
+        pv = None if pv is None else ((pv - d) / s).astype(pv.dtype)
+    out, extra = attend(q, k, v, None if pivot is None else (pk, pv))
+    if vw is not None:
+        o = (
+            out.reshape(B, T, K, N // K, H) * vw["scale"].astype(_F32)[:, None]
+            + vw["shift"].astype(_F32)[:, None]
+        )
+        out = o.astype(out.dtype).reshape(B, T, N * H)
+    return out, extra

@@ -75,6 +75,7 @@ from jaxkv.config import ConfigError, ModelConfig
 
 KV_BITS = (16, 8, 4, 3, 2)
 KV_MODES = ("past-only", "all")
+KV_METHODS = ("minmax", "wkvquant")
 K_GRANULARITIES = ("per-channel", "per-token")
 SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
 ZERO_MIN, ZERO_MAX = -128, 127  # int8 zero points
@@ -101,6 +102,9 @@ class KVQuantConfig:
     * ``residual``: R, the most recent tokens kept at full precision (see the module docstring).
     * ``mode``: ``past-only`` or ``all``.
     * ``scale_dtype``: storage dtype of the scales; zero points are int8.
+    * ``method``: ``minmax`` (the quantizer above) or ``wkvquant`` (``jaxkv.wkvquant``: per-channel
+      smoothing then per-token min-max with learnable clipping; keys must be ``per-token``). A
+      ``wkvquant`` cache and forward take the learned per-layer parameters as arrays (``wkv=``).
     """
 
     kbits: int = 16
@@ -112,6 +116,7 @@ class KVQuantConfig:
     scale_dtype: str = "float8_e4m3fn"
     layer_kbits: tuple[int, ...] | None = None
     layer_vbits: tuple[int, ...] | None = None
+    method: str = "minmax"
 
     def __post_init__(self):
         _check_bits("kbits", self.kbits)
@@ -139,6 +144,13 @@ class KVQuantConfig:
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(
                 f"KVQuantConfig.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}"
+            )
+        if self.method not in KV_METHODS:
+            raise ConfigError(f"KVQuantConfig.method must be one of {KV_METHODS}, got {self.method!r}")
+        if self.method == "wkvquant" and self.k_granularity != "per-token":
+            raise ConfigError(
+                "KVQuantConfig.k_granularity must be 'per-token' with method 'wkvquant' (two-dimensional "
+                "quantization smooths channels, then quantizes tokens)"
             )
 
     def layer_bits(self, num_layers: int) -> list[tuple[int, int]]:
@@ -178,7 +190,8 @@ class KVQuantConfig:
             bits += "Vmix" if self.layer_vbits else f"V{self.vbits}"
         else:
             bits = f"K{self.kbits}V{self.vbits}"
-        return f"{bits}-g{self.group}-r{self.residual}-{self.mode}"
+        wkv = "-wkv" if self.method == "wkvquant" else ""
+        return f"{bits}-g{self.group}-r{self.residual}-{self.mode}{wkv}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,22 +274,61 @@ def _store_scale(s: jax.Array, dtype) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.where(stored.astype(jnp.float32) < s, bumped, stored))
 
 
-def quantize(x: jax.Array, bits: int, axis: int, scale_dtype: str):
-    """Asymmetric quantization of ``x`` with one group along ``axis`` (reduced with keepdims).
+def _ste(value: jax.Array, like: jax.Array) -> jax.Array:
+    """``value`` exactly (``like - like`` adds +0.0), with the gradient of ``like`` (straight-through)."""
+    return jax.lax.stop_gradient(value) + (like - jax.lax.stop_gradient(like))
 
-    Returns ``(codes uint8 like x, scale [scale_dtype], zero int8)`` with ``x ≈ (codes - zero) * scale``.
+
+def _grid(x: jax.Array, bits: int, axis: int, scale_dtype: str, clip=None):
+    """float32 codes, stored scale, float32 scale and float32 zero of :func:`quantize`.
+
+    ``clip = (fmax, fmin)``, factors in (0, 1] broadcastable to the group statistics, shrinks the range
+    to ``[fmin * min, fmax * max]`` (OmniQuant's learnable clipping; values outside saturate) and makes
+    the rounding straight-through, so the result is differentiable in ``x`` and the factors. Factors of
+    exactly 1 give the unclipped values bit for bit.
     """
     x = x.astype(jnp.float32)
     levels = 2**bits - 1
     mn = jnp.min(x, axis=axis, keepdims=True)
     mx = jnp.max(x, axis=axis, keepdims=True)
+    rnd = jnp.round
+    if clip is not None:
+        mx, mn = mx * clip[0], mn * clip[1]
+        rnd = lambda a: _ste(jnp.round(a), a)  # noqa: E731
     # The int8 zero point must reach -min/scale: |min| / scale <= 127.
     s = jnp.maximum((mx - mn) / levels, jnp.abs(mn) / ZERO_MAX)
     scale = _store_scale(s, _scale_dtype(scale_dtype))
     sf = scale.astype(jnp.float32)
-    zero = jnp.clip(jnp.round(-mn / sf), ZERO_MIN, ZERO_MAX)
-    codes = jnp.clip(jnp.round(x / sf) + zero, 0, levels)
+    if clip is not None:
+        sf = _ste(sf, s)
+    zero = jnp.clip(rnd(-mn / sf), ZERO_MIN, ZERO_MAX)
+    codes = jnp.clip(rnd(x / sf) + zero, 0, levels)
+    return codes, scale, sf, zero
+
+
+def quantize(x: jax.Array, bits: int, axis: int, scale_dtype: str, clip=None):
+    """Asymmetric quantization of ``x`` with one group along ``axis`` (reduced with keepdims).
+
+    Returns ``(codes uint8 like x, scale [scale_dtype], zero int8)`` with ``x ≈ (codes - zero) * scale``.
+    ``clip``: see :func:`_grid` (``jaxkv.wkvquant``).
+    """
+    codes, scale, _, zero = _grid(x, bits, axis, scale_dtype, clip)
     return codes.astype(jnp.uint8), scale, zero.astype(jnp.int8)
+
+
+def fake_quantize(x: jax.Array, bits: int, axis: int, scale_dtype: str, clip=None) -> jax.Array:
+    """``dequantize(*quantize(x, ...))`` as float32, bit for bit, without integer casts: differentiable
+    (straight-through) when ``clip`` is given."""
+    codes, _, sf, zero = _grid(x, bits, axis, scale_dtype, clip)
+    return (codes - zero) * sf
+
+
+def clip_factors(clip_logits: jax.Array | None):
+    """``(fmax, fmin) = (sigmoid(gamma), sigmoid(beta))`` from logits ``[..., C, 2]`` (+inf: no clipping)."""
+    if clip_logits is None:
+        return None
+    f = jax.nn.sigmoid(clip_logits.astype(jnp.float32))
+    return f[..., 0], f[..., 1]
 
 
 def dequantize(codes, scale, zero) -> jax.Array:
@@ -303,14 +355,20 @@ def packed_width(H: int, bits: int) -> int:
     return H * bits // 8
 
 
-def quantize_tokens(x: jax.Array, spec: SideSpec):
+def _group_clip(clip):
+    """Clip factors ``[K, C]`` -> broadcastable to per-token group statistics ``[..., K, C, 1]``."""
+    return None if clip is None else tuple(f[..., None] for f in clip)
+
+
+def quantize_tokens(x: jax.Array, spec: SideSpec, clip=None):
     """Per-token quantization of ``x [..., K, H]`` in groups of ``spec.group`` channels.
 
-    Returns ``(codes [..., K, H], scale [..., K, C], zero [..., K, C])``.
+    Returns ``(codes [..., K, H], scale [..., K, C], zero [..., K, C])``. ``clip``: factors
+    ``(fmax, fmin)``, each ``[K, C]`` (:func:`clip_factors`).
     """
     *lead, K, H = x.shape
     g = spec.group
-    c, s, z = quantize(x.reshape(*lead, K, H // g, g), spec.bits, -1, spec.scale_dtype)
+    c, s, z = quantize(x.reshape(*lead, K, H // g, g), spec.bits, -1, spec.scale_dtype, _group_clip(clip))
     return c.reshape(*lead, K, H), s[..., 0], z[..., 0]
 
 
@@ -323,12 +381,13 @@ def quantize_channels(x: jax.Array, spec: SideSpec):
     return c, s[..., 0, :, :], z[..., 0, :, :]
 
 
-def fake_quantize_sequence(x: jax.Array, spec: SideSpec, pivot_len: int) -> jax.Array:
+def fake_quantize_sequence(x: jax.Array, spec: SideSpec, pivot_len: int, clip=None) -> jax.Array:
     """What the cache would hold for ``x [B, T, K, H]`` (positions 0..T-1), dequantized (float32).
 
     Positions < ``pivot_len`` are returned unchanged. Per-channel groups are aligned to body slots
     (position - pivot_len); the trailing incomplete group is returned quantized by its partial
-    statistics, which :func:`frontier` never lets a query read.
+    statistics, which :func:`frontier` never lets a query read. ``clip``: per-token sides only, as
+    :func:`quantize_tokens`.
     """
     B, T, K, H = x.shape
     P = pivot_len
@@ -341,9 +400,10 @@ def fake_quantize_sequence(x: jax.Array, spec: SideSpec, pivot_len: int) -> jax.
         c, s, z = quantize_channels(padded.reshape(B, J, g, K, H), spec)
         deq = dequantize(c, s[:, :, None], z[:, :, None]).reshape(B, J * g, K, H)[:, :n]
     else:
-        c, s, z = quantize_tokens(body, spec)
         g = spec.group
-        deq = dequantize(c.reshape(B, n, K, H // g, g), s[..., None], z[..., None]).reshape(B, n, K, H)
+        deq = fake_quantize(
+            body.reshape(B, n, K, H // g, g), spec.bits, -1, spec.scale_dtype, _group_clip(clip)
+        ).reshape(B, n, K, H)
     return jnp.concatenate([x[:, :P].astype(jnp.float32), deq], axis=1)
 
 
@@ -360,6 +420,9 @@ class QuantSide:
     zero: jax.Array | None
     window: jax.Array | None
     spec: SideSpec = flax.struct.field(pytree_node=False)
+    # ``jaxkv.wkvquant`` parameters of these layers (full precision, small): {"scale", "shift"}
+    # [Lc, K, H] and clip logits {"clip"} [Lc, K, C, 2]; None for the min-max quantizer.
+    wkv: dict | None = None
 
 
 @flax.struct.dataclass
@@ -424,11 +487,14 @@ def init_cache(
     pivot_k: jax.Array | None = None,
     pivot_v: jax.Array | None = None,
     kv: KVQuantConfig | None = None,
+    wkv: dict | None = None,
 ) -> KVCache:
     """An empty cache of ``max_len`` body slots, optionally starting with pivot K/V ``[L, P, K, H]``.
 
     With ``kv`` (and anything quantized), the body is quantized as ``kv`` says; ``max_len`` is then
-    rounded up to a multiple of ``kv.group`` when keys are quantized per channel.
+    rounded up to a multiple of ``kv.group`` when keys are quantized per channel. ``wkv``: the
+    per-layer parameters of ``kv.method == "wkvquant"`` (``jaxkv.wkvquant``), copied into the
+    quantized sides of their layers.
     """
     L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     if (pivot_k is None) != (pivot_v is None):
@@ -453,19 +519,53 @@ def init_cache(
             lengths=lengths,
         )
     kv.check(cfg)
+    check_wkv(kv, wkv, cfg)
     plan = plan_segments(cfg, kv)
     if any(ks.per_channel for _, _, ks, _ in plan):
         max_len = -(-max_len // kv.group) * kv.group
-    segments = tuple(
-        QuantSegment(
-            k=_empty_side(ks, stop - start, batch, max_len, K, H, dtype),
-            v=_empty_side(vs, stop - start, batch, max_len, K, H, dtype),
-            start=start,
-            stop=stop,
+
+    def side(spec, name, start, stop):
+        empty = _empty_side(spec, stop - start, batch, max_len, K, H, dtype)
+        if wkv is None or not spec.quantized:
+            return empty
+        # Copies: the cache is donated to jitted steps, which must not consume the caller's parameters.
+        return empty.replace(
+            wkv={n: jnp.array(a[start:stop], copy=True) for n, a in wkv_side(wkv, name).items()}
         )
+
+    segments = tuple(
+        QuantSegment(k=side(ks, "k", start, stop), v=side(vs, "v", start, stop), start=start, stop=stop)
         for start, stop, ks, vs in plan
     )
     return KVCache(pivot_k=pk, pivot_v=pv, k=None, v=None, lengths=lengths, segments=segments, kv=kv)
+
+
+WKV_NAMES = ("scale", "shift", "clip")
+
+
+def wkv_side(wkv: dict, side: str) -> dict:
+    """``{"scale", "shift", "clip"}`` of keys (``side="k"``) or values from the flat parameter dict
+    ``{"k_scale", ..., "v_clip"}`` of ``jaxkv.wkvquant``."""
+    return {n: wkv[f"{side}_{n}"] for n in WKV_NAMES}
+
+
+def check_wkv(kv: KVQuantConfig | None, wkv: dict | None, cfg: ModelConfig) -> None:
+    """Raise ConfigError unless ``wkv`` is given exactly when ``kv.method`` is ``wkvquant``, with
+    the shapes of ``cfg``."""
+    method = "minmax" if kv is None else kv.method
+    if method != "wkvquant":
+        if wkv is not None:
+            raise ConfigError(f"WKVQuant parameters were given, but the KV cache method is {method!r}")
+        return
+    if wkv is None:
+        raise ConfigError("KV cache method 'wkvquant' needs its learned parameters (wkv=...)")
+    L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    want = {"scale": (L, K, H), "shift": (L, K, H), "clip": (L, K, H // kv.group, 2)}
+    for side in ("k", "v"):
+        for name, shape in want.items():
+            got = getattr(wkv.get(f"{side}_{name}"), "shape", None)
+            if got is None or tuple(got) != shape:
+                raise ConfigError(f"WKVQuant parameter {side}_{name} has shape {got}, expected {shape}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,9 +594,11 @@ def kv_storage(cfg: ModelConfig, kv: KVQuantConfig | None = None, dtype=jnp.floa
     ``bytes_per_token``: body bytes per token, all layers, keys and values, codes + scales + zeros
     (per-channel key scales are amortised over their group of tokens). ``window_bytes``: the fixed
     full-precision window per sequence (R or R + group - 1 tokens). Pivot slots are shared by the
-    batch and not counted.
+    batch and not counted, nor are the per-layer parameters of ``wkvquant``.
     """
     S = 64 * (kv.group if kv is not None else 1)
+    if kv is not None and kv.method == "wkvquant":  # + per-layer smoothing and clipping: not per token
+        kv = dataclasses.replace(kv, method="minmax")
     shapes = jax.eval_shape(lambda: init_cache(cfg, 1, S, dtype, kv=kv))
     body, window = _body_and_window_bytes(shapes)
     return {"bytes_per_token": body / shapes.max_len, "window_bytes": window}
@@ -592,6 +694,7 @@ def make_kv_config(
     k_granularity: str = "per-channel",
     scale_dtype: str = "float8_e4m3fn",
     budget: float | None = None,
+    method: str = "minmax",
 ) -> KVQuantConfig | None:
     """A checked :class:`KVQuantConfig`, or None when nothing is quantized.
 
@@ -614,6 +717,7 @@ def make_kv_config(
         scale_dtype=scale_dtype,
         layer_kbits=layer_kbits,
         layer_vbits=layer_vbits,
+        method=method,
     )
     if cfg is not None:
         if kv.is_identity(cfg.num_layers):

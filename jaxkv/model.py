@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.config import ModelConfig
-from jaxkv.kvattention import attend_cached, attend_fake_quant
-from jaxkv.kvcache import KVCache, KVQuantConfig, plan_segments
+from jaxkv.config import ConfigError, ModelConfig
+from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed
+from jaxkv.kvcache import KVCache, KVQuantConfig, check_wkv, plan_segments, wkv_side
 from jaxkv.sharding import constrain
 
 # Added to masked scores; finite so that a fully-masked (padding) row gives a uniform softmax, not NaN.
@@ -153,14 +153,15 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
 
 def decoder(
     params, tokens, positions, cache: KVCache | None, cfg: ModelConfig, collect: bool = False,
-    kv: KVQuantConfig | None = None, pivot_len: int = 0, pivot_kv=None,
+    kv: KVQuantConfig | None = None, pivot_len: int = 0, pivot_kv=None, wkv=None,
 ):  # fmt: skip
     """Embedding and all blocks, before the final norm.
 
     Returns ``(hidden [B,T,D], cache, layer_outputs)``; ``layer_outputs`` is ``[L,B,T,D]`` (each
     block's output) when ``collect`` else None. ``kv``/``pivot_len``/``pivot_kv`` apply to the
     cache-free forward only: attention then sees K/V as a cache quantized by ``kv`` would hold them
-    (see :func:`forward_kv`); a cache carries its own quantization and pivot.
+    (see :func:`forward_kv`); a cache carries its own quantization and pivot (and ``jaxkv.wkvquant``
+    parameters); ``wkv`` are those of the cache-free forward.
     """
     x = constrain(jnp.take(params["embed"], tokens, axis=0))
     inv_freq = rope_inv_freq(cfg)
@@ -168,7 +169,7 @@ def decoder(
         pivot_len = pivot_kv[0].shape[1]
 
     if cache is None and kv is not None and not kv.is_identity(cfg.num_layers):
-        return _decoder_fake_quant(params, x, positions, cfg, collect, kv, pivot_len, inv_freq, pivot_kv)
+        return _decoder_fake_quant(params, x, positions, cfg, collect, kv, pivot_len, inv_freq, pivot_kv, wkv)
     if cache is not None and cache.quantized:
         return _decoder_quant_cache(params, x, positions, cache, cfg, collect, inv_freq)
 
@@ -306,10 +307,13 @@ def _intact(k, v, pivot_k, pivot_v):
 
 
 def _decoder_fake_quant(
-    params, x, positions, cfg: ModelConfig, collect, kv: KVQuantConfig, pivot_len, inv_freq, pivot_kv=None
-):
-    """Cache-free blocks with quantized-cache attention, one scan per run of layers with equal bits."""
+    params, x, positions, cfg: ModelConfig, collect, kv: KVQuantConfig, pivot_len, inv_freq, pivot_kv=None,
+    wkv=None,
+):  # fmt: skip
+    """Cache-free blocks with quantized-cache attention, one scan per run of layers with equal bits;
+    ``wkv`` (``jaxkv.wkvquant``): K/V smoothed per channel and clipped (``attend_smoothed``)."""
     kv.check(cfg)
+    check_wkv(kv, wkv, cfg)
     outs = []
     for start, stop, kspec, vspec in plan_segments(cfg, kv):
         attend = functools.partial(
@@ -322,18 +326,27 @@ def _decoder_fake_quant(
             pivot_len=pivot_len,
         )
 
-        def body(x, xs, attend=attend):
-            lp, pk, pv = xs
+        def body(x, xs, attend=attend, kspec=kspec, vspec=vspec):
+            lp, pk, pv, kw, vw = xs
+            kw, vw = (kw if kspec.quantized else None), (vw if vspec.quantized else None)
 
             def attend_intact(q, k, v):
-                return attend(q, *(_intact(k, v, pk, pv) if pk is not None else (k, v))), None
+                k, v = _intact(k, v, pk, pv) if pk is not None else (k, v)
+                if kw is None and vw is None:
+                    return attend(q, k, v), None
+                clips = {"kclip": kw and kw["clip"], "vclip": vw and vw["clip"]}
+                fake = lambda q, k, v, _: (attend(q, k, v, **clips), None)  # noqa: E731
+                return attend_smoothed(fake, q, k, v, None, kw, vw)
 
             x, _ = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend_intact)
             return x, (x if collect else None)
 
         pk, pv = (None, None) if pivot_kv is None else (pivot_kv[0][start:stop], pivot_kv[1][start:stop])
+        kw = vw = None
+        if wkv is not None:
+            kw, vw = ({n: a[start:stop] for n, a in wkv_side(wkv, side).items()} for side in ("k", "v"))
         layers = _layer_slice(params["layers"], start, stop, cfg.num_layers)
-        x, o = jax.lax.scan(body, x, (layers, pk, pv))
+        x, o = jax.lax.scan(body, x, (layers, pk, pv, kw, vw))
         outs.append(o)
     return x, None, (jnp.concatenate(outs) if collect else None)
 
@@ -353,10 +366,14 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
             lp = layer_at(params["layers"], i)
 
             def attend(q, k, v):
-                out, ks2, vs2 = attend_cached(
-                    q, k, v, pk, pv, ks, vs, positions, n_old, n_new, slot, cfg, cache.kv
-                )
-                return out, (ks2, vs2)
+                # Over K/V smoothed by jaxkv.wkvquant when the sides hold its parameters.
+                def cached(q, k, v, pivot):
+                    out, ks2, vs2 = attend_cached(
+                        q, k, v, *pivot, ks, vs, positions, n_old, n_new, slot, cfg, cache.kv
+                    )
+                    return out, (ks2, vs2)
+
+                return attend_smoothed(cached, q, k, v, (pk, pv), ks.wkv, vs.wkv)
 
             x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend)
             return x, ((x if collect else None), ks, vs)
@@ -394,8 +411,9 @@ def forward(params, tokens, positions, cache: KVCache | None, cfg: ModelConfig):
 
 
 def forward_kv(
-    params, tokens, positions, cfg: ModelConfig, kv: KVQuantConfig | None, pivot_len: int = 0, pivot_kv=None
-):
+    params, tokens, positions, cfg: ModelConfig, kv: KVQuantConfig | None, pivot_len: int = 0, pivot_kv=None,
+    wkv=None,
+):  # fmt: skip
     """Cache-free logits [B, T, V] with attention reading K/V as a cache quantized by ``kv`` would.
 
     For perplexity: ``positions`` are ``0..T-1`` in every row and the first ``pivot_len`` positions act
@@ -409,8 +427,14 @@ def forward_kv(
     computes at positions ``0..P-1`` (which must hold the prefix's pivot tokens) and sets
     ``pivot_len = P``: the windows then see the full-precision model's pivot K/V, as generation
     from that prefix does. Differentiable in ``pivot_kv``.
+
+    ``wkv``: the learned parameters of ``kv.method == "wkvquant"`` (``jaxkv.wkvquant``: per-channel
+    smoothing and clipping of K/V, arrays ``[L, ...]``); required by that method, refused by ``minmax``.
+    Differentiable in ``wkv`` (straight-through rounding).
     """
-    x, _, _ = decoder(params, tokens, positions, None, cfg, kv=kv, pivot_len=pivot_len, pivot_kv=pivot_kv)
+    x, _, _ = decoder(
+        params, tokens, positions, None, cfg, kv=kv, pivot_len=pivot_len, pivot_kv=pivot_kv, wkv=wkv
+    )
     return logits_from_hidden(params, x, cfg)
 
 
@@ -419,6 +443,8 @@ class KVForward:
     """``forward_fn(params, tokens, positions) -> logits`` for ``jaxkv.evaluate.perplexity``: the
     cache-free forward with quantized-KV attention (:func:`forward_kv`). With ``intact`` the params
     are ``(model_params, prefix.k, prefix.v)`` and the prefix supplies the pivot K/V (IntactKV).
+    With a ``wkvquant`` ``kv``, the params end with its parameters: ``(model_params, wkv)`` or
+    ``(model_params, prefix.k, prefix.v, wkv)``.
     Hashable, so repeated perplexity calls reuse one compilation."""
 
     cfg: ModelConfig
@@ -427,10 +453,16 @@ class KVForward:
     intact: bool = False
 
     def __call__(self, params, tokens, positions):
+        wkv = None
+        if self.kv is not None and self.kv.method == "wkvquant":
+            if not isinstance(params, tuple) or len(params) < 2:
+                raise ConfigError("KV cache method 'wkvquant' needs its learned parameters (last in params)")
+            *params, wkv = params
+            params = params[0] if len(params) == 1 else tuple(params)
         if self.intact:
             params, k, v = params
-            return forward_kv(params, tokens, positions, self.cfg, self.kv, pivot_kv=(k, v))
-        return forward_kv(params, tokens, positions, self.cfg, self.kv, self.pivot_len)
+            return forward_kv(params, tokens, positions, self.cfg, self.kv, pivot_kv=(k, v), wkv=wkv)
+        return forward_kv(params, tokens, positions, self.cfg, self.kv, self.pivot_len, wkv=wkv)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -458,6 +458,9 @@ _CACHE_AXES: dict[str, tuple[str | None, ...]] = {
 # packed bytes, channel groups and channels, so it is never split.
 _SEGMENT_LEAVES = ("data", "scale", "zero", "window")
 _SEGMENT_AXES = ("layers", "batch", "cache_seq", "kv_heads", None)
+# jaxkv.wkvquant parameters of a side: scale/shift [Lc, K, H], clip logits [Lc, K, C, 2].
+_SEGMENT_WKV_AXES = {"scale": ("layers", "kv_heads", None), "shift": ("layers", "kv_heads", None),
+                     "clip": ("layers", "kv_heads", None, None)}  # fmt: skip
 
 
 def _cache_axes(names: list[str], where: str) -> tuple[str | None, ...]:
@@ -465,6 +468,8 @@ def _cache_axes(names: list[str], where: str) -> tuple[str | None, ...]:
         return _CACHE_AXES[names[0]]
     if len(names) == 4 and names[0] == "segments" and names[2] in ("k", "v") and names[3] in _SEGMENT_LEAVES:
         return _SEGMENT_AXES
+    if len(names) == 5 and names[0] == "segments" and names[3] == "wkv" and names[4] in _SEGMENT_WKV_AXES:
+        return _SEGMENT_WKV_AXES[names[4]]
     raise ShardingError(f"{where}: no sharding rule for cache leaf {'/'.join(names)}")
 
 
