@@ -87,17 +87,34 @@ def _recipe_dict(recipe) -> dict | None:
     return recipe
 
 
-def read_prefix_metadata(path: str | Path) -> dict:
-    meta_path = Path(path) / "prefix.json"
+def read_metadata(path: str | Path, filename: str, fmt: str, what: str) -> dict:
+    """The JSON metadata ``path/filename`` of a saved ``what``, checked to be of format ``fmt``."""
+    meta_path = Path(path) / filename
     if not meta_path.is_file():
-        raise CheckpointError(f"{path}: not a jaxkv prefix (no prefix.json)")
+        raise CheckpointError(f"{path}: not {what} (no {filename})")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_path}: corrupt metadata ({e})") from None
-    if meta.get("format") != PREFIX_FORMAT:
-        raise CheckpointError(f"{path}: unknown prefix format {meta.get('format')!r}")
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: unknown format {meta.get('format')!r} (expected {fmt})")
     return meta
+
+
+def restore_arrays(path: str | Path, names, sha256: str, what: str) -> dict:
+    """The Orbax arrays ``path/arrays`` (exactly ``names``), checked against their recorded ``sha256``."""
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            arrays = ckptr.restore(Path(path) / "arrays")
+    except Exception as e:  # tensorstore / orbax raise many types for missing or damaged files
+        raise CheckpointError(f"{path}: cannot read the {what} arrays ({type(e).__name__}: {e})") from None
+    if set(arrays) != set(names) or _arrays_sha256(arrays) != sha256:
+        raise CheckpointError(f"{path}: the {what} arrays do not match their recorded checksum (corrupt?)")
+    return arrays
+
+
+def read_prefix_metadata(path: str | Path) -> dict:
+    return read_metadata(path, "prefix.json", PREFIX_FORMAT, "a jaxkv prefix")
 
 
 def restore_prefix(path: str | Path, model=None) -> Prefix:
@@ -120,13 +137,7 @@ def restore_prefix(path: str | Path, model=None) -> Prefix:
             raise CheckpointError(
                 f"{path}: this prefix was calibrated for quantization recipe {want}, but the model has {have}"
             )
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            arrays = ckptr.restore(path / "arrays")
-    except Exception as e:  # tensorstore / orbax raise many types for missing or damaged files
-        raise CheckpointError(f"{path}: cannot read the prefix arrays ({type(e).__name__}: {e})") from None
-    if set(arrays) != {"k", "v", "logits"} or _arrays_sha256(arrays) != meta["sha256"]:
-        raise CheckpointError(f"{path}: the prefix arrays do not match their recorded checksum (corrupt?)")
+    arrays = restore_arrays(path, ("k", "v", "logits"), meta["sha256"], "prefix")
     return Prefix(
         k=jnp.asarray(arrays["k"]),
         v=jnp.asarray(arrays["v"]),

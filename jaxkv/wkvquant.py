@@ -93,7 +93,14 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from jaxkv import __version__
-from jaxkv.checkpoint import CalibCheckpointer, CheckpointError, _arrays_sha256, _recipe_dict
+from jaxkv.checkpoint import (
+    CalibCheckpointer,
+    CheckpointError,
+    _arrays_sha256,
+    _recipe_dict,
+    read_metadata,
+    restore_arrays,
+)
 from jaxkv.config import ConfigError, ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.kvcache import WKV_NAMES, KVQuantConfig, SideSpec, clip_factors, fake_quantize
@@ -499,16 +506,7 @@ def save_wkv(path: str | Path, params: dict, kv: KVQuantConfig, model, extra: di
 
 
 def read_wkv_metadata(path: str | Path) -> dict:
-    meta_path = Path(path) / "wkvquant.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: not saved WKVQuant parameters (no wkvquant.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path}: corrupt metadata ({e})") from None
-    if meta.get("format") != WKV_FORMAT:
-        raise CheckpointError(f"{path}: unknown WKVQuant format {meta.get('format')!r}")
-    return meta
+    return read_metadata(path, "wkvquant.json", WKV_FORMAT, "saved WKVQuant parameters")
 
 
 def restore_wkv(path: str | Path, model=None, kv: KVQuantConfig | None = None) -> dict:
@@ -537,12 +535,5 @@ def restore_wkv(path: str | Path, model=None, kv: KVQuantConfig | None = None) -
                 f"{path}: these WKVQuant parameters were learned for the KV cache {meta['kv_label']}, "
                 f"not {kv.label()} ({_kv_key(saved, L)} vs {_kv_key(kv, L)})"
             )
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            arrays = ckptr.restore(path / "arrays")
-    except Exception as e:  # tensorstore / orbax raise many types for missing or damaged files
-        raise CheckpointError(f"{path}: cannot read the WKVQuant arrays ({type(e).__name__}: {e})") from None
-    names = {f"{s}_{n}" for s in SIDES for n in WKV_NAMES}
-    if set(arrays) != names or _arrays_sha256(arrays) != meta["sha256"]:
-        raise CheckpointError(f"{path}: the WKVQuant arrays do not match their recorded checksum (corrupt?)")
+    arrays = restore_arrays(path, [f"{s}_{n}" for s in SIDES for n in WKV_NAMES], meta["sha256"], "WKVQuant")
     return {n: jnp.asarray(a) for n, a in arrays.items()}

@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from _results import open_results
 
 ROWS = ("minmax-all", "minmax-past-only", "2d-init", "crr", "intact-exact", "intact-calibrated")
 
@@ -61,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--crr-batch-size", type=int, default=1)
     p.add_argument("--crr-lr", type=float, default=5e-3)
     p.add_argument("--crr-k", type=int, default=5)
+    p.add_argument(
+        "--intact-crr", default="separate", choices=("separate", "reuse"),
+        help="IntactKV rows: CRR rerun with the FP [BOS] pivot (separate, as jaxkv calibrate does) or the "
+        "parameters of the + CRR row reused (reuse: half the CRR cost)",
+    )  # fmt: skip
     p.add_argument("--prefix-epochs", type=int, default=20, help="IntactKV prefix calibration epochs")
     p.add_argument("--prefix-micro-batch", type=int, default=4)
     p.add_argument("--out", default="results/wkvquant", help="output path without extension")
@@ -81,7 +82,12 @@ def markdown(doc: dict) -> str:
         f"Calibration ({s['calib_samples']} windows x {s['calib_seqlen']} tokens of sotu-calib, the same "
         f"windows for the smoothing statistics, CRR and the prefix): CRR k={s['crr_k']}, "
         f"{s['crr_epochs']} epochs per block, batch {s['crr_batch_size']}, AdamW lr {s['crr_lr']}; IntactKV "
-        f"prefix {s['prefix_epochs']} epochs, AdamW 2e-4 (the paper's recipe otherwise).",
+        f"prefix {s['prefix_epochs']} epochs, AdamW 2e-4 (the paper's recipe otherwise). IntactKV rows: "
+        + (
+            "CRR rerun with the FP [BOS] K/V as an unquantized pivot."
+            if s["intact_crr"] == "separate"
+            else "the parameters of the + CRR row (learned with [BOS] quantized), reused."
+        ),
         "",
     ]
     bits = [b for b in s["bits"].split(",")]
@@ -91,7 +97,7 @@ def markdown(doc: dict) -> str:
         "minmax-past-only": "+ past-only",
         "2d-init": "+ two-dimensional (smoothing init, no training)",
         "crr": "+ cross-block reconstruction (CRR)",
-        "intact-exact": "+ IntactKV[B] (CRR with FP [BOS] pivot, exact prefix)",
+        "intact-exact": "+ IntactKV[B] (exact FP [BOS] prefix)",
         "intact-calibrated": "+ calibrated IntactKV[B]",
     }
     lines += ["| row | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
@@ -127,27 +133,14 @@ def main(argv=None) -> int:
     from jaxkv.wkvquant import CRRConfig, pivot_windows
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume", "no_progress")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    doc = {
-        "settings": settings,
-        "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
-        "jax": jax.__version__,
-        "host": platform.node(),
-        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "rows": {},
-    }
-    if args.resume and json_path.is_file():
-        old = json.loads(json_path.read_text())
-        if old.get("settings") == settings:
-            doc.update(rows=old["rows"], fp_ppl=old.get("fp_ppl"), w_ppl=old.get("w_ppl"))
-    t_start = time.perf_counter() - doc.get("seconds", 0)
+    doc, write = open_results(
+        args.out, settings, args.resume, markdown, rows={}, fp_ppl=None, w_ppl=None, seconds=0
+    )
+    t_start = time.perf_counter() - doc["seconds"]
 
     def save():
         doc["seconds"] = time.perf_counter() - t_start
-        json_path.write_text(json.dumps(doc, indent=1))
-        md_path.write_text(markdown(doc))
+        write()
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -191,7 +184,7 @@ def main(argv=None) -> int:
     for spec in args.bits.split(","):
         bits_rows(spec, args, doc, save, log, ppl, fp, q, calib, prefix_b, crr_cfg, prefix_cfg)
     save()
-    log(f"wrote {json_path} and {md_path} ({doc['seconds'] / 60:.1f} min)")
+    log(f"wrote {args.out}.json and {args.out}.md ({doc['seconds'] / 60:.1f} min)")
     return 0
 
 
@@ -225,6 +218,8 @@ def bits_rows(spec, args, doc, save, log, ppl, fp, q, calib, prefix_b, crr_cfg, 
         return cache["init", tag]
 
     def crr(prefix):
+        if args.intact_crr == "reuse":
+            prefix = None
         tag = "intact" if prefix else "plain"
         if ("crr", tag) not in cache:
             cache["crr", tag] = crr_calibrate(fp, q, wkv_kv, calib, init(prefix), crr_cfg, prefix=prefix,

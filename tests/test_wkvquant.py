@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from test_calibrate import TinyModel
 
 from jaxkv.checkpoint import CheckpointError
 from jaxkv.config import ConfigError, ModelConfig
@@ -27,16 +28,6 @@ from jaxkv.wkvquant import (
     save_wkv,
     smoothing_init,
 )
-
-
-@dataclasses.dataclass
-class TinyModel:
-    cfg: ModelConfig
-    params: dict
-    tokenizer: object = None
-    recipe: object = None
-    fingerprint: str | None = None
-
 
 CFG = ModelConfig(
     vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
