@@ -19,6 +19,7 @@ from jaxkv.config import ModelConfig  # noqa: E402
 from jaxkv.evaluate import make_windows, perplexity  # noqa: E402
 from jaxkv.generate import generate, generate_iter  # noqa: E402
 from jaxkv.load import LoadedModel, load  # noqa: E402
+from jaxkv.model import decode_layout  # noqa: E402
 from jaxkv.prefix import Prefix, make_prefix  # noqa: E402
 from jaxkv.quant import QuantRecipe, quantize  # noqa: E402
 
@@ -29,6 +30,7 @@ __all__ = [
     "Prefix",
     "QuantRecipe",
     "calibrate",
+    "decode_layout",
     "generate",
     "generate_iter",
     "load",

@@ -490,6 +490,10 @@ def cmd_generate(args) -> int:
     eos = set(model.cfg.eos_token_ids)
     kv = _kv_config(args, model)
     wkv = _wkv_for(args, model, kv)
+    if args.device_mesh is None:  # one device: fused projections, one buffer per layer (faster decode)
+        from jaxkv.model import decode_layout
+
+        model = dataclasses.replace(model, params=decode_layout(model.params))
     for piece, _ in generate_iter(
         model,
         prefix,
