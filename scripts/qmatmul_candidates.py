@@ -7,6 +7,7 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
 * ``xla-pergroup``  jaxkv's portable path: per-group product, scales after (``JAXKV_QMATMUL=xla``)
 * ``xla-dequant``   dequantize to bf16, then one matmul
 * ``xla-*-subchannel``  the two XLA paths with ``--xla_gpu_experimental_enable_subchannel_dequantisation_fusion``
+* ``pallas-2d``     ``jaxkv.kernels.qmatmul`` on eight separate 2-D weights (no layer offset)
 * ``pallas``        ``jaxkv.kernels.qmatmul`` reading layer i of a stacked [8, ...] QArray in place,
                     swept over tiles (block_n, split_k, warps, stages); the best tile is reported
 
@@ -142,6 +143,13 @@ def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only
         )
         return t, out
 
+    def kernel_2d(x, w):  # one layer, no layer offset: what decode_layout's weights take
+        return qk.qmatmul(
+            x, w.packed[None], w.scale[None], qk.zero_points(w)[None], None, bits=bits, group=group
+        )
+
+    f = over_singles(kernel_2d, singles)
+    record("pallas-2d", _time(f, x, singles) / COPIES, qbytes, kernel_2d(x, singles[0]))
     default = qk.default_config(I, O, group)
     t, out = kernel_time(default)
     record("pallas-default", t, qbytes, out, config=str(default))

@@ -170,3 +170,14 @@ def test_decode_layout_generates_the_same_tokens(kv):
     kw = dict(max_new_tokens=12, kv=parse_kv(kv) if kv else None, stop_at_eos=False)
     ra, rb = generate(a, None, prompts, **kw), generate(b, None, prompts, **kw)
     assert ra.tokens == rb.tokens and len(ra.tokens[0]) == 12
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_qmatmul_single_layer_without_offset(M):
+    """``layer=None``: one [1, ...] weight read as 2-D refs (the path of decode_layout's weights)."""
+    rng = np.random.default_rng(7 + M)
+    q, codes, scale, zero = _random_q(rng, 1, 256, 128, 4, 64)
+    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.bfloat16)
+    y = qk.qmatmul(x, q.packed, q.scale, q.zero, None, bits=4, group=64, interpret=not ON_GPU)
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[0], scale[0], zero[0], 64)
+    assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 4e-3

@@ -80,10 +80,30 @@ def _row_pad(m: int, bits: int) -> int:
     return max(16, 1 << (m - 1).bit_length())
 
 
+def _codes_f32(c: jax.Array) -> jax.Array:
+    """uint8 codes (< 2**23) as float32 without an integer-to-float convert (a quarter-rate
+    instruction on Hopper, and one per weight): the bits ``0x4B000000 | c`` are the float
+    ``2**23 + c`` exactly; one subtraction leaves ``c``."""
+    bits = c.astype(jnp.uint32) | jnp.uint32(0x4B000000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388608.0)
+
+
+def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
+    """4-bit codes as ``bias + c`` in the 16-bit ``dtype`` built from bits (no convert):
+    bf16 ``0x4300 | c`` = 128 + c, f16 ``0x6400 | c`` = 1024 + c, exact for c < 16. The caller
+    subtracts ``bias`` through the zero point (``sum(x) * bias``, in float32)."""
+    magic, bias = (0x4300, 128.0) if dtype == jnp.bfloat16 else (0x6400, 1024.0)
+    bits = c.astype(jnp.uint16) | jnp.uint16(magic)
+    return jax.lax.bitcast_convert_type(bits, dtype), bias
+
+
 def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n):
     n, k = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
-    cols = pl.ds(n * block_n, block_n)
+    # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
+    # alignment it needs for wide vector loads; stacked ones add the traced layer offset.
+    stacked = p_ref.ndim == 3
+    lead = (layer_ref[0],) if stacked else ()
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     Mp = x_ref.shape[0]
     first = k * groups_per_prog
 
@@ -94,30 +114,36 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
             # codes costs a layout shuffle through shared memory. Plain FMAs into a 2-D accumulator
             # instead, reduced over the rows once after the loop; the weight is dequantized with
             # one FMA (code * scale - zero * scale).
-            p = p_ref[layer, pl.ds(g * (group // 2), group // 2), cols]
+            p = p_ref[(*lead, pl.ds(pl.multiple_of(g * (group // 2), group // 2), group // 2), cols)]
             xe = x_ref[pl.ds(0, 1), pl.ds(g * group, group // 2, 2)].astype(jnp.float32).T
             xo = x_ref[pl.ds(0, 1), pl.ds(g * group + 1, group // 2, 2)].astype(jnp.float32).T
-            scale = s_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)
-            zs = z_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32) * scale
-            lo = (p & 0xF).astype(jnp.float32) * scale - zs
-            hi = (p >> 4).astype(jnp.float32) * scale - zs
+            scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
+            zs = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32) * scale
+            lo = _codes_f32(p & 0xF) * scale - zs
+            hi = _codes_f32(p >> 4) * scale - zs
             return acc + lo * xe + hi * xo
         if bits == 4:
-            p = p_ref[layer, pl.ds(g * (group // 2), group // 2), cols]  # uint8 [group/2, block_n]
+            p = p_ref[
+                (*lead, pl.ds(pl.multiple_of(g * (group // 2), group // 2), group // 2), cols)
+            ]  # uint8 [group/2, block_n]
             # even input rows meet the low nibbles, odd rows the high ones (strided loads, no copies)
             xe = x_ref[:, pl.ds(g * group, group // 2, 2)]
             xo = x_ref[:, pl.ds(g * group + 1, group // 2, 2)]
-            lo = (p & 0xF).astype(jnp.float32).astype(xe.dtype)
-            hi = (p >> 4).astype(jnp.float32).astype(xe.dtype)
+            # codes + bias as 16-bit floats straight from their bits (see _codes_16)
+            lo, bias = _codes_16(p & 0xF, xe.dtype)
+            hi, _ = _codes_16(p >> 4, xe.dtype)
             a = pltriton.dot(xe, lo) + pltriton.dot(xo, hi)
             xsum = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)
+            scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
+            zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32) + bias
+            return acc + (a - xsum[:, None] * zero) * scale
         else:
-            p = p_ref[layer, pl.ds(g * group, group), cols]
+            p = p_ref[(*lead, pl.ds(pl.multiple_of(g * group, group), group), cols)]
             xg = x_ref[:, pl.ds(g * group, group)]
             a = pltriton.dot(xg, p.astype(jnp.float32).astype(xg.dtype))
             xsum = jnp.sum(xg.astype(jnp.float32), axis=1)
-        scale = s_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)  # [1, block_n]
-        zero = z_ref[layer, pl.ds(g, 1), cols].astype(jnp.float32)
+        scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
+        zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
         return acc + (a - xsum[:, None] * zero) * scale
 
     # The last split may hold fewer groups when split_k does not divide them.
@@ -146,7 +172,8 @@ def qmatmul(
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
 
     ``packed [L, I*bits/8, O]`` uint8, ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric
-    weights pass their implicit zero point as an array), ``layer`` an int32 scalar.
+    weights pass their implicit zero point as an array), ``layer`` an int32 scalar, or None when
+    ``L == 1`` (the kernel then needs no layer offset).
     """
     M, I = x.shape
     L, _, O = packed.shape
@@ -154,6 +181,10 @@ def qmatmul(
     groups = I // group
     if O % cfg.block_n or cfg.split_k > groups:
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
+    weights = (packed, scale, zero)
+    if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
+        weights = tuple(a.reshape(a.shape[1:]) for a in weights)
+        layer = 0
     Mp = _row_pad(M, bits)
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
@@ -176,7 +207,7 @@ def qmatmul(
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, packed, scale, zero)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 

@@ -359,7 +359,7 @@ def matmul(x: jax.Array, w) -> jax.Array:
         if isinstance(w, LayerOf):
             stacked, index = q, w.index
         else:
-            stacked, index = jax.tree.map(lambda a: a[None], q), jnp.int32(0)
+            stacked, index = jax.tree.map(lambda a: a[None], q), None
         x2 = x.reshape(-1, I)
         zero = qk.zero_points(stacked)
         y = qk.qmatmul(x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group)
