@@ -1,0 +1,103 @@
+"""Where a decode step's time goes: a JAX profiler trace of a few decode steps of a ``jaxkv bench``
+case, summarised per GPU kernel (name, launches per step, microseconds per step), largest first.
+
+    python scripts/profile_decode.py --shape llama2-7b --weights int4 --out results/bench/profile_int4_b1
+
+Writes ``OUT.json`` (the summary) and prints the top kernels; the raw trace stays under ``OUT.trace/``
+(open it in Perfetto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import sys
+from pathlib import Path
+
+
+def summarise(trace_file: str, steps: int) -> list[dict]:
+    """Per kernel name: launches and microseconds per decode step, from a Perfetto trace."""
+    with gzip.open(trace_file) as f:
+        events = json.load(f)["traceEvents"]
+    names = {}  # (pid, tid) -> thread name: device streams are the GPU's
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            names[(e["pid"], e["tid"])] = e["args"]["name"]
+    pids = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    total = collections.defaultdict(float)
+    count = collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        if "/device:GPU" not in pids.get(e["pid"], "") or "Stream" not in names.get((e["pid"], e["tid"]), ""):
+            continue
+        total[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+    rows = [
+        {"kernel": k, "launches_per_step": count[k] / steps, "us_per_step": total[k] / steps} for k in total
+    ]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="llama2-7b")
+    p.add_argument("--weights", default="int4")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--kv", default="bf16")
+    p.add_argument("--out", default="results/bench/profile")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.bench import parse_kv, random_model
+    from jaxkv.config import shape_config
+    from jaxkv.generate import DecodeState, _decode, _prefill
+    from jaxkv.kvcache import init_cache
+    from jaxkv.model import decode_layout
+
+    cfg = shape_config(args.shape)
+    params = decode_layout(random_model(cfg, args.weights, 128))
+    B, T, N = args.batch, args.prompt, args.steps + 1
+    tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    last = jnp.full((B,), T - 1, jnp.int32)
+    consts = (jnp.float32(0.0), jnp.float32(1.0))
+
+    def state():
+        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=parse_kv(args.kv))
+        first, cache = _prefill(params, tokens, positions, cache, last, jax.random.key(0), *consts, cfg, 0)
+        out = jnp.zeros((B, N), jnp.int32).at[:, 0].set(first)
+        return DecodeState(cache, out, jnp.int32(1), jnp.zeros((B,), bool), jax.random.key(1))
+
+    def decode(s):
+        return _decode(params, s, jnp.int32(N), *consts, jnp.asarray([-1]), 0, cfg, 0).out.block_until_ready()
+
+    decode(state())  # compile
+    s = state()
+    jax.block_until_ready(s)
+    out = Path(args.out)
+    trace_dir = out.with_suffix(".trace")
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        decode(s)
+    trace = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))[-1]
+    rows = summarise(trace, args.steps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "kernels": rows}, indent=1))
+    busy = sum(r["us_per_step"] for r in rows)
+    print(f"GPU busy {busy:.0f} us per decode step over {len(rows)} kernel names")
+    for r in rows[:25]:
+        print(f"{r['us_per_step']:9.1f} us {r['launches_per_step']:6.1f}x  {r['kernel'][:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
