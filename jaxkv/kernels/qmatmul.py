@@ -16,8 +16,14 @@ Conventions
   The codes enter the tensor-core product exactly (integers < 256 are exact in bf16/f16) with
   float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight, so the
   kernel does a shift, a mask and a convert per weight and a few operations per group.
-* One row of 4-bit codes (batch-1 decode) takes an FMA path (no tensor cores, no layout shuffle);
-  more rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
+* One row of 4-bit codes (batch-1 decode) takes its own kernel, :func:`_gemv4_kernel` (plain FMAs,
+  no tensor cores, no layout shuffle), built to spend as few instructions per weight as memory
+  bandwidth allows: a nibble becomes the float ``1 + c/16`` with one shift and one and-or (its bits
+  placed in the mantissa of 1.0, no integer-to-float convert, no subtraction), one FMA multiplies
+  it by ``x``, and scale and zero point are applied once per group and column through
+  ``sum_i x_i (c_i - z) s = s (16 sum_i x_i (1 + c_i/16) - (16 + z) sum_i x_i)``. Each program
+  issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
+  More rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
   and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
   programs share the input dimension of one column block and write float32 partial sums that XLA
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
@@ -50,17 +56,26 @@ class KernelConfig:
     split_k: int = 4
     num_warps: int = 4
     num_stages: int = 4
+    sub_rows: int = 8  # one-row 4-bit kernel: packed byte rows per load (sub_rows x block_n bytes)
 
 
-def default_config(I: int, O: int, group: int) -> KernelConfig:
-    """A tile for ``[I, O]``: at least two programs per SM of an H100 (132 SMs), split along I when
-    the output columns alone do not give that many (measured: scripts/qmatmul_candidates.py)."""
-    block_n = 128 if O >= 16384 and O % 128 == 0 else 64
+def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
+    """A tile for ``[I, O]``: at least two programs per SM of an H100/H200 (132 SMs), split along I
+    when the output columns alone do not give that many (measured: scripts/qmatmul_candidates.py).
+    The one-row 4-bit kernel takes wider column blocks, loaded 16 bytes per thread."""
     groups = I // group
+    if rows == 1 and bits == 4:
+        block_n = next((b for b in (256, 128) if O % b == 0), 64)
+        sub_rows = min(2048 // block_n, group // 2)
+        target = 4 * 132
+    else:
+        block_n = 128 if O >= 16384 and O % 128 == 0 else 64
+        sub_rows = KernelConfig.sub_rows
+        target = 2 * 132
     split_k = 1
-    while O // block_n * split_k < 264 and split_k < 8 and split_k * 2 <= groups:
+    while O // block_n * split_k < target and split_k < 16 and split_k * 2 <= groups:
         split_k *= 2
-    return KernelConfig(block_n=block_n, split_k=split_k)
+    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows)
 
 
 def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
@@ -76,16 +91,8 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
 
 def _row_pad(m: int, bits: int) -> int:
     if m == 1 and bits == 4:
-        return 1  # the FMA path of _kernel
+        return 1  # _gemv4_kernel
     return max(16, 1 << (m - 1).bit_length())
-
-
-def _codes_f32(c: jax.Array) -> jax.Array:
-    """uint8 codes (< 2**23) as float32 without an integer-to-float convert (a quarter-rate
-    instruction on Hopper, and one per weight): the bits ``0x4B000000 | c`` are the float
-    ``2**23 + c`` exactly; one subtraction leaves ``c``."""
-    bits = c.astype(jnp.uint32) | jnp.uint32(0x4B000000)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388608.0)
 
 
 def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
@@ -109,19 +116,6 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
 
     def body(j, acc):
         g = first + j
-        if bits == 4 and Mp == 1:
-            # One row (batch-1 decode): no tensor-core tile to fill, and feeding one the converted
-            # codes costs a layout shuffle through shared memory. Plain FMAs into a 2-D accumulator
-            # instead, reduced over the rows once after the loop; the weight is dequantized with
-            # one FMA (code * scale - zero * scale).
-            p = p_ref[(*lead, pl.ds(pl.multiple_of(g * (group // 2), group // 2), group // 2), cols)]
-            xe = x_ref[pl.ds(0, 1), pl.ds(g * group, group // 2, 2)].astype(jnp.float32).T
-            xo = x_ref[pl.ds(0, 1), pl.ds(g * group + 1, group // 2, 2)].astype(jnp.float32).T
-            scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-            zs = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32) * scale
-            lo = _codes_f32(p & 0xF) * scale - zs
-            hi = _codes_f32(p >> 4) * scale - zs
-            return acc + lo * xe + hi * xo
         if bits == 4:
             p = p_ref[
                 (*lead, pl.ds(pl.multiple_of(g * (group // 2), group // 2), group // 2), cols)
@@ -148,12 +142,52 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
 
     # The last split may hold fewer groups when split_k does not divide them.
     steps = jnp.minimum(groups_per_prog, groups - first)
-    if bits == 4 and Mp == 1:
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((group // 2, block_n), jnp.float32))
-        acc = jnp.sum(acc, axis=0, keepdims=True)
-    else:
-        acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _nibble_f32(u: jax.Array, shift: int) -> jax.Array:
+    """The 4-bit code at bits ``[shift, shift + 4)`` of uint32 ``u`` as the float32 ``1 + c/16``: the
+    code moved to mantissa bits 19-22 of 1.0 (one shift, one and-or; no convert, no subtraction)."""
+    moved = u << (19 - shift) if shift <= 19 else u >> (shift - 19)
+    return jax.lax.bitcast_convert_type((moved & 0x780000) | 0x3F800000, jnp.float32)
+
+
+def _gemv4_kernel(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows
+):
+    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
+    n, k = pl.program_id(0), pl.program_id(1)
+    stacked = p_ref.ndim == 3
+    lead = (layer_ref[0],) if stacked else ()
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    half = group // 2  # packed byte rows per group
+    first = k * groups_per_prog
+
+    def body(j, carry):
+        out, zterm = carry
+        g = first + j
+        # every load of the group first, so they are all in flight before the arithmetic starts
+        tiles = [
+            p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
+            for t in range(half // sub_rows)
+        ]
+        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
+        acc = jnp.zeros((sub_rows, block_n), jnp.float32)
+        for t, p in enumerate(tiles):
+            row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
+            xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
+            xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+            u = p.astype(jnp.uint32)
+            acc = acc + _nibble_f32(u, 0) * xe + _nibble_f32(u, 4) * xo
+        scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
+        zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
+        return out + acc * (16.0 * scale), zterm + (16.0 + zero) * scale * xsum
+
+    steps = jnp.minimum(groups_per_prog, groups - first)
+    init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
+    out, zterm = jax.lax.fori_loop(0, steps, body, init)
+    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
@@ -177,26 +211,24 @@ def qmatmul(
     """
     M, I = x.shape
     L, _, O = packed.shape
-    cfg = config or default_config(I, O, group)
+    Mp = _row_pad(M, bits)
+    cfg = config or default_config(I, O, group, Mp, bits)
     groups = I // group
-    if O % cfg.block_n or cfg.split_k > groups:
+    gemv = Mp == 1
+    if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
     weights = (packed, scale, zero)
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
-    Mp = _row_pad(M, bits)
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
-    kernel = functools.partial(
-        _kernel,
-        bits=bits,
-        group=group,
-        groups=groups,
-        groups_per_prog=-(-groups // cfg.split_k),
-        block_n=cfg.block_n,
-    )
+    tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
+    if gemv:
+        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, **tiling)
+    else:
+        kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
@@ -206,7 +238,7 @@ def qmatmul(
         out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"qmatmul_int{bits}",
+        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
