@@ -63,13 +63,13 @@ def configs(I: int, O: int, group: int):
     default = qk.default_config(I, O, group, 1, 4)
     yield "default", default
     groups = I // group
-    for bn, per_thread, nw in itertools.product((128, 256, 512), (8, 16, 32), (4, 8)):
+    for bn, per_thread, nw in itertools.product((128, 256), (8, 16), (2, 4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
-        for sk in (1, 2, 4, 8, 16):
+        for sk in (8, 16, 32):
             programs = O // bn * sk
-            if sk > groups or not 128 <= programs <= 2048:
+            if sk > groups or not 128 <= programs <= 8192:
                 continue
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
 

@@ -60,20 +60,23 @@ class KernelConfig:
 
 
 def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
-    """A tile for ``[I, O]``: at least two programs per SM of an H100/H200 (132 SMs), split along I
-    when the output columns alone do not give that many (measured: scripts/qmatmul_candidates.py).
-    The one-row 4-bit kernel takes wider column blocks, loaded 16 bytes per thread."""
+    """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
+    programs. Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
+    one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
+    per SM, as many as 32 splits: on an H200 its time fell with every doubling of the programs up to
+    that (scripts/gemv_sweep.py, results/bench/h200_run*_gemv_sweep.md), since each program issues
+    a group's loads and then waits for them, so the overlap comes from the programs beside it."""
     groups = I // group
     if rows == 1 and bits == 4:
-        block_n = next((b for b in (256, 128) if O % b == 0), 64)
+        block_n = 128 if O % 128 == 0 else 64
         sub_rows = min(2048 // block_n, group // 2)
-        target = 4 * 132
+        target, max_split = 8 * 132, 32
     else:
         block_n = 128 if O >= 16384 and O % 128 == 0 else 64
         sub_rows = KernelConfig.sub_rows
-        target = 2 * 132
+        target, max_split = 2 * 132, 8
     split_k = 1
-    while O // block_n * split_k < target and split_k < 16 and split_k * 2 <= groups:
+    while O // block_n * split_k < target and split_k < max_split and split_k * 2 <= groups:
         split_k *= 2
     return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows)
 
