@@ -57,11 +57,13 @@ def device_launches(trace_dir: str) -> list[tuple[float, str, float]]:
     return sorted(out)
 
 
-def configs(I: int, O: int, group: int):
+def configs(I: int, O: int, group: int, sweep: bool = True):
     from jaxkv.kernels import qmatmul as qk
 
     default = qk.default_config(I, O, group, 1, 4)
     yield "default", default
+    if not sweep:
+        return
     groups = I // group
     for bn, per_thread, nw in itertools.product((128, 256), (8, 16), (2, 4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
@@ -74,7 +76,7 @@ def configs(I: int, O: int, group: int):
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
 
 
-def measure(I: int, O: int, group: int, repeats: int) -> list[dict]:
+def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -101,7 +103,7 @@ def measure(I: int, O: int, group: int, repeats: int) -> list[dict]:
     cases = []  # (label, config, jitted fn, weights, bytes)
     wb = [dequantize(stacked[i], jnp.bfloat16) for i in range(COPIES)]
     cases.append(("bf16", None, over_copies(lambda x, w: x @ w), wb, I * O * 2))
-    for label, cfg in configs(I, O, group):
+    for label, cfg in configs(I, O, group, sweep):
         f = over_copies(
             lambda x, w, cfg=cfg: qk.qmatmul(
                 x, w.packed, w.scale, w.zero, None, bits=4, group=group, config=cfg
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="llama2-7b")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--default-only", action="store_true", help="the default tile only (no sweep)")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
     rows, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:
-            shape_rows = measure(I, O, args.group, args.repeats)
+            shape_rows = measure(I, O, args.group, args.repeats, not args.default_only)
             every += shape_rows
             best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
             rows += [r for r in shape_rows if r["candidate"] in ("bf16", "default")] + [
