@@ -229,10 +229,9 @@ def qmatmul(
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
+    xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
     if gemv:
-        xp = x.reshape(I, 1)  # a column: see _gemv4_kernel
-    else:
-        xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
+        xp = xp.reshape(I, 1)  # a column: see _gemv4_kernel
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
