@@ -159,43 +159,38 @@ def _nibble_f32(u: jax.Array, shift: int) -> jax.Array:
 def _gemv4_kernel(
     layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows
 ):
-    """One row of ``x`` (passed as a column ``[I, 1]``) times 4-bit weights; see the module docstring.
-
-    Nothing inside the loop moves data between threads: ``x`` is read as a column, so its values
-    broadcast along the tile's rows without a transpose, and the zero-point term is kept per row
-    slot of the tile (``xs``) rather than reduced over the group; the one reduction over rows is
-    at the end."""
+    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     n, k = pl.program_id(0), pl.program_id(1)
     stacked = p_ref.ndim == 3
     lead = (layer_ref[0],) if stacked else ()
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     half = group // 2  # packed byte rows per group
     first = k * groups_per_prog
-    col = pl.ds(0, 1)
 
-    def body(j, out):
+    def body(j, carry):
+        out, zterm = carry
         g = first + j
         # every load of the group first, so they are all in flight before the arithmetic starts
         tiles = [
             p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
             for t in range(half // sub_rows)
         ]
+        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
-        xs = jnp.zeros((sub_rows, 1), jnp.float32)
         for t, p in enumerate(tiles):
             row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
-            xe = x_ref[pl.ds(row, sub_rows, 2), col].astype(jnp.float32)  # [sub_rows, 1]
-            xo = x_ref[pl.ds(row + 1, sub_rows, 2), col].astype(jnp.float32)
+            xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
+            xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
             u = p.astype(jnp.uint32)
             acc = acc + _nibble_f32(u, 0) * xe + _nibble_f32(u, 4) * xo
-            xs = xs + xe + xo
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-        return out + acc * (16.0 * scale) - xs * ((16.0 + zero) * scale)
+        return out + acc * (16.0 * scale), zterm + (16.0 + zero) * scale * xsum
 
     steps = jnp.minimum(groups_per_prog, groups - first)
-    out = jax.lax.fori_loop(0, steps, body, jnp.zeros((sub_rows, block_n), jnp.float32))
-    o_ref[...] = jnp.sum(out, axis=0, keepdims=True).astype(o_ref.dtype)
+    init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
+    out, zterm = jax.lax.fori_loop(0, steps, body, init)
+    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
@@ -230,8 +225,6 @@ def qmatmul(
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
-    if gemv:
-        xp = xp.reshape(I, 1)  # a column: see _gemv4_kernel
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
