@@ -172,7 +172,7 @@ def run_case(case: Case) -> dict:
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     key = jax.random.key(0)
-    temp, top_p = jnp.float32(0.0), jnp.float32(1.0)
+    temp, top_p = None, jnp.float32(1.0)  # greedy decided at trace time, as generate does
     eos, pad = jnp.asarray([-1], jnp.int32), 0
 
     def prefill():

@@ -202,7 +202,8 @@ def generate_iter(
     eos_ids = jnp.asarray(cfg.eos_token_ids if stop_at_eos and cfg.eos_token_ids else (-1,), jnp.int32)
     pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
     key = jax.random.key(seed)
-    temperature = jnp.float32(temperature)
+    # None: greedy at trace time (see jaxkv.sampling); sampling and greedy compile separately.
+    temperature = None if temperature == 0 else jnp.float32(temperature)
     top_p = jnp.float32(top_p)
 
     with sharding.activate(mesh):

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     last = jnp.full((B,), T - 1, jnp.int32)
-    consts = (jnp.float32(0.0), jnp.float32(1.0))
+    consts = (None, jnp.float32(1.0))  # greedy, as generate
 
     def state():
         cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=parse_kv(args.kv))

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -86,6 +87,22 @@ def test_filter_logits_top_k_top_p():
     assert kept(filter_logits(logits, 0, 0.8)) == [True, True, False, False]
     assert kept(filter_logits(logits, 0, 0.81)) == [True, True, True, False]
     assert kept(filter_logits(logits, 0, 1.0)) == [True, True, True, True]
+
+
+def test_greedy_at_trace_time_has_no_sort():
+    """temperature=None traces the argmax alone; a traced temperature of 0 gives the same tokens
+    through the sampling graph (sort, softmax, cumsum, categorical)."""
+    from jaxkv.sampling import sample
+
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)), jnp.float32)
+    key = jax.random.key(0)
+    greedy = jax.jit(sample, static_argnums=3)
+    assert "sort" not in greedy.lower(logits, key, None, 0, jnp.float32(0.9)).as_text()
+    assert "sort" in greedy.lower(logits, key, jnp.float32(0.0), 0, jnp.float32(0.9)).as_text()
+    a = greedy(logits, key, None, 0, jnp.float32(0.9))
+    b = greedy(logits, key, jnp.float32(0.0), 0, jnp.float32(0.9))
+    np.testing.assert_array_equal(np.asarray(a), np.argmax(np.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_prompt_longer_than_cache(model):
