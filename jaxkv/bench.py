@@ -60,9 +60,11 @@ class Case:
     repeats: int = 3
     qmatmul: str = "auto"  # JAXKV_QMATMUL: auto (kernel where it applies) or xla
     prefill_chunk: int = 1024  # prompt tokens per prefill call (the prefill's attention is not flash)
+    kv_decode: str = "xla"  # JAXKV_KV_DECODE: xla, or the split-K kernel for a quantized cache
 
     def label(self) -> str:
         tail = "" if self.qmatmul == "auto" else f" [{self.qmatmul}]"
+        tail += "" if self.kv_decode == "xla" else f" [kv {self.kv_decode}]"
         return f"{self.weights} b{self.batch} p{self.prompt} kv={self.kv}{tail}"
 
 
@@ -300,6 +302,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--xla-too", action="store_true", help="also run quantized cases on the portable XLA matmul"
     )
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
+    p.add_argument(
+        "--kv-decode", default="xla",
+        help="comma list for quantized KV caches: xla (unpack and attend) and/or kernel (split-K decode kernel)",
+    )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 
 
@@ -318,6 +324,10 @@ def run(args) -> dict:
             raise JaxkvError(f"--weights: {w!r} is not one of {WEIGHTS}")
     for spec in args.kv.split(","):
         parse_kv(spec)
+    kv_decodes = [d.strip() for d in args.kv_decode.split(",") if d.strip()]
+    for d in kv_decodes:
+        if d not in ("xla", "kernel"):
+            raise JaxkvError(f"--kv-decode: {d!r} is not one of ('xla', 'kernel')")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
         if p != "hf":
@@ -328,21 +338,15 @@ def run(args) -> dict:
             for t in _ints(args.prompt):
                 for kv in args.kv.split(","):
                     modes = ["auto", "xla"] if (args.xla_too and w != "bf16") else ["auto"]
+                    decodes = kv_decodes if parse_kv(kv) is not None else ["xla"]
                     for m in modes:
-                        cases.append(
-                            Case(
-                                args.shape,
-                                w,
-                                b,
-                                t,
-                                args.new_tokens,
-                                kv.strip(),
-                                args.group,
-                                not args.no_fuse,
-                                args.repeats,
-                                m,
-                            )
-                        )
+                        for d in decodes:
+                            cases.append(
+                                Case(
+                                    args.shape, w, b, t, args.new_tokens, kv.strip(), args.group,
+                                    not args.no_fuse, args.repeats, m, args.prefill_chunk, d,
+                                )
+                            )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
@@ -375,7 +379,7 @@ def run(args) -> dict:
             c = job[1]
             r = _subprocess_json(
                 ["-m", "jaxkv.bench", "--case", json.dumps(dataclasses.asdict(c))],
-                {"JAXKV_QMATMUL": c.qmatmul},
+                {"JAXKV_QMATMUL": c.qmatmul, "JAXKV_KV_DECODE": c.kv_decode},
             )
             r.setdefault("label", c.label())
             results["cases"].append(r)

@@ -15,6 +15,12 @@ Two implementations of the cached attention, chosen by ``impl``:
   quantized body and the full-precision key window (ring + new tokens) go through one softmax in
   which each visible slot appears once; values are then read from the body or the value window
   with gathers of window size only (never over S).
+* ``"kernel"``: ``"folded"`` with the body read by the split-K decode kernel of
+  ``jaxkv.kernels.kvdecode`` (one query per sequence, per-channel keys, 2/4/8-bit keys and values;
+  other calls take ``"folded"``): the kernel returns each chunk's maximum, exponential sum and
+  weighted value sum over the slots read quantized on both sides, and one softmax over pivot,
+  window and those partials combines them exactly. Chosen by the model when ``JAXKV_KV_DECODE=kernel``
+  (:func:`decode_impl`); GPU (Triton), or Pallas' interpreter elsewhere.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
 
@@ -23,6 +29,8 @@ softmax and the output sums are float32.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +206,26 @@ def dequantize_body(side: QuantSide) -> jax.Array:
 # Cached attention (prefill and decode)
 
 
+def decode_impl() -> str:
+    """The cached-attention implementation the model uses: ``"kernel"`` when ``JAXKV_KV_DECODE=kernel``
+    (the split-K decode kernel where it applies), else ``"folded"``. The kernel is opt-in until its
+    speed is measured on a GPU; both compute the same attention (tests)."""
+    return "kernel" if os.environ.get("JAXKV_KV_DECODE", "xla") == "kernel" else "folded"
+
+
+def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> bool:
+    from jaxkv.kernels import kvdecode
+
+    return (
+        T == 1
+        and kspec.quantized
+        and vspec.quantized
+        and cfg.sliding_window is None
+        and kspec.group == vspec.group
+        and kvdecode.supported(kspec.bits, vspec.bits, kspec.per_channel, kspec.group, H, G)
+    )
+
+
 def attend_cached(
     q, k, v, pivot_k, pivot_v, kside: QuantSide, vside: QuantSide, positions, n_old, n_new, slot,
     cfg: ModelConfig, kv: KVQuantConfig, impl: str = "folded",
@@ -233,25 +261,35 @@ def attend_cached(
     if impl == "reference":
         out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
         return out.astype(cd).reshape(B, T, N * H), kside, vside
-    if impl != "folded":
-        raise ValueError(f"impl must be 'folded' or 'reference', got {impl!r}")
+    if impl not in ("folded", "kernel"):
+        raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
+    kernel = impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg)
 
     # One softmax over [pivot P | body S | key window W+T]: every visible slot appears exactly once,
     # in the body when the query reads its quantized key, in the window otherwise. Only
-    # window-sized gathers follow, never one over S.
+    # window-sized gathers follow, never one over S. With the kernel, the body's part of the
+    # softmax arrives as per-chunk partials (maximum, exponential sum, weighted values).
     s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
-    parts, masks = [s_piv, body_scores(qg, kside)], [mask[..., :P], mask[..., P:]]
+    parts, masks = [s_piv], [mask[..., :P]]
+    if not kernel:
+        parts.append(body_scores(qg, kside))
+        masks.append(mask[..., P:] & use_k if kspec.quantized else mask[..., P:])
     if kspec.quantized:
         qk = frontier(i, kspec, kv)
-        masks[1] = masks[1] & use_k
         kslot = kbase[:, None] + jnp.arange(kview.shape[1])  # [B, Wk+T] slot of each window entry
         kwin_pos = jnp.where((kslot >= 0) & (kslot < n_new[:, None]), P + kslot, -1)
         parts.append(jnp.einsum("BTKGH,BWKH->BTKGW", qg, kview.astype(cd), preferred_element_type=_F32))
         masks.append(_mask(positions, kwin_pos, cfg) & (kslot[:, None, :] >= qk[..., None]))
     scores = jnp.concatenate(parts, axis=-1) * (1.0 / np.sqrt(H))
     scores = jnp.where(jnp.concatenate(masks, axis=-1)[:, :, None, None, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    p_piv, p_body, p_kwin = probs[..., :P], probs[..., P : P + S], probs[..., P + S :]
+    if kernel:
+        probs, body_out = _softmax_with_body(
+            qg, kside, vside, i, kv, scores, interpret=jax.default_backend() != "gpu"
+        )
+        p_piv, p_body, p_kwin = probs[..., :P], None, probs[..., P:]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+        p_piv, p_body, p_kwin = probs[..., :P], probs[..., P : P + S], probs[..., P + S :]
 
     def win_rows(side: QuantSide, slots):
         """Body rows of ``side`` at window slots [B, W] (clipped), dequantized float32 [B, W, K, H]."""
@@ -278,13 +316,17 @@ def attend_cached(
     else:
         qv = frontier(i, vspec, kv)
         # Quantized values (slot < qv): body slots, and key-window slots the value rule quantizes.
-        out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
+        if kernel:
+            out += body_out
+        else:
+            out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
         if kspec.quantized:
             p_kq = jnp.where((kslot[:, None, :] < qv[..., None])[:, :, None, None, :], p_kwin, 0.0)
             out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kq, win_rows(vside, kslot))
         # Full-precision values (slot >= qv) from the value window, whichever part holds their probability.
         vslot = vbase[:, None] + jnp.arange(vview.shape[1])  # [B, Wv+T]
-        p_vwin = gather_last(p_body, vslot, (vslot >= 0) & (vslot < S))
+        # (the kernel's body slots are all below qv: none of them has a full-precision value)
+        p_vwin = 0.0 if kernel else gather_last(p_body, vslot, (vslot >= 0) & (vslot < S))
         if kspec.quantized:
             w = vslot - kbase[:, None]
             p_vwin += gather_last(p_kwin, w, (w >= 0) & (w < kview.shape[1]))
@@ -294,6 +336,29 @@ def attend_cached(
             "BTKGW,BWKH->BTKGH", p_vwin.astype(cd), vview.astype(cd), preferred_element_type=_F32
         )
     return out.astype(cd).reshape(B, T, N * H), kside, vside
+
+
+def _softmax_with_body(qg, kside: QuantSide, vside: QuantSide, i, kv: KVQuantConfig, scores, interpret: bool):
+    """Softmax over ``scores [B, 1, K, G, X]`` (pivot and windows, already scaled and masked) and the
+    quantized body slots both sides read quantized, whose part the split-K kernel returns as
+    partials. Returns ``(probs [B, 1, K, G, X], body_out [B, 1, K, G, H])``, both normalised by the
+    one denominator."""
+    from jaxkv.kernels import kvdecode
+
+    kspec, vspec = kside.spec, vside.spec
+    H = qg.shape[-1]
+    n_read = jnp.minimum(frontier(i, kspec, kv), frontier(i, vspec, kv))[:, 0]  # [B], multiple of g
+    m, l, o = kvdecode.body_partials(
+        qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H)), n_read, kside.data, kside.scale, kside.zero,
+        vside.data, vside.scale, vside.zero, kbits=kspec.bits, vbits=vspec.bits, group=kspec.group,
+        interpret=interpret,
+    )  # fmt: skip
+    m_all = jnp.maximum(jnp.max(scores, axis=-1), jnp.max(m, axis=2)[:, None])  # [B, 1, K, G]
+    e = jnp.exp(scores - m_all[..., None])
+    w = jnp.exp(m - m_all[:, 0, :, None, :])  # [B, K, NC, G]
+    denom = jnp.sum(e, axis=-1) + jnp.sum(l * w, axis=2)[:, None]
+    body = jnp.einsum("BKCG,BKCGH->BKGH", w, o)[:, None] / denom[..., None]
+    return e / denom[..., None], body
 
 
 def _slots_fp(view, base, S):

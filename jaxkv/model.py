@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.config import ConfigError, ModelConfig
-from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed
+from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed, decode_impl
 from jaxkv.kvcache import KVCache, KVQuantConfig, check_wkv, plan_segments, wkv_side
 from jaxkv.sharding import constrain
 
@@ -369,7 +369,7 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
                 # Over K/V smoothed by jaxkv.wkvquant when the sides hold its parameters.
                 def cached(q, k, v, pivot):
                     out, ks2, vs2 = attend_cached(
-                        q, k, v, *pivot, ks, vs, positions, n_old, n_new, slot, cfg, cache.kv
+                        q, k, v, *pivot, ks, vs, positions, n_old, n_new, slot, cfg, cache.kv, decode_impl()
                     )
                     return out, (ks2, vs2)
 

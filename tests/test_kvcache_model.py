@@ -89,6 +89,38 @@ def test_greedy_generation_equals_teacher_forced(model, kv, pivot):
     assert _teacher_forced(model, kv, seqs, starts, len(pivot_ids)) == res.tokens
 
 
+KERNEL_CONFIGS = [
+    (KVQuantConfig(4, 2, group=4), None),
+    (KVQuantConfig(2, 4, group=4, residual=3, mode="all"), "bos"),
+    (KVQuantConfig(4, 4, group=4, residual=1, layer_kbits=(4, 8), layer_vbits=(2, 4)), [1, 17, 33]),
+]
+
+
+@pytest.mark.parametrize(
+    "kv,pivot", KERNEL_CONFIGS, ids=lambda x: x.label() if hasattr(x, "label") else str(x)
+)
+def test_greedy_generation_with_decode_kernel(model, kv, pivot, monkeypatch):
+    """JAXKV_KV_DECODE=kernel: decode steps read the body through the split-K kernel (Pallas'
+    interpreter off a GPU) and still equal the teacher-forced cache-free forward."""
+    from jaxkv.kernels import kvdecode
+
+    calls = []
+    real = kvdecode.body_partials
+    monkeypatch.setattr(kvdecode, "body_partials", lambda *a, **k: calls.append(k["kbits"]) or real(*a, **k))
+    monkeypatch.setenv("JAXKV_KV_DECODE", "kernel")
+    jax.clear_caches()  # the implementation is chosen at trace time
+    try:
+        prefix = make_prefix(model, pivot) if pivot is not None else None
+        res = generate(model, prefix, PROMPTS, max_new_tokens=16, kv=kv, stop_at_eos=False)
+    finally:
+        jax.clear_caches()
+    assert calls, "the kernel was not used"
+    pivot_ids = list(prefix.tokens) if prefix else []
+    seqs = [pivot_ids + p + t for p, t in zip(PROMPTS, res.tokens)]
+    starts = [len(pivot_ids) + len(p) for p in PROMPTS]
+    assert _teacher_forced(model, kv, seqs, starts, len(pivot_ids)) == res.tokens
+
+
 @pytest.mark.parametrize(
     "kv",
     [
