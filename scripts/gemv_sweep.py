@@ -26,11 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SHAPES = {
-    "llama2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
-    "llama3-8b": [(4096, 6144), (4096, 28672), (14336, 4096)],
-}
-COPIES = 8
+from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weight copies that defeat the L2
 
 
 def device_launches(trace_dir: str) -> list[tuple[float, str, float]]:
