@@ -218,6 +218,7 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
 
     return (
         T == 1
+        and jax.sharding.get_abstract_mesh().empty  # a Pallas call is not partitioned over a mesh
         and kspec.quantized
         and vspec.quantized
         and cfg.sliding_window is None
