@@ -143,6 +143,7 @@ def test_bench_case_runs_and_reports(monkeypatch):
     )
     assert "int4 b2 p16 kv=K4V2" in text
     assert bench.parse_kv("bf16") is None and bench.parse_kv("K4V2-g64").group == 64
+    assert 0 < bench.copy_bandwidth(1 << 20, repeats=3, warmup_s=0.01) < 1e5
     with pytest.raises(Exception, match="bad KV spec"):
         bench.parse_kv("4/2")
 
