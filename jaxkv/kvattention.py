@@ -222,7 +222,6 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
         and kspec.quantized
         and vspec.quantized
         and cfg.sliding_window is None
-        and kspec.group == vspec.group
         and kvdecode.supported(kspec.bits, vspec.bits, kspec.per_channel, kspec.group, H, G)
     )
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import itertools
 import json
 import statistics
@@ -26,31 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from profile_decode import gpu_kernels, trace_file
 from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weight copies that defeat the L2
-
-
-def device_launches(trace_dir: str) -> list[tuple[float, str, float]]:
-    """(start, kernel name, microseconds) of every GPU kernel in the trace, in launch order."""
-    trace = sorted(glob.glob(str(Path(trace_dir) / "**" / "*.trace.json.gz"), recursive=True))[-1]
-    with gzip.open(trace) as f:
-        events = json.load(f)["traceEvents"]
-    pids = {
-        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    tids = {
-        (e["pid"], e["tid"]): e["args"]["name"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "thread_name"
-    }
-    out = [
-        (e["ts"], e["name"], e["dur"])
-        for e in events
-        if e.get("ph") == "X"
-        and "dur" in e
-        and "/device:GPU" in pids.get(e["pid"], "")
-        and "Stream" in tids.get((e["pid"], e["tid"]), "")
-    ]
-    return sorted(out)
 
 
 def configs(I: int, O: int, group: int, sweep: bool = True):
@@ -122,7 +97,7 @@ def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> lis
                 for _, _, f, ws, *_ in group_cases:
                     for _ in range(repeats):
                         jax.block_until_ready(f(x, ws))
-            return device_launches(tmp)
+            return gpu_kernels(trace_file(tmp))
 
     # bf16 alone in its trace (every launch is its own); the int4 tiles together, told apart by
     # counting their kernels (named qmatmul_*) in launch order.

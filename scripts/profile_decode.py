@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 
-def summarise(trace_file: str, steps: int) -> list[dict]:
-    """Per kernel name: launches and microseconds per decode step, from a Perfetto trace."""
+def gpu_kernels(trace_file: str) -> list[tuple[float, str, float]]:
+    """(start, kernel name, microseconds) of every GPU kernel in a Perfetto trace, in launch order."""
     with gzip.open(trace_file) as f:
         events = json.load(f)["traceEvents"]
     names = {}  # (pid, tid) -> thread name: device streams are the GPU's
@@ -29,15 +29,28 @@ def summarise(trace_file: str, steps: int) -> list[dict]:
     pids = {
         e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
     }
+    return sorted(
+        (e["ts"], e["name"], e["dur"])
+        for e in events
+        if e.get("ph") == "X"
+        and "dur" in e
+        and "/device:GPU" in pids.get(e["pid"], "")
+        and "Stream" in names.get((e["pid"], e["tid"]), "")
+    )
+
+
+def trace_file(trace_dir) -> str:
+    """The newest Perfetto trace ``jax.profiler.trace`` wrote under ``trace_dir``."""
+    return sorted(glob.glob(str(Path(trace_dir) / "**" / "*.trace.json.gz"), recursive=True))[-1]
+
+
+def summarise(trace_file: str, steps: int) -> list[dict]:
+    """Per kernel name: launches and microseconds per decode step, from a Perfetto trace."""
     total = collections.defaultdict(float)
     count = collections.Counter()
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        if "/device:GPU" not in pids.get(e["pid"], "") or "Stream" not in names.get((e["pid"], e["tid"]), ""):
-            continue
-        total[e["name"]] += e["dur"]
-        count[e["name"]] += 1
+    for _, name, dur in gpu_kernels(trace_file):
+        total[name] += dur
+        count[name] += 1
     rows = [
         {"kernel": k, "launches_per_step": count[k] / steps, "us_per_step": total[k] / steps} for k in total
     ]
@@ -88,8 +101,7 @@ def main(argv=None) -> int:
     trace_dir = out.with_suffix(".trace")
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         decode(s)
-    trace = sorted(glob.glob(str(trace_dir / "**" / "*.trace.json.gz"), recursive=True))[-1]
-    rows = summarise(trace, args.steps)
+    rows = summarise(trace_file(trace_dir), args.steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "kernels": rows}, indent=1))
     busy = sum(r["us_per_step"] for r in rows)
