@@ -36,11 +36,11 @@ def configs(I: int, O: int, group: int, sweep: bool = True):
     if not sweep:
         return
     groups = I // group
-    for bn, per_thread, nw in itertools.product((128, 256), (8, 16), (2, 4, 8)):
+    for bn, per_thread, nw in itertools.product((128, 256), (8, 16), (4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
-        for sk in (8, 16, 32):
+        for sk in (4, 8, 16, 32, 64):
             programs = O // bn * sk
             if sk > groups or not 128 <= programs <= 8192:
                 continue

@@ -18,10 +18,12 @@ Conventions
   kernel does a shift, a mask and a convert per weight and a few operations per group.
 * One row of 4-bit codes (batch-1 decode) takes its own kernel, :func:`_gemv4_kernel` (plain FMAs,
   no tensor cores, no layout shuffle), built to spend as few instructions per weight as memory
-  bandwidth allows: a nibble becomes the float ``1 + c/16`` with one shift and one and-or (its bits
-  placed in the mantissa of 1.0, no integer-to-float convert, no subtraction), one FMA multiplies
-  it by ``x``, and scale and zero point are applied once per group and column through
-  ``sum_i x_i (c_i - z) s = s (16 sum_i x_i (1 + c_i/16) - (16 + z) sum_i x_i)``. Each program
+  bandwidth allows (at one row the kernel is bound by integer instruction issue, not by memory,
+  unless a weight costs about one integer operation): a nibble becomes the float ``0.5 + c/256``
+  with one byte permute (inline PTX ``prmt``, its code placed in the mantissa of 0.5; the masks are
+  shared by four bytes; no integer-to-float convert, no subtraction), one FMA multiplies it by
+  ``x``, and scale and zero point are applied once per group and column through
+  ``sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)``. Each program
   issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
   More rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
   and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
@@ -149,15 +151,58 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _nibble_f32(u: jax.Array, shift: int) -> jax.Array:
-    """The 4-bit code at bits ``[shift, shift + 4)`` of uint32 ``u`` as the float32 ``1 + c/16``: the
-    code moved to mantissa bits 19-22 of 1.0 (one shift, one and-or; no convert, no subtraction)."""
-    moved = u << (19 - shift) if shift <= 19 else u >> (shift - 19)
-    return jax.lax.bitcast_convert_type((moved & 0x780000) | 0x3F800000, jnp.float32)
+# Four packed bytes (four columns, one even and one odd input row) -> eight float32 ``0.5 + c/256``:
+# mask the low and the high nibbles of all four bytes at once, then one byte permute per value puts
+# its code in mantissa bits 16-19 under the exponent byte of 0.5 (0x3F, with bit 23 clear).
+# Operands: $0-$3 the low-nibble floats of bytes 0-3, $4-$7 the high ones, $8 the packed input.
+_NIBBLES_PTX = """{
+.reg .b32 lo, hi, half;
+and.b32 lo, $8, 0x0F0F0F0F;
+shr.u32 hi, $8, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+mov.b32 half, 0x3F000000;
+prmt.b32 $0, lo, half, 0x7044;
+prmt.b32 $1, lo, half, 0x7144;
+prmt.b32 $2, lo, half, 0x7244;
+prmt.b32 $3, lo, half, 0x7344;
+prmt.b32 $4, hi, half, 0x7044;
+prmt.b32 $5, hi, half, 0x7144;
+prmt.b32 $6, hi, half, 0x7244;
+prmt.b32 $7, hi, half, 0x7344;
+}"""
+
+
+def _nibbles_f32(p: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """uint8 ``p`` -> (low, high) nibbles as float32 ``0.5 + c/256`` (exact): two integer operations
+    per value (a byte permute each, the masks shared by four bytes) instead of a widening convert,
+    a shift and a mask; the caller removes the 0.5 through the zero point and the 1/256 through the
+    scale. The interpreter (tests off the GPU) computes the same bits with ordinary operations."""
+    if interpret:
+        u = p.astype(jnp.uint32)
+        return tuple(
+            jax.lax.bitcast_convert_type((c << 16) | 0x3F000000, jnp.float32) for c in (u & 0xF, u >> 4)
+        )
+    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    lo, hi = pltriton.elementwise_inline_asm(
+        _NIBBLES_PTX, args=[p], constraints="=r," * 8 + "r", pack=4, result_shape_dtypes=[out, out]
+    )
+    return lo, hi
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows
+    layer_ref,
+    x_ref,
+    p_ref,
+    s_ref,
+    z_ref,
+    o_ref,
+    *,
+    group,
+    groups,
+    groups_per_prog,
+    block_n,
+    sub_rows,
+    interpret,
 ):
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     n, k = pl.program_id(0), pl.program_id(1)
@@ -181,11 +226,12 @@ def _gemv4_kernel(
             row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
             xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
             xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
-            u = p.astype(jnp.uint32)
-            acc = acc + _nibble_f32(u, 0) * xe + _nibble_f32(u, 4) * xo
+            lo, hi = _nibbles_f32(p, interpret)
+            acc = acc + lo * xe + hi * xo
+        # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-        return out + acc * (16.0 * scale), zterm + (16.0 + zero) * scale * xsum
+        return out + acc * (256.0 * scale), zterm + (128.0 + zero) * scale * xsum
 
     steps = jnp.minimum(groups_per_prog, groups - first)
     init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
@@ -229,7 +275,7 @@ def qmatmul(
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
-        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, **tiling)
+        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
         kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
