@@ -59,6 +59,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row 4-bit kernel: packed byte rows per load (sub_rows x block_n bytes)
+    prefetch: bool = True  # one-row 4-bit kernel: load the next group while computing this one
 
 
 def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
@@ -151,42 +152,42 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-# Four packed bytes (four columns, one even and one odd input row) -> eight float32 ``0.5 + c/256``:
-# mask the low and the high nibbles of all four bytes at once, then one byte permute per value puts
-# its code in mantissa bits 16-19 under the exponent byte of 0.5 (0x3F, with bit 23 clear).
-# Operands: $0-$3 the low-nibble floats of bytes 0-3, $4-$7 the high ones, $8 the packed input.
-_NIBBLES_PTX = """{
-.reg .b32 lo, hi, half;
-and.b32 lo, $8, 0x0F0F0F0F;
-shr.u32 hi, $8, 4;
-and.b32 hi, hi, 0x0F0F0F0F;
+# Four packed bytes (four columns, one even and one odd input row) -> four float32 ``0.5 + c/256``
+# of one nibble plane: mask that plane of all four bytes at once (the high one shifted down first),
+# then one byte permute per value puts its code in mantissa bits 16-19 under the exponent byte of
+# 0.5 (0x3F, with bit 23 clear). Operands: $0-$3 the floats of bytes 0-3, $4 the packed input.
+# (One asm for both planes would save the second mask, but Pallas lowers one result per asm.)
+_PLANE_PTX = """{
+.reg .b32 c, half;
+%s
 mov.b32 half, 0x3F000000;
-prmt.b32 $0, lo, half, 0x7044;
-prmt.b32 $1, lo, half, 0x7144;
-prmt.b32 $2, lo, half, 0x7244;
-prmt.b32 $3, lo, half, 0x7344;
-prmt.b32 $4, hi, half, 0x7044;
-prmt.b32 $5, hi, half, 0x7144;
-prmt.b32 $6, hi, half, 0x7244;
-prmt.b32 $7, hi, half, 0x7344;
+prmt.b32 $0, c, half, 0x7044;
+prmt.b32 $1, c, half, 0x7144;
+prmt.b32 $2, c, half, 0x7244;
+prmt.b32 $3, c, half, 0x7344;
 }"""
+_LOW_PTX = _PLANE_PTX % "and.b32 c, $4, 0x0F0F0F0F;"
+_HIGH_PTX = _PLANE_PTX % "shr.u32 c, $4, 4;\nand.b32 c, c, 0x0F0F0F0F;"
 
 
 def _nibbles_f32(p: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """uint8 ``p`` -> (low, high) nibbles as float32 ``0.5 + c/256`` (exact): two integer operations
-    per value (a byte permute each, the masks shared by four bytes) instead of a widening convert,
-    a shift and a mask; the caller removes the 0.5 through the zero point and the 1/256 through the
-    scale. The interpreter (tests off the GPU) computes the same bits with ordinary operations."""
+    """uint8 ``p`` -> (low, high) nibbles as float32 ``0.5 + c/256`` (exact): little more than one
+    integer operation per value (a byte permute each, the masks shared by four bytes) instead of a
+    widening convert, a shift and a mask; the caller removes the 0.5 through the zero point and the
+    1/256 through the scale. The interpreter (tests off the GPU) computes the same bits with
+    ordinary operations."""
     if interpret:
         u = p.astype(jnp.uint32)
         return tuple(
             jax.lax.bitcast_convert_type((c << 16) | 0x3F000000, jnp.float32) for c in (u & 0xF, u >> 4)
         )
-    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
-    lo, hi = pltriton.elementwise_inline_asm(
-        _NIBBLES_PTX, args=[p], constraints="=r," * 8 + "r", pack=4, result_shape_dtypes=[out, out]
+    out = [jax.ShapeDtypeStruct(p.shape, jnp.float32)]
+    return tuple(
+        pltriton.elementwise_inline_asm(
+            asm, args=[p], constraints="=r,=r,=r,=r,r", pack=4, result_shape_dtypes=out
+        )[0]
+        for asm in (_LOW_PTX, _HIGH_PTX)
     )
-    return lo, hi
 
 
 def _gemv4_kernel(
@@ -202,6 +203,7 @@ def _gemv4_kernel(
     groups_per_prog,
     block_n,
     sub_rows,
+    prefetch,
     interpret,
 ):
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
@@ -212,14 +214,13 @@ def _gemv4_kernel(
     half = group // 2  # packed byte rows per group
     first = k * groups_per_prog
 
-    def body(j, carry):
-        out, zterm = carry
-        g = first + j
-        # every load of the group first, so they are all in flight before the arithmetic starts
-        tiles = [
+    def load(g):  # the group's packed bytes, every load issued before any is used
+        return tuple(
             p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
             for t in range(half // sub_rows)
-        ]
+        )
+
+    def compute(g, tiles, out, zterm):
         xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
         for t, p in enumerate(tiles):
@@ -235,7 +236,20 @@ def _gemv4_kernel(
 
     steps = jnp.minimum(groups_per_prog, groups - first)
     init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
-    out, zterm = jax.lax.fori_loop(0, steps, body, init)
+    if prefetch:
+        # Software pipelining in registers: the next group's loads are in flight while this
+        # group's arithmetic runs (a program alone would otherwise wait out every load). The
+        # index is clamped so that the last step and an empty split read valid bytes.
+        last = jnp.minimum(first + steps - 1, groups - 1)
+
+        def body(j, carry):
+            *acc, tiles = carry
+            nxt = load(jnp.minimum(first + j + 1, last))
+            return (*compute(first + j, tiles, *acc), nxt)
+
+        out, zterm, _ = jax.lax.fori_loop(0, steps, body, (*init, load(jnp.clip(first, 0, groups - 1))))
+    else:
+        out, zterm = jax.lax.fori_loop(0, steps, lambda j, c: compute(first + j, load(first + j), *c), init)
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
@@ -275,7 +289,9 @@ def qmatmul(
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
-        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
+        kernel = functools.partial(
+            _gemv4_kernel, sub_rows=cfg.sub_rows, prefetch=cfg.prefetch, interpret=interpret, **tiling
+        )
     else:
         kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
