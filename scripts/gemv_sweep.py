@@ -36,7 +36,7 @@ def configs(I: int, O: int, group: int, sweep: bool = True):
     if not sweep:
         return
     groups = I // group
-    for bn, per_thread, nw, prefetch in itertools.product((128,), (8, 16), (4, 8), (True, False)):
+    for bn, per_thread, nw in itertools.product((128,), (8, 16), (4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
@@ -44,7 +44,7 @@ def configs(I: int, O: int, group: int, sweep: bool = True):
             programs = O // bn * sk
             if sk > groups or not 64 <= programs <= 8192:
                 continue
-            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows, prefetch)
+            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
 
 
 def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> list[dict]:
@@ -150,15 +150,15 @@ def markdown(rows: list[dict], copy_gbps: float) -> str:
     lines = [
         f"Copy bandwidth {copy_gbps:.0f} GB/s (read + write). One row of x, int4 group {rows[0]['group']}.",
         "",
-        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | prefetch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         c = r["config"] or {}
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "
-            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} | {c.get('prefetch', '')} |"
+            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,6 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 2, 32, qk.KernelConfig(64, 3, 4, 2), False),  # 8 groups over 3 splits: the last is short
         (4, 1, 128, qk.KernelConfig(128, 1, 4, 2, sub_rows=16), True),  # one-row kernel, one split
         (4, 1, 32, qk.KernelConfig(256, 3, 8, 2, sub_rows=2), False),  # 8 groups over 3 splits
-        (4, 1, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, prefetch=False), False),  # no prefetch
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
     ],
 )

@@ -59,7 +59,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row 4-bit kernel: packed byte rows per load (sub_rows x block_n bytes)
-    prefetch: bool = True  # one-row 4-bit kernel: load the next group while computing this one
 
 
 def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
@@ -203,7 +202,6 @@ def _gemv4_kernel(
     groups_per_prog,
     block_n,
     sub_rows,
-    prefetch,
     interpret,
 ):
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
@@ -236,20 +234,11 @@ def _gemv4_kernel(
 
     steps = jnp.minimum(groups_per_prog, groups - first)
     init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
-    if prefetch:
-        # Software pipelining in registers: the next group's loads are in flight while this
-        # group's arithmetic runs (a program alone would otherwise wait out every load). The
-        # index is clamped so that the last step and an empty split read valid bytes.
-        last = jnp.minimum(first + steps - 1, groups - 1)
-
-        def body(j, carry):
-            *acc, tiles = carry
-            nxt = load(jnp.minimum(first + j + 1, last))
-            return (*compute(first + j, tiles, *acc), nxt)
-
-        out, zterm, _ = jax.lax.fori_loop(0, steps, body, (*init, load(jnp.clip(first, 0, groups - 1))))
-    else:
-        out, zterm = jax.lax.fori_loop(0, steps, lambda j, c: compute(first + j, load(first + j), *c), init)
+    # No software pipelining: carrying the next group's bytes in registers (loaded while this group
+    # computes) was slower on an H200 at the same tile (median 1.06-1.12x, best tiles 1.0-1.29x;
+    # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
+    # programs on the SM.
+    out, zterm = jax.lax.fori_loop(0, steps, lambda j, c: compute(first + j, load(first + j), *c), init)
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
@@ -289,9 +278,7 @@ def qmatmul(
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
-        kernel = functools.partial(
-            _gemv4_kernel, sub_rows=cfg.sub_rows, prefetch=cfg.prefetch, interpret=interpret, **tiling
-        )
+        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
         kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
