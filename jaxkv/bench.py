@@ -45,6 +45,9 @@ from pathlib import Path
 from jaxkv.errors import JaxkvError
 
 WEIGHTS = ("bf16", "int8", "int4")
+# JAXKV_QMATMUL: the decode kernels where they apply, the portable XLA matmul, or the FMA kernel
+# for 2-8 rows of 4-bit weights in place of the tensor-core one
+QMATMULS = ("auto", "xla", "fma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Case:
     group: int = 128
     fuse: bool = True
     repeats: int = 3
-    qmatmul: str = "auto"  # JAXKV_QMATMUL: auto (kernel where it applies) or xla
+    qmatmul: str = "auto"  # JAXKV_QMATMUL, one of QMATMULS
     prefill_chunk: int = 1024  # prompt tokens per prefill call (the prefill's attention is not flash)
     kv_decode: str = "xla"  # JAXKV_KV_DECODE: xla, or the split-K kernel for a quantized cache
 
@@ -301,7 +304,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call")
     p.add_argument("--peers", default="", help="comma list of peers to run in the same invocation: hf")
     p.add_argument(
-        "--xla-too", action="store_true", help="also run quantized cases on the portable XLA matmul"
+        "--qmatmul",
+        default="auto",
+        help="comma list for quantized weights: auto (the decode kernels), xla (the portable matmul), "
+        "fma (the FMA kernel for 2-8 rows instead of the tensor-core one)",
     )
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
@@ -330,6 +336,10 @@ def run(args) -> dict:
     for d in kv_decodes:
         if d not in ("xla", "kernel"):
             raise JaxkvError(f"--kv-decode: {d!r} is not one of ('xla', 'kernel')")
+    qmatmuls = [m.strip() for m in args.qmatmul.split(",") if m.strip()]
+    for m in qmatmuls:
+        if m not in QMATMULS:
+            raise JaxkvError(f"--qmatmul: {m!r} is not one of {QMATMULS}")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
         if p != "hf":
@@ -339,7 +349,7 @@ def run(args) -> dict:
         for b in _ints(args.batch):
             for t in _ints(args.prompt):
                 for kv in args.kv.split(","):
-                    modes = ["auto", "xla"] if (args.xla_too and w != "bf16") else ["auto"]
+                    modes = qmatmuls if w != "bf16" else ["auto"]
                     decodes = kv_decodes if parse_kv(kv) is not None else ["xla"]
                     for m in modes:
                         for d in decodes:

@@ -1,16 +1,19 @@
-"""Tiles of the one-row int4 decode kernel (``jaxkv.kernels.qmatmul``), timed by GPU time per launch.
+"""Tiles of the int4 decode kernels (``jaxkv.kernels.qmatmul``), timed by GPU time per launch.
 
 For each decode weight shape [I, O] (Llama-2-7B: fused Q/K/V, O, fused gate/up, down; ``--shapes``),
-one row of bf16 ``x``, group ``--group``: the bf16 matmul (what bf16 decode reads) and the int4 kernel
-over a sweep of tiles (block_n, sub_rows, split_k, warps). Eight weight copies rotate (the L2 cannot
-hold them); everything runs once to compile, then ``--repeats`` times under a JAX profiler trace, and
-the time of each kernel launch is read off the trace (device time, no launch gaps or host loop), so
-a row reports the kernel's own memory efficiency. ``sum_us`` adds the float32 partial-sum reduction
-of split tiles (XLA's kernel after ours). GB/s = bytes read (codes + scales + zeros, or bf16) / time,
-beside the device's measured copy bandwidth. Each tile's output is checked against the float32
+``--rows`` rows of bf16 ``x`` (the decode batch), group ``--group``: the bf16 matmul (what bf16 decode
+reads) and the int4 kernel over a sweep of tiles (block_n, sub_rows, split_k, warps); at one row the
+one-row FMA kernel, at 2-8 rows the default tensor-core tile beside the FMA rows kernel and its
+sweep. Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
+``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
+trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
+efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
+tiles, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
+time, beside the device's measured copy bandwidth. Each tile's output is checked against the float32
 product of the dequantized weight. Writes ``OUT.json`` and ``OUT.md``.
 
     python scripts/gemv_sweep.py --out results/bench/gemv_sweep     # GPU, about two minutes
+    python scripts/gemv_sweep.py --rows 8 --out results/bench/gemv_sweep_b8
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ from profile_decode import gpu_kernels, trace_file
 from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weight copies that defeat the L2
 
 
-def configs(I: int, O: int, group: int, sweep: bool = True):
+def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
+    """(label, KernelConfig): the default tile, at 2-8 rows also the FMA kernel's default, then the
+    sweep (FMA-kernel tiles: the one-row kernel at one row, the rows kernel above)."""
     from jaxkv.kernels import qmatmul as qk
 
-    default = qk.default_config(I, O, group, 1, 4)
-    yield "default", default
-    if not sweep:
+    yield "default", qk.default_config(I, O, group, rows, 4)
+    fma_rows = 1 < rows <= qk.FMA_MAX_ROWS
+    if fma_rows:
+        yield "fma default", qk.default_config(I, O, group, rows, 4, fma=True)
+    if not sweep or rows > qk.FMA_MAX_ROWS:
         return
     groups = I // group
-    for bn, per_thread, nw in itertools.product((128,), (8, 16), (4, 8)):
+    per_threads = (8, 16) if rows == 1 else (4, 8)  # every row keeps its own accumulator
+    for bn, per_thread, nw in itertools.product((128,), per_threads, (4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
@@ -44,10 +52,10 @@ def configs(I: int, O: int, group: int, sweep: bool = True):
             programs = O // bn * sk
             if sk > groups or not 64 <= programs <= 8192:
                 continue
-            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
+            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows, fma=fma_rows)
 
 
-def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> list[dict]:
+def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -56,7 +64,7 @@ def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> lis
     from jaxkv.quant.qarray import QArray, dequantize, pack
 
     k1, k2, k3, k4 = jax.random.split(jax.random.key(I * 7 + O), 4)
-    x = jax.random.normal(k1, (1, I), jnp.bfloat16)
+    x = jax.random.normal(k1, (rows, I), jnp.bfloat16)
     codes = jax.random.randint(k2, (COPIES, I, O), 0, 16, jnp.int32)
     scale = (jax.random.uniform(k3, (COPIES, I // group, O), jnp.float32, 0.5, 1.5) * 0.02).astype(
         jnp.float16
@@ -74,7 +82,7 @@ def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> lis
     cases = []  # (label, config, jitted fn, weights, bytes)
     wb = [dequantize(stacked[i], jnp.bfloat16) for i in range(COPIES)]
     cases.append(("bf16", None, over_copies(lambda x, w: x @ w), wb, I * O * 2))
-    for label, cfg in configs(I, O, group, sweep):
+    for label, cfg in configs(I, O, group, rows, sweep):
         f = over_copies(
             lambda x, w, cfg=cfg: qk.qmatmul(
                 x, w.packed, w.scale, w.zero, None, bits=4, group=group, config=cfg
@@ -113,16 +121,17 @@ def measure(I: int, O: int, group: int, repeats: int, sweep: bool = True) -> lis
             f"no qmatmul kernel in the trace: {collections.Counter(n for _, n, _ in launches)}"
         )
     timings += _split_by_case(launches, len(int4), repeats)
-    rows = []
+    table = []
     for (label, cfg, _, _, nbytes, err), (main_us, extra_us) in zip(bf16 + int4, timings, strict=True):
-        rows.append(
+        table.append(
             {
-                "I": I, "O": O, "group": group, "candidate": label, "config": None if cfg is None else vars(cfg),
+                "I": I, "O": O, "rows": rows, "group": group, "candidate": label,
+                "config": None if cfg is None else vars(cfg),
                 "us": main_us, "sum_us": main_us + extra_us, "gbps": nbytes / main_us / 1e3,
                 "gbps_with_sum": nbytes / (main_us + extra_us) / 1e3, "rel_err": err,
             }
         )  # fmt: skip
-    return rows
+    return table
 
 
 def _split_by_case(launches, n_cases: int, repeats: int) -> list[tuple[float, float]]:
@@ -146,19 +155,22 @@ def _split_by_case(launches, n_cases: int, repeats: int) -> list[tuple[float, fl
     return out
 
 
-def markdown(rows: list[dict], copy_gbps: float) -> str:
+def markdown(table: list[dict], copy_gbps: float) -> str:
     lines = [
-        f"Copy bandwidth {copy_gbps:.0f} GB/s (read + write). One row of x, int4 group {rows[0]['group']}.",
+        f"Copy bandwidth {copy_gbps:.0f} GB/s (read + write). {table[0]['rows']} row(s) of x, int4 group "
+        f"{table[0]['group']}.",
         "",
-        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | FMA kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in table:
         c = r["config"] or {}
+        kind = "" if not c else "yes" if (c["fma"] or r["rows"] == 1) else "no (tensor cores)"
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "
-            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} |"
+            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} | "
+            f"{kind} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -168,30 +180,30 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="llama2-7b")
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--default-only", action="store_true", help="the default tile only (no sweep)")
+    p.add_argument("--default-only", action="store_true", help="the default tiles only (no sweep)")
+    p.add_argument("--rows", type=int, default=1, help="rows of x (decode batch); 2-8 add the FMA kernel")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 
     from jaxkv.bench import copy_bandwidth
 
     copy_gbps = copy_bandwidth()
-    rows, every = [], []
+    table, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:
-            shape_rows = measure(I, O, args.group, args.repeats, not args.default_only)
+            shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only)
             every += shape_rows
             best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
-            rows += [r for r in shape_rows if r["candidate"] in ("bf16", "default")] + [
-                {**best, "candidate": "best"}
-            ]
-            print(markdown(rows[-3:], copy_gbps), flush=True)
+            shown = [r for r in shape_rows if r["candidate"] in ("bf16", "default", "fma default")]
+            table += shown + [{**best, "candidate": "best"}]
+            print(markdown(table[-len(shown) - 1 :], copy_gbps), flush=True)
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(
-                json.dumps({"copy_gbps": copy_gbps, "rows": rows, "all": every}, indent=1)
+                json.dumps({"copy_gbps": copy_gbps, "rows": table, "all": every}, indent=1)
             )
-    Path(args.out).with_suffix(".md").write_text(markdown(rows, copy_gbps))
-    print(markdown(rows, copy_gbps))
+    Path(args.out).with_suffix(".md").write_text(markdown(table, copy_gbps))
+    print(markdown(table, copy_gbps))
     return 0
 
 

@@ -38,6 +38,8 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 1, 128, qk.KernelConfig(128, 1, 4, 2, sub_rows=16), True),  # one-row kernel, one split
         (4, 1, 32, qk.KernelConfig(256, 3, 8, 2, sub_rows=2), False),  # 8 groups over 3 splits
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
+        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2, sub_rows=4, fma=True), True),  # FMA kernel, 5 rows
+        (4, 8, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, fma=True), False),  # 8 rows, short split
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):
@@ -73,6 +75,24 @@ def test_gemv_keeps_precision_under_an_outlier_activation():
     err = np.linalg.norm(np.asarray(y, np.float64) - ref)
     # measured in the interpreter: 4e-6 of the output, 3e-4 of the outlier-free part (bf16 keeps 4e-3)
     assert err < 2e-5 * np.linalg.norm(ref) and err < 2e-3 * np.linalg.norm(rest)
+
+
+def test_fma_kernel_limits_and_default_tile():
+    rng = np.random.default_rng(1)
+    q, *_ = _random_q(rng, 1, 128, 128, 4, 64)
+    args = (q.packed, q.scale, q.zero, jnp.int32(0))
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        qk.qmatmul(
+            jnp.ones((9, 128), jnp.bfloat16),
+            *args,
+            bits=4,
+            group=64,
+            config=qk.KernelConfig(fma=True),
+            interpret=True,
+        )
+    cfg = qk.default_config(4096, 12288, 128, rows=8, fma=True)
+    assert cfg.fma and cfg.block_n == 128 and cfg.sub_rows == 4  # 4 bytes per thread: 8 accumulators fit
+    assert not qk.default_config(4096, 12288, 128, rows=8).fma  # the tensor-core kernel stays the default
 
 
 def test_qmatmul_rejects_tile_that_does_not_divide():
@@ -117,8 +137,11 @@ def test_fused_projections_equal_separate():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled kernel runs on a GPU only")
-def test_decode_with_kernel_matches_xla_path(monkeypatch):
-    """Greedy decode logits of an int4 model: the Pallas kernel path against the portable XLA one."""
+@pytest.mark.parametrize("mode", ["auto", "fma"])
+def test_decode_with_kernel_matches_xla_path(monkeypatch, mode):
+    """Greedy decode logits of an int4 model: the Pallas kernel path (the tensor-core kernel for the
+    prefill's 2 x 11 rows under ``auto``, the FMA kernel for the decode step's 2 rows under ``fma``)
+    against the portable XLA one."""
     from jaxkv.kvcache import init_cache
 
     cfg = ModelConfig(
@@ -137,7 +160,7 @@ def test_decode_with_kernel_matches_xla_path(monkeypatch):
         logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 11:], pos[:, 11:], cache, cfg)
         return np.asarray(logits, np.float64)
 
-    monkeypatch.setenv("JAXKV_QMATMUL", "auto")
+    monkeypatch.setenv("JAXKV_QMATMUL", mode)
     fast = run()
     jax.clear_caches()
     monkeypatch.setenv("JAXKV_QMATMUL", "xla")
@@ -164,6 +187,19 @@ def test_bench_case_runs_and_reports(monkeypatch):
     assert 0 < bench.copy_bandwidth(1 << 20, repeats=3, warmup_s=0.01) < 1e5
     with pytest.raises(Exception, match="bad KV spec"):
         bench.parse_kv("4/2")
+
+
+def test_bench_rejects_unknown_modes_before_running():
+    import argparse
+
+    from jaxkv import bench
+    from jaxkv.errors import JaxkvError
+
+    p = argparse.ArgumentParser()
+    bench.add_args(p)
+    for flag, value in (("--qmatmul", "auto,tensor"), ("--kv-decode", "flash"), ("--weights", "int3")):
+        with pytest.raises(JaxkvError, match=flag):
+            bench.run(p.parse_args([flag, value, "--out", "/nonexistent/never-written"]))
 
 
 @pytest.mark.parametrize("kv", [None, "K4V2-g16"])

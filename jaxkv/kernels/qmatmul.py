@@ -58,20 +58,28 @@ class KernelConfig:
     split_k: int = 4
     num_warps: int = 4
     num_stages: int = 4
-    sub_rows: int = 8  # one-row 4-bit kernel: packed byte rows per load (sub_rows x block_n bytes)
+    sub_rows: int = 8  # FMA kernels: packed byte rows per load (sub_rows x block_n bytes)
+    # 4-bit codes without tensor cores (plain FMAs, no row padding): one row always; 2-8 rows
+    # only when asked (``_fma_rows_kernel``, a candidate against the tensor-core kernel)
+    fma: bool = False
 
 
-def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
+def default_config(
+    I: int, O: int, group: int, rows: int = 16, bits: int = 4, fma: bool = False
+) -> KernelConfig:
     """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
     programs. Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
     one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
     per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
-    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md)."""
+    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md).
+    ``fma`` asks for the FMA kernel at 2-8 rows (not yet timed on a GPU, so not the default): the
+    one-row tiling with 512-byte loads (4 bytes per thread), since each row keeps its own
+    ``sub_rows x block_n`` float32 accumulator in registers."""
     groups = I // group
-    if rows == 1 and bits == 4:
+    if bits == 4 and (rows == 1 or fma):
         block_n = 128 if O % 128 == 0 else 64
-        sub_rows = min(2048 // block_n, group // 2)
+        sub_rows = min((2048 if rows == 1 else 512) // block_n, group // 2)
         target, max_split = 8 * 132, 32
     else:
         block_n = 128 if O >= 16384 and O % 128 == 0 else 64
@@ -80,7 +88,7 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
     split_k = 1
     while O // block_n * split_k < target and split_k < max_split and split_k * 2 <= groups:
         split_k *= 2
-    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows)
+    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows, fma=fma)
 
 
 def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
@@ -94,10 +102,10 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
     )
 
 
-def _row_pad(m: int, bits: int) -> int:
-    if m == 1 and bits == 4:
-        return 1  # _gemv4_kernel
-    return max(16, 1 << (m - 1).bit_length())
+def _row_pad(m: int, fma: bool) -> int:
+    """Rows the kernel computes: the FMA kernels take ``x`` as it is, the tensor-core kernel needs a
+    power of two of at least 16 (its smallest tile)."""
+    return m if fma else max(16, 1 << (m - 1).bit_length())
 
 
 def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
@@ -242,6 +250,64 @@ def _gemv4_kernel(
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
+FMA_MAX_ROWS = 8  # past this the FMAs per weight outweigh the tensor cores' layout shuffles
+
+
+def _fma_rows_kernel(
+    layer_ref,
+    x_ref,
+    p_ref,
+    s_ref,
+    z_ref,
+    o_ref,
+    *,
+    group,
+    groups,
+    groups_per_prog,
+    block_n,
+    sub_rows,
+    interpret,
+):
+    """2-8 rows of ``x`` times 4-bit weights without tensor cores (small decode batches). Each weight
+    is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in one FMA from the
+    permuted nibble (:func:`_nibbles_f32`), and enters every row through one FMA more; so a weight
+    costs about 1.5 integer operations and ``1 + M`` FMAs, against the tensor-core kernel's
+    conversion, layout shuffles and 16-row padding."""
+    M = x_ref.shape[0]
+    n, k = pl.program_id(0), pl.program_id(1)
+    stacked = p_ref.ndim == 3
+    lead = (layer_ref[0],) if stacked else ()
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    half = group // 2
+    first = k * groups_per_prog
+
+    def body(j, outs):
+        g = first + j
+        tiles = [
+            p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
+            for t in range(half // sub_rows)
+        ]
+        scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
+        zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
+        a, b = 256.0 * scale, -(128.0 + zero) * scale
+        outs = list(outs)
+        for t, p in enumerate(tiles):
+            row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
+            lo, hi = _nibbles_f32(p, interpret)
+            w_even, w_odd = lo * a + b, hi * a + b  # [sub_rows, block_n], dequantized
+            for m in range(M):
+                xe = x_ref[pl.ds(m, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
+                xo = x_ref[pl.ds(m, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+                outs[m] = outs[m] + w_even * xe + w_odd * xo
+        return tuple(outs)
+
+    steps = jnp.minimum(groups_per_prog, groups - first)
+    init = tuple(jnp.zeros((sub_rows, block_n), jnp.float32) for _ in range(M))
+    outs = jax.lax.fori_loop(0, steps, body, init)
+    for m in range(M):
+        o_ref[pl.ds(m, 1), :] = jnp.sum(outs[m], axis=0, keepdims=True).astype(o_ref.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
@@ -263,11 +329,15 @@ def qmatmul(
     """
     M, I = x.shape
     L, _, O = packed.shape
-    Mp = _row_pad(M, bits)
-    cfg = config or default_config(I, O, group, Mp, bits)
+    cfg = config or default_config(I, O, group, M, bits)
+    if cfg.fma and (bits != 4 or M > FMA_MAX_ROWS):
+        raise ValueError(
+            f"the FMA kernels take 4-bit codes and at most {FMA_MAX_ROWS} rows, not {bits} bits x {M}"
+        )
+    fma = bits == 4 and (M == 1 or cfg.fma)
+    Mp = _row_pad(M, fma)
     groups = I // group
-    gemv = Mp == 1
-    if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
+    if O % cfg.block_n or cfg.split_k > groups or (fma and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
     weights = (packed, scale, zero)
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
@@ -277,8 +347,9 @@ def qmatmul(
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
-    if gemv:
-        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
+    if fma:
+        fma_kernel = _gemv4_kernel if M == 1 else _fma_rows_kernel
+        kernel = functools.partial(fma_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
         kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
@@ -290,7 +361,7 @@ def qmatmul(
         out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else ""),
+        name=f"qmatmul_int{bits}" + (("_gemv" if M == 1 else "_fma") if fma else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
