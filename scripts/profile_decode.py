@@ -57,6 +57,28 @@ def summarise(trace_file: str, steps: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+# Kernel-name fragments -> what the kernel does, first match wins (XLA names fusions by their root).
+CATEGORIES = (
+    ("qmatmul", "quantized matmul (Pallas)"),
+    ("kv_decode", "decode attention (Pallas)"),
+    ("gemm", "bf16 GEMM (XLA)"),
+    ("reduce", "reductions (RMSNorm, split-K sums, softmax)"),
+    ("dynamic_update_slice", "cache writes"),
+    ("sort", "sort"),
+)
+
+
+def categorise(rows: list[dict]) -> dict[str, dict]:
+    """Microseconds and launches per decode step by category (:data:`CATEGORIES`, else "other")."""
+    out = collections.defaultdict(lambda: {"us_per_step": 0.0, "launches_per_step": 0.0})
+    for r in rows:
+        name = r["kernel"].lower()
+        cat = next((c for frag, c in CATEGORIES if frag in name), "other (elementwise, copies)")
+        out[cat]["us_per_step"] += r["us_per_step"]
+        out[cat]["launches_per_step"] += r["launches_per_step"]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us_per_step"]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama2-7b")
@@ -103,9 +125,14 @@ def main(argv=None) -> int:
         decode(s)
     rows = summarise(trace_file(trace_dir), args.steps)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "kernels": rows}, indent=1))
+    cats = categorise(rows)
+    out.with_suffix(".json").write_text(
+        json.dumps({"args": vars(args), "categories": cats, "kernels": rows}, indent=1)
+    )
     busy = sum(r["us_per_step"] for r in rows)
     print(f"GPU busy {busy:.0f} us per decode step over {len(rows)} kernel names")
+    for cat, v in cats.items():
+        print(f"{v['us_per_step']:9.1f} us {v['launches_per_step']:6.1f}x  {cat}")
     for r in rows[:25]:
         print(f"{r['us_per_step']:9.1f} us {r['launches_per_step']:6.1f}x  {r['kernel'][:110]}")
     return 0
