@@ -16,11 +16,17 @@ Conventions
 * Grid ``(B, K, chunks)``: each program walks ``chunk_groups`` key groups of one sequence and KV head
   with an online softmax and writes, per query head ``G`` of that KV head, the running maximum
   ``m``, the sum ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32, ``o``'s channels in
-  plane order, put back by :func:`body_partials`). A chunk past ``n_read`` writes
+  plane order ``[plane, byte]``, put back by :func:`body_partials`). A chunk past ``n_read`` writes
   ``m = -1e30, l = 0, o = 0``.
 * Scores: ``s_j = sum_h (q_h scale_h) code_jh - sum_h q_h scale_h zero_h`` per key group (scales
-  folded into ``q``); values: ``sum_j p_j scale_jc (code_jh - zero_jc)`` per channel group ``c``
-  (scales folded into ``p``). All arithmetic is float32.
+  folded into ``q``), one reduction over the channels per key group. Values: every plane of a value
+  row is one ``[g, H*vb/8]`` tile (byte ``m`` of every plane is in channel group ``m // (g/planes)``,
+  the same for all planes), so each slot's scale and zero point are spread over the tile's columns
+  once per key group and the weighted codes accumulate elementwise, ``acc = acc * alpha +
+  p_j scale_j (code - zero_j)``, as do the exponential sums; the reductions over the slots happen
+  once per chunk, not per key group. (The first version sliced each value channel group into its own
+  ``[g, 8]`` tile and reduced per key group: 16 narrow reductions per group, slower than XLA on an H200,
+  results/bench/h200_run9_b8_p4096_kv_kernel.md.) All arithmetic is float32.
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend (tests).
   :func:`supported` says which caches it handles.
 """
@@ -70,9 +76,12 @@ def _kernel(
     # Shapes stay 2-D ([rows, 1] columns, [1, n] rows) so that broadcasts need no reshapes.
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
-    C, Vb = H // group, group // vp  # value channel groups; bytes of one group of a value row
+    C, W = H // group, H // vp  # value channel groups; bytes of a value row
     first = c * chunk_groups
     steps = jnp.clip(n_ref[b] // group - first, 0, chunk_groups)
+    # the value channel group of each byte column of a value plane (a shift: group // vp is a power
+    # of two; a 1-D range widened, the forms Triton lowers directly)
+    column_group = jnp.arange(W, dtype=jnp.int32)[None, :] >> ((group // vp).bit_length() - 1)
 
     def plane_cols(k):  # the channels of key plane k (strided)
         return pl.ds(k, H // kp, kp)
@@ -81,48 +90,50 @@ def _kernel(
     q = [[q_ref[b, h, pl.ds(gi, 1), plane_cols(k)] for k in range(kp)] for gi in range(G)]
 
     def body(jj, carry):
-        ms, ls, os_ = carry
+        ms, ls, accs = carry
         j = first + jj
         rows = pl.ds(pl.multiple_of(j * group, group), group)
         kplanes = _planes(kd_ref[b, rows, h, :], kbits)  # kp x [group, H/kp]
         krow = pl.ds(j, 1)
         kscale = [ks_ref[b, krow, h, plane_cols(k)].astype(jnp.float32) for k in range(kp)]  # [1, H/kp]
         kzero = [kz_ref[b, krow, h, plane_cols(k)].astype(jnp.float32) for k in range(kp)]
-        vplanes = [_planes(vd_ref[b, rows, h, pl.ds(cc * Vb, Vb)], vbits) for cc in range(C)]
-        vscale = [vs_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32) for cc in range(C)]  # [group, 1]
-        vzero = [vz_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32) for cc in range(C)]
-        new_m, new_l, new_o = [], [], []
+        vplanes = _planes(vd_ref[b, rows, h, :], vbits)  # vp x [group, W]
+        # each slot's scale and zero point spread over the byte columns of its channel groups
+        vscale = jnp.zeros((group, W), jnp.float32)
+        vzero = jnp.zeros((group, W), jnp.float32)
+        for cc in range(C):
+            here = column_group == cc
+            vscale = jnp.where(here, vs_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32), vscale)
+            vzero = jnp.where(here, vz_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32), vzero)
+        centred = [v - vzero for v in vplanes]  # code - zero, per plane [group, W]
+        new_m, new_l, new_acc = [], [], []
         for gi in range(G):
-            s = jnp.zeros((group, 1), jnp.float32)
-            for k in range(kp):
-                qs = q[gi][k] * kscale[k]
-                s = s + jnp.sum(kplanes[k] * qs, axis=1, keepdims=True) - jnp.sum(qs * kzero[k])
+            qs = [q[gi][k] * kscale[k] for k in range(kp)]
+            prod = kplanes[0] * qs[0]
+            for k in range(1, kp):
+                prod = prod + kplanes[k] * qs[k]
+            bias = sum(jnp.sum(qs[k] * kzero[k]) for k in range(kp))
+            s = jnp.sum(prod, axis=1, keepdims=True) - bias  # [group, 1]
             m = jnp.maximum(ms[gi], jnp.max(s, axis=0, keepdims=True))  # [1, 1]
             alpha = jnp.exp(ms[gi] - m)
             p = jnp.exp(s - m)  # [group, 1]
+            weight = p * vscale  # [group, W]
             new_m.append(m)
-            new_l.append(ls[gi] * alpha + jnp.sum(p, axis=0, keepdims=True))
-            outs = []
-            for cc in range(C):
-                ps = p * vscale[cc]
-                bias = jnp.sum(ps * vzero[cc])
-                for k in range(vp):
-                    prev = os_[gi][cc * vp + k]
-                    outs.append(prev * alpha + jnp.sum(ps * vplanes[cc][k], axis=0, keepdims=True) - bias)
-            new_o.append(tuple(outs))
-        return tuple(new_m), tuple(new_l), tuple(new_o)
+            new_l.append(ls[gi] * alpha + p)
+            new_acc.append(tuple(a * alpha + weight * v for a, v in zip(accs[gi], centred)))
+        return tuple(new_m), tuple(new_l), tuple(new_acc)
 
     init = (
         tuple(jnp.full((1, 1), _MASKED, jnp.float32) for _ in range(G)),
-        tuple(jnp.zeros((1, 1), jnp.float32) for _ in range(G)),
-        tuple(tuple(jnp.zeros((1, Vb), jnp.float32) for _ in range(C * vp)) for _ in range(G)),
+        tuple(jnp.zeros((group, 1), jnp.float32) for _ in range(G)),
+        tuple(tuple(jnp.zeros((group, W), jnp.float32) for _ in range(vp)) for _ in range(G)),
     )
-    ms, ls, os_ = jax.lax.fori_loop(0, steps, body, init)
+    ms, ls, accs = jax.lax.fori_loop(0, steps, body, init)
     for gi in range(G):
         m_ref[pl.ds(gi, 1), :] = ms[gi]
-        l_ref[pl.ds(gi, 1), :] = ls[gi]
-        for idx, o in enumerate(os_[gi]):
-            o_ref[pl.ds(gi, 1), pl.ds(idx * Vb, Vb)] = o
+        l_ref[pl.ds(gi, 1), :] = jnp.sum(ls[gi], axis=0, keepdims=True)
+        for k, acc in enumerate(accs[gi]):
+            o_ref[pl.ds(gi, 1), pl.ds(k * W, W)] = jnp.sum(acc, axis=0, keepdims=True)
 
 
 @functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "chunk_groups", "interpret"))
@@ -157,11 +168,12 @@ def body_partials(
             jax.ShapeDtypeStruct((B, K, NC, G, 1), jnp.float32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), jnp.float32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        # every query head keeps planes x [g, W] float32 accumulators in registers
+        compiler_params=pltriton.CompilerParams(num_warps=4 if G <= 2 else 8, num_stages=2),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
     )(q.astype(jnp.float32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)
-    # o's channels come in plane order [C, planes, bytes]; channel c*g + planes*m + k is [c, k, m].
+    # o's channels come in plane order [planes, bytes]; channel planes*m + k is [k, m].
     vp = 8 // vbits
-    o = o.reshape(B, K, NC, G, H // group, vp, group // vp).swapaxes(-1, -2).reshape(B, K, NC, G, H)
+    o = o.reshape(B, K, NC, G, vp, H // vp).swapaxes(-1, -2).reshape(B, K, NC, G, H)
     return m[..., 0], l[..., 0], o
