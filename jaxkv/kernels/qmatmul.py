@@ -197,42 +197,45 @@ def _nibbles_f32(p: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def _gemv4_kernel(
-    layer_ref,
-    x_ref,
-    p_ref,
-    s_ref,
-    z_ref,
-    o_ref,
-    *,
-    group,
-    groups,
-    groups_per_prog,
-    block_n,
-    sub_rows,
-    interpret,
-):
-    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
+def _fma_program(layer_ref, p_ref, block_n: int, groups_per_prog: int):
+    """This program's layer index (empty for 2-D weights), output columns and first group."""
     n, k = pl.program_id(0), pl.program_id(1)
-    stacked = p_ref.ndim == 3
-    lead = (layer_ref[0],) if stacked else ()
-    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    lead = (layer_ref[0],) if p_ref.ndim == 3 else ()
+    return lead, pl.ds(pl.multiple_of(n * block_n, block_n), block_n), k * groups_per_prog
+
+
+def _load_group(p_ref, lead, cols, g, group: int, sub_rows: int) -> tuple[jax.Array, ...]:
+    """Group ``g``'s packed bytes as ``[sub_rows, block_n]`` tiles, every load issued before any is
+    used (so they are all in flight before the arithmetic starts)."""
     half = group // 2  # packed byte rows per group
-    first = k * groups_per_prog
+    return tuple(
+        p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
+        for t in range(half // sub_rows)
+    )
 
-    def load(g):  # the group's packed bytes, every load issued before any is used
-        return tuple(
-            p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
-            for t in range(half // sub_rows)
-        )
 
-    def compute(g, tiles, out, zterm):
+def _x_pair(x_ref, m: int, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Row ``m`` of ``x`` at the even and the odd input rows from ``row`` on (the rows of a tile's
+    low and high nibbles), as float32 columns ``[sub_rows, 1]``."""
+    xe = x_ref[pl.ds(m, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T
+    xo = x_ref[pl.ds(m, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+    return xe, xo
+
+
+def _gemv4_kernel(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+):  # fmt: skip
+    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
+    lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
+
+    def body(j, carry):
+        out, zterm = carry
+        g = first + j
+        tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
         xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
         for t, p in enumerate(tiles):
-            row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
-            xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
-            xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+            xe, xo = _x_pair(x_ref, 0, g * group + 2 * t * sub_rows, sub_rows)
             lo, hi = _nibbles_f32(p, interpret)
             acc = acc + lo * xe + hi * xo
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
@@ -246,7 +249,7 @@ def _gemv4_kernel(
     # computes) was slower on an H200 at the same tile (median 1.06-1.12x, best tiles 1.0-1.29x;
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
-    out, zterm = jax.lax.fori_loop(0, steps, lambda j, c: compute(first + j, load(first + j), *c), init)
+    out, zterm = jax.lax.fori_loop(0, steps, body, init)
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
@@ -254,50 +257,28 @@ FMA_MAX_ROWS = 8  # past this the FMAs per weight outweigh the tensor cores' lay
 
 
 def _fma_rows_kernel(
-    layer_ref,
-    x_ref,
-    p_ref,
-    s_ref,
-    z_ref,
-    o_ref,
-    *,
-    group,
-    groups,
-    groups_per_prog,
-    block_n,
-    sub_rows,
-    interpret,
-):
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+):  # fmt: skip
     """2-8 rows of ``x`` times 4-bit weights without tensor cores (small decode batches). Each weight
     is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in one FMA from the
     permuted nibble (:func:`_nibbles_f32`), and enters every row through one FMA more; so a weight
     costs about 1.5 integer operations and ``1 + M`` FMAs, against the tensor-core kernel's
     conversion, layout shuffles and 16-row padding."""
     M = x_ref.shape[0]
-    n, k = pl.program_id(0), pl.program_id(1)
-    stacked = p_ref.ndim == 3
-    lead = (layer_ref[0],) if stacked else ()
-    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    half = group // 2
-    first = k * groups_per_prog
+    lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
 
     def body(j, outs):
         g = first + j
-        tiles = [
-            p_ref[(*lead, pl.ds(pl.multiple_of(g * half + t * sub_rows, sub_rows), sub_rows), cols)]
-            for t in range(half // sub_rows)
-        ]
+        tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
         a, b = 256.0 * scale, -(128.0 + zero) * scale
         outs = list(outs)
         for t, p in enumerate(tiles):
-            row = g * group + 2 * t * sub_rows  # input row of the tile's first low nibble
             lo, hi = _nibbles_f32(p, interpret)
             w_even, w_odd = lo * a + b, hi * a + b  # [sub_rows, block_n], dequantized
             for m in range(M):
-                xe = x_ref[pl.ds(m, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T  # [sub_rows, 1]
-                xo = x_ref[pl.ds(m, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+                xe, xo = _x_pair(x_ref, m, g * group + 2 * t * sub_rows, sub_rows)
                 outs[m] = outs[m] + w_even * xe + w_odd * xo
         return tuple(outs)
 
