@@ -17,15 +17,17 @@ Conventions
   float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight, so the
   kernel does a shift, a mask and a convert per weight and a few operations per group.
 * One row of 4-bit codes (batch-1 decode) takes its own kernel, :func:`_gemv4_kernel` (plain FMAs,
-  no tensor cores, no layout shuffle), built to spend as few instructions per weight as memory
-  bandwidth allows (at one row the kernel is bound by integer instruction issue, not by memory,
-  unless a weight costs about one integer operation): a nibble becomes the float ``0.5 + c/256``
+  no tensor cores, no layout shuffle), built to spend as few instructions per weight as possible
+  (at one row it was bound by integer instruction issue rather than memory: cutting them from about
+  2.5 to 1.5 per weight made it 1.25-1.33x faster on an H200): a nibble becomes the float ``0.5 + c/256``
   with one byte permute (inline PTX ``prmt``, its code placed in the mantissa of 0.5; the masks are
   shared by four bytes; no integer-to-float convert, no subtraction), one FMA multiplies it by
   ``x``, and scale and zero point are applied once per group and column through
   ``sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)``. Each program
   issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
-  More rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
+  :func:`_fma_rows_kernel` does the same for 2-8 rows when ``KernelConfig.fma`` asks for it (a
+  candidate, not yet timed; see its docstring).
+  Otherwise rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
   and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
   programs share the input dimension of one column block and write float32 partial sums that XLA
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
