@@ -105,9 +105,10 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
 
 
 def _row_pad(m: int, fma: bool) -> int:
-    """Rows the kernel computes: the FMA kernels take ``x`` as it is, the tensor-core kernel needs a
-    power of two of at least 16 (its smallest tile)."""
-    return m if fma else max(16, 1 << (m - 1).bit_length())
+    """Rows the kernel computes: a power of two (Triton's block shapes), at least 16 for the
+    tensor-core kernel (its smallest tile); the FMA kernels' padding rows cost arithmetic, not bytes."""
+    pow2 = 1 << (m - 1).bit_length()
+    return pow2 if fma else max(16, pow2)
 
 
 def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
@@ -261,11 +262,11 @@ FMA_MAX_ROWS = 8  # past this the FMAs per weight outweigh the tensor cores' lay
 def _fma_rows_kernel(
     layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
 ):  # fmt: skip
-    """2-8 rows of ``x`` times 4-bit weights without tensor cores (small decode batches). Each weight
-    is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in one FMA from the
-    permuted nibble (:func:`_nibbles_f32`), and enters every row through one FMA more; so a weight
-    costs about 1.5 integer operations and ``1 + M`` FMAs, against the tensor-core kernel's
-    conversion, layout shuffles and 16-row padding."""
+    """2-8 rows of ``x`` (padded to 2, 4 or 8) times 4-bit weights without tensor cores (small decode
+    batches). Each weight is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in
+    one FMA from the permuted nibble (:func:`_nibbles_f32`), and enters every row through one FMA
+    more; so a weight costs about 1.5 integer operations and ``1 + M`` FMAs, against the tensor-core
+    kernel's conversion, layout shuffles and 16-row padding."""
     M = x_ref.shape[0]
     lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
 
