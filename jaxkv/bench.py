@@ -48,6 +48,9 @@ WEIGHTS = ("bf16", "int8", "int4")
 # JAXKV_QMATMUL: the decode kernels where they apply, the portable XLA matmul, or the FMA kernel
 # for 2-8 rows of 4-bit weights in place of the tensor-core one
 QMATMULS = ("auto", "xla", "fma")
+# --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
+# tensor-subclass dispatch is not what anyone serves.
+PEERS = {"hf": (("bf16", "eager"), ("bf16", "compile")), "torchao": (("int4", "compile"),)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,7 +305,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv", default="bf16", help="comma list of KV caches: bf16, K4V2, K4V4-g64, ...")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call")
-    p.add_argument("--peers", default="", help="comma list of peers to run in the same invocation: hf")
+    p.add_argument(
+        "--peers",
+        default="",
+        help="comma list of peers to run in the same invocation: hf (transformers bf16, eager and "
+        "compiled), torchao (transformers with torchao int4 weights, compiled; needs torchao installed)",
+    )
     p.add_argument(
         "--qmatmul",
         default="auto",
@@ -342,8 +350,8 @@ def run(args) -> dict:
             raise JaxkvError(f"--qmatmul: {m!r} is not one of {QMATMULS}")
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
-        if p != "hf":
-            raise JaxkvError(f"--peers: unknown peer {p!r} (known: hf)")
+        if p not in PEERS:
+            raise JaxkvError(f"--peers: unknown peer {p!r} (known: {', '.join(PEERS)})")
     cases = []
     for w in weights:
         for b in _ints(args.batch):
@@ -383,9 +391,9 @@ def run(args) -> dict:
             _, p, b, t = job
             argv = ["-m", "jaxkv.bench_hf", "--shape", args.shape, "--batch", str(b), "--prompt", str(t)]
             argv += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
-            for mode in ("eager", "compile"):
-                r = _subprocess_json([*argv, "--mode", mode])
-                r.setdefault("label", f"hf {mode} bf16 b{b} p{t}")
+            for weights, mode in PEERS[p]:
+                r = _subprocess_json([*argv, "--mode", mode, "--weights", weights])
+                r.setdefault("label", f"{p} {mode} {weights} b{b} p{t}")
                 results["peers"].append(r)
         else:
             c = job[1]

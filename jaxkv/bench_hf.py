@@ -3,7 +3,10 @@ same shape with random bf16 weights, greedy, every sequence running to ``new_tok
 
 ``--mode eager`` disables transformers' automatic ``torch.compile`` of the decode step;
 ``--mode compile`` keeps it (a static cache compiles the forward with ``mode="reduce-overhead"``,
-i.e. CUDA graphs). Prefill time = a ``generate`` of one new token; decode time per step = (time of
+i.e. CUDA graphs). ``--weights int4`` quantizes every linear layer but the LM head with torchao
+(``Int4WeightOnlyConfig``, group 128, the ``tile_packed_to_4d`` format: PyTorch's own tinygemm kernel
+``aten._weight_int4pack_mm``, no fbgemm), the public int4 decode path the issue compares against;
+torchao is not a dependency of jaxkv (its wheel is pure Python plus optional extensions). Prefill time = a ``generate`` of one new token; decode time per step = (time of
 the full ``generate`` - prefill time) / (new_tokens - 1); medians of ``--repeats`` after a warm-up.
 Prints one JSON line (``python -m jaxkv.bench_hf --shape llama2-7b --batch 1 --prompt 128``).
 """
@@ -36,6 +39,17 @@ def hf_config(cfg):
     )
 
 
+def label(args, torch_version: str) -> str:
+    """The row name of a peer run: the library, its version, the mode, weights, batch and prompt."""
+    if args.weights == "int4":
+        import torchao
+
+        who = f"torchao {torchao.__version__} int4 g128 (torch {torch_version})"
+    else:
+        who = f"hf transformers {torch_version} bf16"
+    return f"{who} {args.mode} b{args.batch} p{args.prompt}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama2-7b")
@@ -44,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mode", choices=("eager", "compile"), default="eager")
+    p.add_argument("--weights", choices=("bf16", "int4"), default="bf16")
     args = p.parse_args(argv)
 
     import torch
@@ -55,6 +70,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(hf_config(cfg), torch_dtype=torch.bfloat16).eval()
+    if args.weights == "int4":
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        quantize_(model.model, config)  # the decoder layers; the LM head stays bf16, as in jaxkv
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device="cuda")
     mask = torch.ones_like(ids)
 
@@ -79,7 +99,7 @@ def main(argv=None) -> int:
     print(
         json.dumps(
             {
-                "label": f"hf transformers {torch.__version__} {args.mode} bf16 b{args.batch} p{args.prompt}",
+                "label": label(args, torch.__version__),
                 "batch": args.batch,
                 "prompt": args.prompt,
                 "mode": args.mode,

@@ -197,7 +197,13 @@ def test_bench_rejects_unknown_modes_before_running():
 
     p = argparse.ArgumentParser()
     bench.add_args(p)
-    for flag, value in (("--qmatmul", "auto,tensor"), ("--kv-decode", "flash"), ("--weights", "int3")):
+    cases = (
+        ("--qmatmul", "auto,tensor"),
+        ("--kv-decode", "flash"),
+        ("--weights", "int3"),
+        ("--peers", "hf,vllm"),
+    )
+    for flag, value in cases:
         with pytest.raises(JaxkvError, match=flag):
             bench.run(p.parse_args([flag, value, "--out", "/nonexistent/never-written"]))
 
