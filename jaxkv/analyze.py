@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
-from jaxkv.model import apply_rope, decoder, dense, rms_norm, rope_inv_freq
+from jaxkv.model import attention_inputs, decoder, dense, rope_inv_freq
 
 # Added to masked scores, as jaxkv.model does: finite, so a fully masked row gives a uniform softmax.
 _MASKED = -1e30
@@ -115,14 +115,7 @@ def attention(lp, x, positions, cfg: ModelConfig, pivot_k=None, pivot_v=None, pi
     """
     B, T, _ = x.shape
     N, K, H, G = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size
-    inv_freq = rope_inv_freq(cfg)
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
-    if cfg.attention_bias:
-        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
-    k = apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
-    v = v.reshape(B, T, K, H)
+    q, k, v = attention_inputs(x, lp, positions, rope_inv_freq(cfg), cfg)
     k_pos = positions
     if pivot_k is not None:
         P = pivot_k.shape[1]

@@ -56,7 +56,7 @@ _MASKED = -1e30
 _F32 = jnp.float32
 
 
-def _mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
+def causal_mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
     """[B,T,S] True where key position k may be seen from query position q (both >= 0)."""
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
@@ -252,7 +252,10 @@ def attend_cached(
     i = positions - P  # query body slots
     body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
     mask = jnp.concatenate(
-        [_mask(positions, jnp.broadcast_to(jnp.arange(P), (B, P)), cfg), _mask(positions, body_pos, cfg)],
+        [
+            causal_mask(positions, jnp.broadcast_to(jnp.arange(P), (B, P)), cfg),
+            causal_mask(positions, body_pos, cfg),
+        ],
         axis=-1,
     )
     use_k = j[None, None, :] < frontier(i, kspec, kv)[..., None]  # [B,T,S] read the quantized copy
@@ -281,7 +284,7 @@ def attend_cached(
         kslot = kbase[:, None] + jnp.arange(kview.shape[1])  # [B, Wk+T] slot of each window entry
         kwin_pos = jnp.where((kslot >= 0) & (kslot < n_new[:, None]), P + kslot, -1)
         parts.append(jnp.einsum("BTKGH,BWKH->BTKGW", qg, kview.astype(cd), preferred_element_type=_F32))
-        masks.append(_mask(positions, kwin_pos, cfg) & (kslot[:, None, :] >= qk[..., None]))
+        masks.append(causal_mask(positions, kwin_pos, cfg) & (kslot[:, None, :] >= qk[..., None]))
     scores = jnp.concatenate(parts, axis=-1) * (1.0 / np.sqrt(H))
     scores = jnp.where(jnp.concatenate(masks, axis=-1)[:, :, None, None, :], scores, _MASKED)
     if kernel:
@@ -430,7 +433,7 @@ def attend_fake_quant(
         s_q = jnp.einsum("BTKGH,BSKH->BTKGS", qg, kq, preferred_element_type=_F32)
         scores = jnp.where(quantized_pairs(kspec)[:, :, None, None, :], s_q, scores)
     scores = scores * (1.0 / np.sqrt(H))
-    scores = jnp.where(_mask(positions, positions, cfg)[:, :, None, None, :], scores, _MASKED)
+    scores = jnp.where(causal_mask(positions, positions, cfg)[:, :, None, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     if vspec.quantized:
         use_v = quantized_pairs(vspec)[:, :, None, None, :]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.config import ConfigError, ModelConfig
-from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed, decode_impl
+from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed, causal_mask, decode_impl
 from jaxkv.kvcache import KVCache, KVQuantConfig, check_wkv, plan_segments, wkv_side
 from jaxkv.sharding import constrain
 
@@ -91,22 +91,9 @@ def _attend(q, keys, values, mask, cfg: ModelConfig) -> jax.Array:
     return out.reshape(B, T, N * H)
 
 
-def _causal_mask(q_pos, k_pos, cfg: ModelConfig) -> jax.Array:
-    """[B,T,S] True where key position k may be seen from query position q (both >= 0)."""
-    q = q_pos[:, :, None]
-    k = k_pos[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if cfg.sliding_window is not None:
-        mask &= k > q - cfg.sliding_window
-    return mask
-
-
-def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
-    """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths).
-
-    ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
-    (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
-    """
+def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
+    """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
+    RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
@@ -118,12 +105,22 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
-    v = v.reshape(B, T, K, H)
+    return q, k, v.reshape(B, T, K, H)
+
+
+def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
+    """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths).
+
+    ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
+    (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
+    """
+    B, T, _ = x.shape
+    q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
 
     if attend is not None:
         attn, new_kv = attend(q, k, v)
     elif cache_kv is None:
-        attn = _attend(q, k, v, _causal_mask(positions, positions, cfg), cfg)
+        attn = _attend(q, k, v, causal_mask(positions, positions, cfg), cfg)
         new_kv = None
     else:
         pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
@@ -136,7 +133,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         keys = jnp.concatenate([jnp.broadcast_to(pivot_k, (B, *pivot_k.shape)), ck], axis=1)
         values = jnp.concatenate([jnp.broadcast_to(pivot_v, (B, *pivot_v.shape)), cv], axis=1)
         attn = _attend(
-            q, keys.astype(q.dtype), values.astype(q.dtype), _causal_mask(positions, k_pos, cfg), cfg
+            q, keys.astype(q.dtype), values.astype(q.dtype), causal_mask(positions, k_pos, cfg), cfg
         )
         new_kv = (ck, cv)
 
@@ -174,7 +171,7 @@ def decoder(
         return _decoder_quant_cache(params, x, positions, cache, cfg, collect, inv_freq)
 
     if cache is None:
-        mask = _causal_mask(positions, positions, cfg)
+        mask = causal_mask(positions, positions, cfg)
 
         def body(x, xs):
             lp, pk, pv = xs

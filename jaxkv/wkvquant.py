@@ -151,7 +151,7 @@ def _kv_ranges(params, tokens, pivot_kv, cfg: ModelConfig, P: int):
 
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    mask = model._causal_mask(positions, positions, cfg)
+    mask = model.causal_mask(positions, positions, cfg)
     inv_freq = model.rope_inv_freq(cfg)
 
     def body(x, xs):
