@@ -26,14 +26,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxkv import __version__, sharding
-from jaxkv.errors import JaxkvError
+from jaxkv.errors import CheckpointError
 from jaxkv.prefix import Prefix, model_fingerprint
 
 PREFIX_FORMAT = "jaxkv-prefix/1"
-
-
-class CheckpointError(JaxkvError):
-    """A checkpoint is missing, corrupt, or belongs to another model or recipe."""
 
 
 def _arrays_sha256(tree: dict[str, Any]) -> str:

@@ -14,7 +14,9 @@ class LoadError(JaxkvError):
 
 
 class CheckpointError(LoadError):
-    """A checkpoint's tensors do not match its configuration: a missing, unmapped or misshapen tensor."""
+    """A checkpoint (model weights, a saved quantized model, a prefix, WKVQuant parameters) is missing,
+    corrupt, does not match its configuration (a missing, unmapped or misshapen tensor), or belongs to
+    another model or recipe."""
 
 
 class TokenizerError(LoadError):

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv import __version__
+from jaxkv import __version__, checkpoint
 from jaxkv.config import ModelConfig, from_hf_config
 from jaxkv.errors import CheckpointError, JaxkvError
 from jaxkv.params import param_infos
@@ -156,16 +156,8 @@ def save_quantized(
 
 
 def read_metadata(path: str | Path) -> dict:
-    p = Path(path) / "quant.json"
-    if not p.is_file():
-        raise CheckpointError(f"{path}: not a jaxkv quantized checkpoint (no quant.json)")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{p}: corrupt metadata ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT})")
-    return meta
+    """``quant.json`` of a saved quantized model, checked (missing, corrupt, unknown format)."""
+    return checkpoint.read_metadata(path, "quant.json", FORMAT, "a jaxkv quantized checkpoint")
 
 
 def saved_recipe(path: str | Path) -> QuantRecipe | None:
