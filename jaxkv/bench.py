@@ -48,6 +48,8 @@ WEIGHTS = ("bf16", "int8", "int4")
 # JAXKV_QMATMUL: the decode kernels where they apply, the portable XLA matmul, or the FMA kernel
 # for 2-8 rows of 4-bit weights in place of the tensor-core one
 QMATMULS = ("auto", "xla", "fma")
+# JAXKV_KV_DECODE for quantized caches: XLA's unpack-and-attend, or the split-K decode kernel
+KV_DECODES = ("xla", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
 # tensor-subclass dispatch is not what anyone serves.
 PEERS = {"hf": (("bf16", "eager"), ("bf16", "compile")), "torchao": (("int4", "compile"),)}
@@ -66,7 +68,7 @@ class Case:
     repeats: int = 3
     qmatmul: str = "auto"  # JAXKV_QMATMUL, one of QMATMULS
     prefill_chunk: int = 1024  # prompt tokens per prefill call (the prefill's attention is not flash)
-    kv_decode: str = "xla"  # JAXKV_KV_DECODE: xla, or the split-K kernel for a quantized cache
+    kv_decode: str = "xla"  # JAXKV_KV_DECODE, one of KV_DECODES
 
     def label(self) -> str:
         tail = "" if self.qmatmul == "auto" else f" [{self.qmatmul}]"
@@ -342,8 +344,8 @@ def run(args) -> dict:
         parse_kv(spec)
     kv_decodes = [d.strip() for d in args.kv_decode.split(",") if d.strip()]
     for d in kv_decodes:
-        if d not in ("xla", "kernel"):
-            raise JaxkvError(f"--kv-decode: {d!r} is not one of ('xla', 'kernel')")
+        if d not in KV_DECODES:
+            raise JaxkvError(f"--kv-decode: {d!r} is not one of {KV_DECODES}")
     qmatmuls = [m.strip() for m in args.qmatmul.split(",") if m.strip()]
     for m in qmatmuls:
         if m not in QMATMULS:

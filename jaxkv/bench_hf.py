@@ -5,9 +5,10 @@ same shape with random bf16 weights, greedy, every sequence running to ``new_tok
 ``--mode compile`` keeps it (a static cache compiles the forward with ``mode="reduce-overhead"``,
 i.e. CUDA graphs). ``--weights int4`` quantizes every linear layer but the LM head with torchao
 (``Int4WeightOnlyConfig``, group 128, the ``tile_packed_to_4d`` format: PyTorch's own tinygemm kernel
-``aten._weight_int4pack_mm``, no fbgemm), the public int4 decode path the issue compares against;
-torchao is not a dependency of jaxkv (its wheel is pure Python plus optional extensions). Prefill time = a ``generate`` of one new token; decode time per step = (time of
-the full ``generate`` - prefill time) / (new_tokens - 1); medians of ``--repeats`` after a warm-up.
+``aten._weight_int4pack_mm``, no fbgemm), the public int4 decode path jaxkv compares against;
+torchao is not a dependency of jaxkv (its wheel is pure Python plus optional extensions).
+Prefill time = a ``generate`` of one new token; decode time per step = (time of the full
+``generate`` - prefill time) / (new_tokens - 1); medians of ``--repeats`` after a warm-up.
 Prints one JSON line (``python -m jaxkv.bench_hf --shape llama2-7b --batch 1 --prompt 128``).
 """
 

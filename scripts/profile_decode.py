@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 
-def gpu_kernels(trace_file: str) -> list[tuple[float, str, float]]:
+def gpu_kernels(path: str) -> list[tuple[float, str, float]]:
     """(start, kernel name, microseconds) of every GPU kernel in a Perfetto trace, in launch order."""
-    with gzip.open(trace_file) as f:
+    with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     names = {}  # (pid, tid) -> thread name: device streams are the GPU's
     for e in events:
@@ -44,11 +44,11 @@ def trace_file(trace_dir) -> str:
     return sorted(glob.glob(str(Path(trace_dir) / "**" / "*.trace.json.gz"), recursive=True))[-1]
 
 
-def summarise(trace_file: str, steps: int) -> list[dict]:
+def summarise(path: str, steps: int) -> list[dict]:
     """Per kernel name: launches and microseconds per decode step, from a Perfetto trace."""
     total = collections.defaultdict(float)
     count = collections.Counter()
-    for _, name, dur in gpu_kernels(trace_file):
+    for _, name, dur in gpu_kernels(path):
         total[name] += dur
         count[name] += 1
     rows = [
