@@ -46,8 +46,8 @@ from jaxkv.errors import JaxkvError
 
 WEIGHTS = ("bf16", "int8", "int4")
 # JAXKV_QMATMUL: the decode kernels where they apply, the portable XLA matmul, or the FMA kernel
-# for 2-8 rows of 4-bit weights in place of the tensor-core one
-QMATMULS = ("auto", "xla", "fma")
+# for 2-8 rows of 4-bit weights in place of the tensor-core one, or split-K sums added with atomics
+QMATMULS = ("auto", "xla", "fma", "atomic")
 # JAXKV_KV_DECODE for quantized caches: XLA's unpack-and-attend, or the split-K decode kernel
 KV_DECODES = ("xla", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager

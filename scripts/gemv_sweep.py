@@ -8,7 +8,7 @@ sweep. Eight weight copies rotate (the L2 cannot hold them); everything runs onc
 ``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
 trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
 efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
-tiles, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
+tiles or the zero fill of atomic ones, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
 time, beside the device's measured copy bandwidth. Each tile's output is checked against the float32
 product of the dequantized weight. Writes ``OUT.json`` and ``OUT.md``.
 
@@ -32,14 +32,21 @@ from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weigh
 
 
 def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
-    """(label, KernelConfig): the default tile, at 2-8 rows also the FMA kernel's default, then the
-    sweep (FMA-kernel tiles: the one-row kernel at one row, the rows kernel above)."""
+    """(label, KernelConfig): the default tile, at 2-8 rows also the FMA kernel's default, each also
+    with its split-K sums added by atomics; then the sweep (FMA-kernel tiles: the one-row kernel at
+    one row, the rows kernel above; plain and atomic split sums)."""
+    import dataclasses
+
     from jaxkv.kernels import qmatmul as qk
 
-    yield "default", qk.default_config(I, O, group, rows, 4)
     fma_rows = 1 < rows <= qk.FMA_MAX_ROWS
-    if fma_rows:
-        yield "fma default", qk.default_config(I, O, group, rows, 4, fma=True)
+    for label, fma in (("default", False), ("fma default", True)):
+        if fma and not fma_rows:
+            continue
+        cfg = qk.default_config(I, O, group, rows, 4, fma=fma)
+        yield label, cfg
+        if cfg.split_k > 1:
+            yield f"{label} atomic", dataclasses.replace(cfg, atomic=True)
     if not sweep or rows > qk.FMA_MAX_ROWS:
         return
     groups = I // group
@@ -52,7 +59,8 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
             programs = O // bn * sk
             if sk > groups or not 64 <= programs <= 8192:
                 continue
-            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows, fma=fma_rows)
+            for atomic in (False, True):
+                yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows, fma=fma_rows, atomic=atomic)
 
 
 def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True) -> list[dict]:
@@ -160,8 +168,8 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
         f"Copy bandwidth {copy_gbps:.0f} GB/s (read + write). {table[0]['rows']} row(s) of x, int4 group "
         f"{table[0]['group']}.",
         "",
-        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | FMA kernel |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | atomic | warps | FMA kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         c = r["config"] or {}
@@ -169,7 +177,8 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "
-            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} | "
+            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('atomic', '')} | "
+            f"{c.get('num_warps', '')} | "
             f"{kind} |"
         )
     return "\n".join(lines) + "\n"
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
             shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only)
             every += shape_rows
             best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
-            shown = [r for r in shape_rows if r["candidate"] in ("bf16", "default", "fma default")]
+            shown = [r for r in shape_rows if r["candidate"] != "sweep"]
             table += shown + [{**best, "candidate": "best"}]
             print(markdown(table[-len(shown) - 1 :], copy_gbps), flush=True)
             out = Path(args.out)

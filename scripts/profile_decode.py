@@ -4,7 +4,8 @@ case, summarised per GPU kernel (name, launches per step, microseconds per step)
     python scripts/profile_decode.py --shape llama2-7b --weights int4 --out results/bench/profile_int4_b1
 
 Writes ``OUT.json`` (the summary) and prints the top kernels; the raw trace stays under ``OUT.trace/``
-(open it in Perfetto).
+(open it in Perfetto), and ``--hlo`` writes the compiled decode loop as ``OUT.hlo.txt`` (XLA's fusion
+names in the trace are its instruction names there).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--kv", default="bf16")
     p.add_argument("--out", default="results/bench/profile")
+    p.add_argument("--hlo", action="store_true", help="also write the optimised HLO of the decode loop")
     args = p.parse_args(argv)
 
     import jax
@@ -120,11 +122,14 @@ def main(argv=None) -> int:
     s = state()
     jax.block_until_ready(s)
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.hlo:
+        lowered = _decode.lower(params, s, jnp.int32(N), *consts, jnp.asarray([-1]), 0, cfg, 0)
+        out.with_suffix(".hlo.txt").write_text(lowered.compile().as_text())
     trace_dir = out.with_suffix(".trace")
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         decode(s)
     rows = summarise(trace_file(trace_dir), args.steps)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cats = categorise(rows)
     out.with_suffix(".json").write_text(
         json.dumps({"args": vars(args), "categories": cats, "kernels": rows}, indent=1)

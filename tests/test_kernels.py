@@ -40,6 +40,11 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
         (4, 5, 32, qk.KernelConfig(128, 4, 4, 2, sub_rows=4, fma=True), True),  # FMA kernel, 5 rows
         (4, 8, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, fma=True), False),  # 8 rows, short split
+        # split-K partial sums added with float32 atomics: one row, FMA rows, tensor cores, 8-bit
+        (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16, atomic=True), False),
+        (4, 3, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, fma=True, atomic=True), True),
+        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2, atomic=True), False),
+        (8, 2, 64, qk.KernelConfig(64, 2, 4, 2, atomic=True), False),
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):
@@ -137,11 +142,11 @@ def test_fused_projections_equal_separate():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled kernel runs on a GPU only")
-@pytest.mark.parametrize("mode", ["auto", "fma"])
+@pytest.mark.parametrize("mode", ["auto", "fma", "atomic"])
 def test_decode_with_kernel_matches_xla_path(monkeypatch, mode):
     """Greedy decode logits of an int4 model: the Pallas kernel path (the tensor-core kernel for the
-    prefill's 2 x 11 rows under ``auto``, the FMA kernel for the decode step's 2 rows under ``fma``)
-    against the portable XLA one."""
+    prefill's 2 x 11 rows under ``auto``, the FMA kernel for the decode step's 2 rows under ``fma``,
+    split-K sums added with atomics under ``atomic``) against the portable XLA one."""
     from jaxkv.kvcache import init_cache
 
     cfg = ModelConfig(

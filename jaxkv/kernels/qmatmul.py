@@ -64,10 +64,13 @@ class KernelConfig:
     # 4-bit codes without tensor cores (plain FMAs, no row padding): one row always; 2-8 rows
     # only when asked (``_fma_rows_kernel``, a candidate against the tensor-core kernel)
     fma: bool = False
+    # split_k > 1: the programs add their partial sums into one float32 output with atomics
+    # (XLA then only zero-fills it) instead of writing [split_k, M, O] partials for an XLA sum
+    atomic: bool = False
 
 
 def default_config(
-    I: int, O: int, group: int, rows: int = 16, bits: int = 4, fma: bool = False
+    I: int, O: int, group: int, rows: int = 16, bits: int = 4, fma: bool = False, atomic: bool = False
 ) -> KernelConfig:
     """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
     programs. Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
@@ -77,7 +80,8 @@ def default_config(
     within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md).
     ``fma`` asks for the FMA kernel at 2-8 rows (not yet timed on a GPU, so not the default): the
     one-row tiling with 512-byte loads (4 bytes per thread), since each row keeps its own
-    ``sub_rows x block_n`` float32 accumulator in registers."""
+    ``sub_rows x block_n`` float32 accumulator in registers. ``atomic`` adds the splits' partial
+    sums with float32 atomics (see :class:`KernelConfig`; not yet timed, so not the default)."""
     groups = I // group
     if bits == 4 and (rows == 1 or fma):
         block_n = 128 if O % 128 == 0 else 64
@@ -90,7 +94,7 @@ def default_config(
     split_k = 1
     while O // block_n * split_k < target and split_k < max_split and split_k * 2 <= groups:
         split_k *= 2
-    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows, fma=fma)
+    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows, fma=fma, atomic=atomic)
 
 
 def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
@@ -120,7 +124,9 @@ def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
     return jax.lax.bitcast_convert_type(bits, dtype), bias
 
 
-def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n):
+def _kernel(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, atomic
+):
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
     # alignment it needs for wide vector loads; stacked ones add the traced layer offset.
@@ -159,7 +165,17 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
     # The last split may hold fewer groups when split_k does not divide them.
     steps = jnp.minimum(groups_per_prog, groups - first)
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    _emit(o_ref, pl.ds(0, Mp), acc, block_n, atomic)
+
+
+def _emit(o_ref, rows, val: jax.Array, block_n: int, atomic: bool) -> None:
+    """Write this program's ``[rows, block_n]`` result: into its own block of the output, or (split-K
+    with atomics) added into the whole float32 ``[Mp, O]`` output at its columns."""
+    if atomic:
+        cols = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
+        pltriton.atomic_add(o_ref, (rows, cols), val)
+    else:
+        o_ref[rows, :] = val.astype(o_ref.dtype)
 
 
 # Four packed bytes (four columns, one even and one odd input row) -> four float32 ``0.5 + c/256``
@@ -226,7 +242,8 @@ def _x_pair(x_ref, m: int, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret,
+    atomic,
 ):  # fmt: skip
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
@@ -253,14 +270,15 @@ def _gemv4_kernel(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
+    _emit(o_ref, pl.ds(0, 1), jnp.sum(out, axis=0, keepdims=True) - zterm, block_n, atomic)
 
 
 FMA_MAX_ROWS = 8  # past this the FMAs per weight outweigh the tensor cores' layout shuffles
 
 
 def _fma_rows_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret,
+    atomic,
 ):  # fmt: skip
     """2-8 rows of ``x`` (padded to 2, 4 or 8) times 4-bit weights without tensor cores (small decode
     batches). Each weight is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in
@@ -289,7 +307,7 @@ def _fma_rows_kernel(
     init = tuple(jnp.zeros((sub_rows, block_n), jnp.float32) for _ in range(M))
     outs = jax.lax.fori_loop(0, steps, body, init)
     for m in range(M):
-        o_ref[pl.ds(m, 1), :] = jnp.sum(outs[m], axis=0, keepdims=True).astype(o_ref.dtype)
+        _emit(o_ref, pl.ds(m, 1), jnp.sum(outs[m], axis=0, keepdims=True), block_n, atomic)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
@@ -328,26 +346,37 @@ def qmatmul(
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
-    # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
-    out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
+    atomic = cfg.atomic and cfg.split_k > 1
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if fma:
         fma_kernel = _gemv4_kernel if M == 1 else _fma_rows_kernel
-        kernel = functools.partial(fma_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
+        kernel = functools.partial(
+            fma_kernel, sub_rows=cfg.sub_rows, interpret=interpret, atomic=atomic, **tiling
+        )
     else:
-        kernel = functools.partial(_kernel, bits=bits, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, atomic=atomic, **tiling)
     full = pl.BlockSpec(memory_space=None)
+    inputs = [jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights]
+    if atomic:  # the programs add into one zero-filled float32 output (aliased to its last input)
+        base, inputs = kernel, [*inputs, jnp.zeros((Mp, O), jnp.float32)]
+        kernel = lambda *refs: base(*refs[:5], refs[-1])  # noqa: E731
+        out_spec, out_shape, aliases = full, jax.ShapeDtypeStruct((Mp, O), jnp.float32), {5: 0}
+    else:  # one split writes x.dtype directly; several write float32 partial sums that XLA adds
+        out_spec = pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n))
+        out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
+        out_shape, aliases = jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype), {}
     out = pl.pallas_call(
         kernel,
         grid=(O // cfg.block_n, cfg.split_k),
-        in_specs=[full] * 5,
-        out_specs=pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n)),
-        out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
+        in_specs=[full] * len(inputs),
+        out_specs=out_spec,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}" + (("_gemv" if M == 1 else "_fma") if fma else ""),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
-    y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
+    )(*inputs)
+    y = out if atomic else out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 
 
