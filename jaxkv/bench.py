@@ -317,7 +317,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--qmatmul",
         default="auto",
         help="comma list for quantized weights: auto (the decode kernels), xla (the portable matmul), "
-        "fma (the FMA kernel for 2-8 rows instead of the tensor-core one)",
+        "fma (the FMA kernel for 2-8 rows instead of the tensor-core one), atomic (split-K sums added "
+        "with atomics)",
     )
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
