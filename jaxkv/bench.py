@@ -188,7 +188,7 @@ def run_case(case: Case) -> dict:
     eos, pad = jnp.asarray([-1], jnp.int32), 0
 
     def prefill():
-        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=kv)
+        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=kv, per_layer=True)  # as generate does
         jax.block_until_ready(cache)
         t0 = time.perf_counter()
         C = min(T, case.prefill_chunk)

@@ -182,7 +182,10 @@ def generate_iter(
     pivot_k = pivot_v = None
     if prefix is not None:
         pivot_k, pivot_v = prefix.k, prefix.v
-    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv, wkv=wkv)  # kv: quantized KV cache
+    # decode_layout's per-layer parameters loop over layers in Python: the cache then keeps one buffer
+    # per layer too, updated in place (jaxkv.kvcache, "per-layer layout")
+    per_layer = mesh is None and isinstance(model.params["layers"], (list, tuple))
+    cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv, wkv=wkv, per_layer=per_layer)
     P = cache.pivot_len
 
     tokens = np.zeros((B, bucket), np.int32)

@@ -51,6 +51,12 @@ soon as its group is complete (a prefill quantizes the prompt's K/V for later st
 keeps the full-precision copies the rule still needs: W = R for per-token sides, R + group - 1 for
 per-channel keys.
 
+Per-layer layout (``init_cache(..., per_layer=True)``, what generation uses with the parameters of
+``jaxkv.model.decode_layout``): ``k``/``v``, or each segment's sides, are tuples with one entry per
+layer (``[B, S, K, H]`` arrays, or :class:`QuantSide` without the ``Lc`` axis), each its own buffer,
+so a decode step updates every layer's cache in place and its attention reads it where it lies.
+(Rows written back into one stacked buffer made XLA copy each layer's K and V at every step.)
+
 Positions: the pivot holds positions 0..P-1 for every sequence; body slot ``s`` is position ``P + s``.
 A batch of prompts of different lengths is right-padded: padding tokens carry position -1 and are
 never written, so ``lengths[b]`` counts only real tokens and the next token of sequence ``b`` goes to
@@ -450,9 +456,17 @@ class KVCache:
         return bool(self.segments)
 
     @property
+    def per_layer(self) -> bool:
+        """Whether the body is in the per-layer layout (tuples of one buffer per layer)."""
+        return isinstance(self.k if self.k is not None else self.segments[0].k, tuple)
+
+    @property
     def max_len(self) -> int:
         """S: body slots per sequence."""
-        return self.k.shape[2] if self.k is not None else self.segments[0].k.data.shape[2]
+        if self.k is not None:
+            return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+        side = self.segments[0].k
+        return side[0].data.shape[1] if isinstance(side, tuple) else side.data.shape[2]
 
     @property
     def pivot_len(self) -> int:
@@ -488,13 +502,15 @@ def init_cache(
     pivot_v: jax.Array | None = None,
     kv: KVQuantConfig | None = None,
     wkv: dict | None = None,
+    per_layer: bool = False,
 ) -> KVCache:
     """An empty cache of ``max_len`` body slots, optionally starting with pivot K/V ``[L, P, K, H]``.
 
     With ``kv`` (and anything quantized), the body is quantized as ``kv`` says; ``max_len`` is then
     rounded up to a multiple of ``kv.group`` when keys are quantized per channel. ``wkv``: the
     per-layer parameters of ``kv.method == "wkvquant"`` (``jaxkv.wkvquant``), copied into the
-    quantized sides of their layers.
+    quantized sides of their layers. ``per_layer``: the body in the per-layer layout (one buffer per
+    layer; see the module docstring), for the layer loop of ``jaxkv.model.decode_layout``'s parameters.
     """
     L, K, H = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     if (pivot_k is None) != (pivot_v is None):
@@ -510,27 +526,34 @@ def init_cache(
     pv = jnp.array(pivot_v, dtype=dtype, copy=True)
     lengths = jnp.zeros((batch,), jnp.int32)
     if kv is None or kv.is_identity(L):
-        # Separate buffers for k and v: the cache is donated, and one buffer cannot be donated twice.
-        return KVCache(
-            pivot_k=pk,
-            pivot_v=pv,
-            k=jnp.zeros((L, batch, max_len, K, H), dtype),
-            v=jnp.zeros((L, batch, max_len, K, H), dtype),
-            lengths=lengths,
-        )
+        # Separate buffers for k and v (and per layer): the cache is donated, and one buffer cannot
+        # be donated twice.
+        if per_layer:
+            k, v = (tuple(jnp.zeros((batch, max_len, K, H), dtype) for _ in range(L)) for _ in "kv")
+        else:
+            k, v = (jnp.zeros((L, batch, max_len, K, H), dtype) for _ in "kv")
+        return KVCache(pivot_k=pk, pivot_v=pv, k=k, v=v, lengths=lengths)
     kv.check(cfg)
     check_wkv(kv, wkv, cfg)
     plan = plan_segments(cfg, kv)
     if any(ks.per_channel for _, _, ks, _ in plan):
         max_len = -(-max_len // kv.group) * kv.group
 
-    def side(spec, name, start, stop):
+    def stacked_side(spec, name, start, stop):
         empty = _empty_side(spec, stop - start, batch, max_len, K, H, dtype)
         if wkv is None or not spec.quantized:
             return empty
         # Copies: the cache is donated to jitted steps, which must not consume the caller's parameters.
         return empty.replace(
             wkv={n: jnp.array(a[start:stop], copy=True) for n, a in wkv_side(wkv, name).items()}
+        )
+
+    def side(spec, name, start, stop):
+        if not per_layer:
+            return stacked_side(spec, name, start, stop)
+        # one side per layer, without the layer axis
+        return tuple(
+            jax.tree.map(lambda a: a[0], stacked_side(spec, name, i, i + 1)) for i in range(start, stop)
         )
 
     segments = tuple(

@@ -78,17 +78,32 @@ def dense(x: jax.Array, w) -> jax.Array:
     return qarray.einsum("...i,io->...o", x, w)
 
 
-def _attend(q, keys, values, mask, cfg: ModelConfig) -> jax.Array:
-    """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,S] -> [B,T,N*H]."""
+def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
+    """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,P+S] -> [B,T,N*H].
+
+    ``pivot``: the pivot segment's keys and values ``[P, K, H]`` (shared by the batch), attended
+    before ``keys``/``values`` in one softmax. They are kept apart rather than concatenated with the
+    body: a concatenation would copy the layer's whole cache at every decode step.
+    """
     B, T, N, H = q.shape
     K, G = cfg.num_kv_heads, cfg.group_size
     qg = q.reshape(B, T, K, G, H)
     scores = jnp.einsum("BTKGH,BSKH->BTKGS", qg, keys, preferred_element_type=jnp.float32)
+    if pivot is not None:
+        pivot_scores = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot[0], preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([pivot_scores, scores], axis=-1)
     scores = scores * (1.0 / np.sqrt(H))
     scores = jnp.where(mask[:, :, None, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("BTKGS,BSKH->BTKGH", probs, values)
-    return out.reshape(B, T, N * H)
+    if pivot is None:
+        return jnp.einsum("BTKGS,BSKH->BTKGH", probs, values).reshape(B, T, N * H)
+    P = pivot[0].shape[0]
+    f32 = jnp.float32
+    out = jnp.einsum("BTKGS,BSKH->BTKGH", probs[..., P:], values, preferred_element_type=f32)
+    out += jnp.einsum(
+        "BTKGP,PKH->BTKGH", probs[..., :P], pivot[1].astype(values.dtype), preferred_element_type=f32
+    )
+    return out.astype(values.dtype).reshape(B, T, N * H)
 
 
 def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
@@ -130,11 +145,9 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         P, S = pivot_k.shape[0], ck.shape[1]
         body_pos = jnp.where(jnp.arange(S)[None, :] < lengths[:, None], P + jnp.arange(S)[None, :], -1)
         k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(P), (B, P)), body_pos], axis=1)
-        keys = jnp.concatenate([jnp.broadcast_to(pivot_k, (B, *pivot_k.shape)), ck], axis=1)
-        values = jnp.concatenate([jnp.broadcast_to(pivot_v, (B, *pivot_v.shape)), cv], axis=1)
-        attn = _attend(
-            q, keys.astype(q.dtype), values.astype(q.dtype), causal_mask(positions, k_pos, cfg), cfg
-        )
+        mask = causal_mask(positions, k_pos, cfg)
+        pivot = (pivot_k.astype(q.dtype), pivot_v.astype(q.dtype)) if P else None
+        attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
     x = x + dense(attn, lp["wo"])
@@ -216,21 +229,28 @@ def _over_layers(body, x, xs, layers, start: int):
     ones, a Python loop with static layer indices.
 
     ``xs = (layer indices, *per-layer inputs)`` and ``body`` returns ``(x, (output, *updated))``
-    where ``updated`` are new values of the last per-layer inputs (the layer's cache). The loop
-    writes them back into the stacked inputs in place instead of stacking copies: in a decode
-    step, each layer then touches only its own cache rows.
+    where ``updated`` are new values of the last per-layer inputs (the layer's cache). In the loop a
+    per-layer input is stacked (a pytree with a leading layer axis), or a tuple of one pytree per
+    layer (a cache in ``init_cache(..., per_layer=True)``'s layout), whose entries are used and
+    replaced as they are. Stacked inputs are written back in place; but XLA then keeps a copy of
+    the layer's updated slice for the attention that reads it (seen on an H200: the layer's K and V
+    copied at every decode step), so generation keeps its cache per layer.
     """
     if not isinstance(layers, (list, tuple)):
         return jax.lax.scan(body, x, xs)
     rest = list(xs[1:])
-    n = jax.tree.leaves(rest)[0].shape[0]
+    n = jax.tree.leaves(rest[0])[0].shape[0]
     outs, n_upd = [], 0
     for j in range(n):
-        x, (out, *new) = body(x, (start + j, *jax.tree.map(lambda a, j=j: a[j], rest)))
+        sliced = [r[j] if isinstance(r, tuple) else jax.tree.map(lambda a, j=j: a[j], r) for r in rest]
+        x, (out, *new) = body(x, (start + j, *sliced))
         outs.append(out)
         n_upd = len(new)
         for r, upd in enumerate(new, start=len(rest) - n_upd):
-            rest[r] = jax.tree.map(lambda a, b, j=j: a.at[j].set(b), rest[r], upd)
+            if isinstance(rest[r], tuple):
+                rest[r] = (*rest[r][:j], upd, *rest[r][j + 1 :])
+            else:
+                rest[r] = jax.tree.map(lambda a, b, j=j: a.at[j].set(b), rest[r], upd)
     stacked = None if outs[0] is None else jnp.stack(outs)
     return x, (stacked, *rest[len(rest) - n_upd :])
 

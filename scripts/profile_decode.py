@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     consts = (None, jnp.float32(1.0))  # greedy, as generate
 
     def state():
-        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=parse_kv(args.kv))
+        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=parse_kv(args.kv), per_layer=True)
         first, cache = _prefill(params, tokens, positions, cache, last, jax.random.key(0), *consts, cfg, 0)
         out = jnp.zeros((B, N), jnp.int32).at[:, 0].set(first)
         return DecodeState(cache, out, jnp.int32(1), jnp.zeros((B,), bool), jax.random.key(1))

@@ -213,12 +213,14 @@ def test_bench_rejects_unknown_modes_before_running():
             bench.run(p.parse_args([flag, value, "--out", "/nonexistent/never-written"]))
 
 
-@pytest.mark.parametrize("kv", [None, "K4V2-g16"])
-def test_decode_layout_generates_the_same_tokens(kv):
-    """Unstacked, fused layers (a Python loop over layers, caches updated in place) decode exactly
-    like the stacked scan: same greedy tokens, logits equal to float rounding."""
+@pytest.mark.parametrize("kv,pivot", [(None, None), ("K4V2-g16", None), (None, [11, 3]), ("K4V2-g16", [11])])
+def test_decode_layout_generates_the_same_tokens(kv, pivot):
+    """Unstacked, fused layers (a Python loop over layers, the cache one buffer per layer, updated in
+    place) decode exactly like the stacked scan over a stacked cache: same greedy tokens, with and
+    without IntactKV pivot tokens (attended apart from the body, never concatenated with it)."""
     from jaxkv.bench import parse_kv
     from jaxkv.generate import generate
+    from jaxkv.prefix import make_prefix
 
     class M:
         pass
@@ -229,14 +231,16 @@ def test_decode_layout_generates_the_same_tokens(kv):
         k: (quantize_tensor(v, 4, 32) if k in ("wq", "wo", "w_up") else v)
         for k, v in params["layers"].items()
     }
-    a, b = M(), M()
-    a.cfg = b.cfg = cfg
+    a, b, full = M(), M(), M()
+    a.cfg = b.cfg = full.cfg = cfg
     a.params = {**params, "layers": layers}
     b.params = decode_layout(a.params)
+    full.params = params
     assert isinstance(b.params["layers"], tuple) and len(b.params["layers"]) == cfg.num_layers
+    prefix = None if pivot is None else make_prefix(full, pivot)
     prompts = [[1, 5, 9, 2, 7], [3, 4]]
     kw = dict(max_new_tokens=12, kv=parse_kv(kv) if kv else None, stop_at_eos=False)
-    ra, rb = generate(a, None, prompts, **kw), generate(b, None, prompts, **kw)
+    ra, rb = generate(a, prefix, prompts, **kw), generate(b, prefix, prompts, **kw)
     assert ra.tokens == rb.tokens and len(ra.tokens[0]) == 12
 
 
