@@ -45,9 +45,8 @@ from pathlib import Path
 from jaxkv.errors import JaxkvError
 
 WEIGHTS = ("bf16", "int8", "int4")
-# JAXKV_QMATMUL: the decode kernels where they apply, the portable XLA matmul, or the FMA kernel
-# for 2-8 rows of 4-bit weights in place of the tensor-core one, or split-K sums added with atomics
-QMATMULS = ("auto", "xla", "fma", "atomic")
+# JAXKV_QMATMUL: the decode kernels where they apply, or the portable XLA matmul
+QMATMULS = ("auto", "xla")
 # JAXKV_KV_DECODE for quantized caches: XLA's unpack-and-attend, or the split-K decode kernel
 KV_DECODES = ("xla", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
@@ -316,9 +315,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--qmatmul",
         default="auto",
-        help="comma list for quantized weights: auto (the decode kernels), xla (the portable matmul), "
-        "fma (the FMA kernel for 2-8 rows instead of the tensor-core one), atomic (split-K sums added "
-        "with atomics)",
+        help="comma list for quantized weights: auto (the decode kernels), xla (the portable matmul)",
     )
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(

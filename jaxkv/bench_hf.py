@@ -42,12 +42,15 @@ def hf_config(cfg):
 
 def label(args, torch_version: str) -> str:
     """The row name of a peer run: the library, its version, the mode, weights, batch and prompt."""
+    import transformers
+
+    lib = f"transformers {transformers.__version__}"
     if args.weights == "int4":
         import torchao
 
-        who = f"torchao {torchao.__version__} int4 g128 (torch {torch_version})"
+        who = f"{lib} + torchao {torchao.__version__} int4 g128 (torch {torch_version})"
     else:
-        who = f"hf transformers {torch_version} bf16"
+        who = f"{lib} bf16 (torch {torch_version})"
     return f"{who} {args.mode} b{args.batch} p{args.prompt}"
 
 

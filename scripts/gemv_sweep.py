@@ -2,13 +2,12 @@
 
 For each decode weight shape [I, O] (Llama-2-7B: fused Q/K/V, O, fused gate/up, down; ``--shapes``),
 ``--rows`` rows of bf16 ``x`` (the decode batch), group ``--group``: the bf16 matmul (what bf16 decode
-reads) and the int4 kernel over a sweep of tiles (block_n, sub_rows, split_k, warps); at one row the
-one-row FMA kernel, at 2-8 rows the default tensor-core tile beside the FMA rows kernel and its
-sweep. Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
+reads) and the int4 kernel's default tile; at one row also a sweep of the one-row kernel's tiles
+(block_n, sub_rows, split_k, warps). Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
 ``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
 trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
 efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
-tiles or the zero fill of atomic ones, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
+tiles, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
 time, beside the device's measured copy bandwidth. Each tile's output is checked against the float32
 product of the dequantized weight. Writes ``OUT.json`` and ``OUT.md``.
 
@@ -32,26 +31,15 @@ from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weigh
 
 
 def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
-    """(label, KernelConfig): the default tile, at 2-8 rows also the FMA kernel's default, each also
-    with its split-K sums added by atomics; then the sweep (FMA-kernel tiles: the one-row kernel at
-    one row, the rows kernel above; plain and atomic split sums)."""
-    import dataclasses
-
+    """(label, KernelConfig): the default tile, then (at one row) a sweep of the one-row kernel's
+    tiles."""
     from jaxkv.kernels import qmatmul as qk
 
-    fma_rows = 1 < rows <= qk.FMA_MAX_ROWS
-    for label, fma in (("default", False), ("fma default", True)):
-        if fma and not fma_rows:
-            continue
-        cfg = qk.default_config(I, O, group, rows, 4, fma=fma)
-        yield label, cfg
-        if cfg.split_k > 1:
-            yield f"{label} atomic", dataclasses.replace(cfg, atomic=True)
-    if not sweep or rows > qk.FMA_MAX_ROWS:
+    yield "default", qk.default_config(I, O, group, rows, 4)
+    if not sweep or rows != 1:
         return
     groups = I // group
-    per_threads = (8, 16) if rows == 1 else (4, 8)  # every row keeps its own accumulator
-    for bn, per_thread, nw in itertools.product((128,), per_threads, (4, 8)):
+    for bn, per_thread, nw in itertools.product((128,), (8, 16), (4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
@@ -59,8 +47,7 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
             programs = O // bn * sk
             if sk > groups or not 64 <= programs <= 8192:
                 continue
-            for atomic in (False, True):
-                yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows, fma=fma_rows, atomic=atomic)
+            yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
 
 
 def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True) -> list[dict]:
@@ -168,17 +155,16 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
         f"Copy bandwidth {copy_gbps:.0f} GB/s (read + write). {table[0]['rows']} row(s) of x, int4 group "
         f"{table[0]['group']}.",
         "",
-        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | atomic | warps | FMA kernel |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| I x O | candidate | us | GB/s (% of copy) | us with split sum | rel err | block_n | sub_rows | split_k | warps | kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         c = r["config"] or {}
-        kind = "" if not c else "yes" if (c["fma"] or r["rows"] == 1) else "no (tensor cores)"
+        kind = "" if not c else "one-row (FMA)" if r["rows"] == 1 else "tensor cores"
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "
-            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('atomic', '')} | "
-            f"{c.get('num_warps', '')} | "
+            f"{c.get('block_n', '')} | {c.get('sub_rows', '')} | {c.get('split_k', '')} | {c.get('num_warps', '')} | "
             f"{kind} |"
         )
     return "\n".join(lines) + "\n"
@@ -190,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--default-only", action="store_true", help="the default tiles only (no sweep)")
-    p.add_argument("--rows", type=int, default=1, help="rows of x (decode batch); 2-8 add the FMA kernel")
+    p.add_argument("--rows", type=int, default=1, help="rows of x (the decode batch)")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 

@@ -38,13 +38,7 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 1, 128, qk.KernelConfig(128, 1, 4, 2, sub_rows=16), True),  # one-row kernel, one split
         (4, 1, 32, qk.KernelConfig(256, 3, 8, 2, sub_rows=2), False),  # 8 groups over 3 splits
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
-        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2, sub_rows=4, fma=True), True),  # FMA kernel, 5 rows
-        (4, 8, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, fma=True), False),  # 8 rows, short split
-        # split-K partial sums added with float32 atomics: one row, FMA rows, tensor cores, 8-bit
-        (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16, atomic=True), False),
-        (4, 3, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=8, fma=True, atomic=True), True),
-        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2, atomic=True), False),
-        (8, 2, 64, qk.KernelConfig(64, 2, 4, 2, atomic=True), False),
+        (4, 8, 64, qk.KernelConfig(64, 3, 4, 2), False),  # 8 rows, short split
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):
@@ -82,22 +76,14 @@ def test_gemv_keeps_precision_under_an_outlier_activation():
     assert err < 2e-5 * np.linalg.norm(ref) and err < 2e-3 * np.linalg.norm(rest)
 
 
-def test_fma_kernel_limits_and_default_tile():
-    rng = np.random.default_rng(1)
-    q, *_ = _random_q(rng, 1, 128, 128, 4, 64)
-    args = (q.packed, q.scale, q.zero, jnp.int32(0))
-    with pytest.raises(ValueError, match="at most 8 rows"):
-        qk.qmatmul(
-            jnp.ones((9, 128), jnp.bfloat16),
-            *args,
-            bits=4,
-            group=64,
-            config=qk.KernelConfig(fma=True),
-            interpret=True,
-        )
-    cfg = qk.default_config(4096, 12288, 128, rows=8, fma=True)
-    assert cfg.fma and cfg.block_n == 128 and cfg.sub_rows == 4  # 4 bytes per thread: 8 accumulators fit
-    assert not qk.default_config(4096, 12288, 128, rows=8).fma  # the tensor-core kernel stays the default
+def test_default_tiles():
+    """The one-row kernel: 2 KB loads of 128 columns, up to 32 splits for about eight programs per SM;
+    the tensor-core kernel: 64 or 128 columns, up to 8 splits for two programs per SM."""
+    one = qk.default_config(4096, 4096, 128, rows=1)
+    assert (one.block_n, one.sub_rows, one.split_k) == (128, 16, 32)
+    assert qk.default_config(4096, 22016, 128, rows=1).split_k == 8  # 172 column blocks x 8 >= 8 x 132
+    tc = qk.default_config(4096, 12288, 128, rows=8)
+    assert (tc.block_n, tc.split_k) == (64, 2)
 
 
 def test_qmatmul_rejects_tile_that_does_not_divide():
@@ -142,11 +128,9 @@ def test_fused_projections_equal_separate():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled kernel runs on a GPU only")
-@pytest.mark.parametrize("mode", ["auto", "fma", "atomic"])
-def test_decode_with_kernel_matches_xla_path(monkeypatch, mode):
+def test_decode_with_kernel_matches_xla_path(monkeypatch):
     """Greedy decode logits of an int4 model: the Pallas kernel path (the tensor-core kernel for the
-    prefill's 2 x 11 rows under ``auto``, the FMA kernel for the decode step's 2 rows under ``fma``,
-    split-K sums added with atomics under ``atomic``) against the portable XLA one."""
+    prefill's 2 x 11 rows and the decode step's 2 rows) against the portable XLA one."""
     from jaxkv.kvcache import init_cache
 
     cfg = ModelConfig(
@@ -165,7 +149,7 @@ def test_decode_with_kernel_matches_xla_path(monkeypatch, mode):
         logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 11:], pos[:, 11:], cache, cfg)
         return np.asarray(logits, np.float64)
 
-    monkeypatch.setenv("JAXKV_QMATMUL", mode)
+    monkeypatch.setenv("JAXKV_QMATMUL", "auto")
     fast = run()
     jax.clear_caches()
     monkeypatch.setenv("JAXKV_QMATMUL", "xla")

@@ -25,14 +25,17 @@ Conventions
   ``x``, and scale and zero point are applied once per group and column through
   ``sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)``. Each program
   issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
-  :func:`_fma_rows_kernel` does the same for 2-8 rows when ``KernelConfig.fma`` asks for it (a
-  candidate, not yet timed; see its docstring).
   Otherwise rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
   and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
   programs share the input dimension of one column block and write float32 partial sums that XLA
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
   writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
   so the wrapper keeps them to a pad and (with splits) one reduction.
+* Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
+  with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
+  token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
+  FMA scheme of the one-row kernel for 2-8 rows (at 8 rows 2.6-2.7x slower than the tensor-core
+  kernel: an FMA per weight and row outweighs the conversions it saves).
 * GPU only (Triton lowering); :func:`supported` says when the kernel applies, and
   ``jaxkv.quant.qarray.einsum`` keeps the portable XLA path everywhere else (CPU, TPU, many rows).
   ``interpret=True`` runs the same kernel body on any backend (tests).
@@ -60,32 +63,20 @@ class KernelConfig:
     split_k: int = 4
     num_warps: int = 4
     num_stages: int = 4
-    sub_rows: int = 8  # FMA kernels: packed byte rows per load (sub_rows x block_n bytes)
-    # 4-bit codes without tensor cores (plain FMAs, no row padding): one row always; 2-8 rows
-    # only when asked (``_fma_rows_kernel``, a candidate against the tensor-core kernel)
-    fma: bool = False
-    # split_k > 1: the programs add their partial sums into one float32 output with atomics
-    # (XLA then only zero-fills it) instead of writing [split_k, M, O] partials for an XLA sum
-    atomic: bool = False
+    sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
 
 
-def default_config(
-    I: int, O: int, group: int, rows: int = 16, bits: int = 4, fma: bool = False, atomic: bool = False
-) -> KernelConfig:
+def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
     """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
     programs. Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
     one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
     per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
-    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md).
-    ``fma`` asks for the FMA kernel at 2-8 rows (not yet timed on a GPU, so not the default): the
-    one-row tiling with 512-byte loads (4 bytes per thread), since each row keeps its own
-    ``sub_rows x block_n`` float32 accumulator in registers. ``atomic`` adds the splits' partial
-    sums with float32 atomics (see :class:`KernelConfig`; not yet timed, so not the default)."""
+    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md)."""
     groups = I // group
-    if bits == 4 and (rows == 1 or fma):
+    if bits == 4 and rows == 1:
         block_n = 128 if O % 128 == 0 else 64
-        sub_rows = min((2048 if rows == 1 else 512) // block_n, group // 2)
+        sub_rows = min(2048 // block_n, group // 2)
         target, max_split = 8 * 132, 32
     else:
         block_n = 128 if O >= 16384 and O % 128 == 0 else 64
@@ -94,7 +85,7 @@ def default_config(
     split_k = 1
     while O // block_n * split_k < target and split_k < max_split and split_k * 2 <= groups:
         split_k *= 2
-    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows, fma=fma, atomic=atomic)
+    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows)
 
 
 def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
@@ -108,13 +99,6 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
     )
 
 
-def _row_pad(m: int, fma: bool) -> int:
-    """Rows the kernel computes: a power of two (Triton's block shapes), at least 16 for the
-    tensor-core kernel (its smallest tile); the FMA kernels' padding rows cost arithmetic, not bytes."""
-    pow2 = 1 << (m - 1).bit_length()
-    return pow2 if fma else max(16, pow2)
-
-
 def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
     """4-bit codes as ``bias + c`` in the 16-bit ``dtype`` built from bits (no convert):
     bf16 ``0x4300 | c`` = 128 + c, f16 ``0x6400 | c`` = 1024 + c, exact for c < 16. The caller
@@ -124,9 +108,7 @@ def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
     return jax.lax.bitcast_convert_type(bits, dtype), bias
 
 
-def _kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, atomic
-):
+def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n):
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
     # alignment it needs for wide vector loads; stacked ones add the traced layer offset.
@@ -165,17 +147,7 @@ def _kernel(
     # The last split may hold fewer groups when split_k does not divide them.
     steps = jnp.minimum(groups_per_prog, groups - first)
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
-    _emit(o_ref, pl.ds(0, Mp), acc, block_n, atomic)
-
-
-def _emit(o_ref, rows, val: jax.Array, block_n: int, atomic: bool) -> None:
-    """Write this program's ``[rows, block_n]`` result: into its own block of the output, or (split-K
-    with atomics) added into the whole float32 ``[Mp, O]`` output at its columns."""
-    if atomic:
-        cols = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
-        pltriton.atomic_add(o_ref, (rows, cols), val)
-    else:
-        o_ref[rows, :] = val.astype(o_ref.dtype)
+    o_ref[...] = acc.astype(o_ref.dtype)
 
 
 # Four packed bytes (four columns, one even and one odd input row) -> four float32 ``0.5 + c/256``
@@ -216,7 +188,7 @@ def _nibbles_f32(p: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
     )
 
 
-def _fma_program(layer_ref, p_ref, block_n: int, groups_per_prog: int):
+def _gemv_program(layer_ref, p_ref, block_n: int, groups_per_prog: int):
     """This program's layer index (empty for 2-D weights), output columns and first group."""
     n, k = pl.program_id(0), pl.program_id(1)
     lead = (layer_ref[0],) if p_ref.ndim == 3 else ()
@@ -233,20 +205,19 @@ def _load_group(p_ref, lead, cols, g, group: int, sub_rows: int) -> tuple[jax.Ar
     )
 
 
-def _x_pair(x_ref, m: int, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
-    """Row ``m`` of ``x`` at the even and the odd input rows from ``row`` on (the rows of a tile's
-    low and high nibbles), as float32 columns ``[sub_rows, 1]``."""
-    xe = x_ref[pl.ds(m, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T
-    xo = x_ref[pl.ds(m, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
+def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``x`` at the even and the odd input rows from ``row`` on (the rows of a tile's low and high
+    nibbles), as float32 columns ``[sub_rows, 1]``."""
+    xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T
+    xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
     return xe, xo
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret,
-    atomic,
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
 ):  # fmt: skip
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
-    lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
+    lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
 
     def body(j, carry):
         out, zterm = carry
@@ -255,7 +226,7 @@ def _gemv4_kernel(
         xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
         for t, p in enumerate(tiles):
-            xe, xo = _x_pair(x_ref, 0, g * group + 2 * t * sub_rows, sub_rows)
+            xe, xo = _x_pair(x_ref, g * group + 2 * t * sub_rows, sub_rows)
             lo, hi = _nibbles_f32(p, interpret)
             acc = acc + lo * xe + hi * xo
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
@@ -270,44 +241,7 @@ def _gemv4_kernel(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    _emit(o_ref, pl.ds(0, 1), jnp.sum(out, axis=0, keepdims=True) - zterm, block_n, atomic)
-
-
-FMA_MAX_ROWS = 8  # past this the FMAs per weight outweigh the tensor cores' layout shuffles
-
-
-def _fma_rows_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret,
-    atomic,
-):  # fmt: skip
-    """2-8 rows of ``x`` (padded to 2, 4 or 8) times 4-bit weights without tensor cores (small decode
-    batches). Each weight is dequantized once, ``s (c - z) = (0.5 + c/256) 256 s - (128 + z) s`` in
-    one FMA from the permuted nibble (:func:`_nibbles_f32`), and enters every row through one FMA
-    more; so a weight costs about 1.5 integer operations and ``1 + M`` FMAs, against the tensor-core
-    kernel's conversion, layout shuffles and 16-row padding."""
-    M = x_ref.shape[0]
-    lead, cols, first = _fma_program(layer_ref, p_ref, block_n, groups_per_prog)
-
-    def body(j, outs):
-        g = first + j
-        tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
-        scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
-        zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-        a, b = 256.0 * scale, -(128.0 + zero) * scale
-        outs = list(outs)
-        for t, p in enumerate(tiles):
-            lo, hi = _nibbles_f32(p, interpret)
-            w_even, w_odd = lo * a + b, hi * a + b  # [sub_rows, block_n], dequantized
-            for m in range(M):
-                xe, xo = _x_pair(x_ref, m, g * group + 2 * t * sub_rows, sub_rows)
-                outs[m] = outs[m] + w_even * xe + w_odd * xo
-        return tuple(outs)
-
-    steps = jnp.minimum(groups_per_prog, groups - first)
-    init = tuple(jnp.zeros((sub_rows, block_n), jnp.float32) for _ in range(M))
-    outs = jax.lax.fori_loop(0, steps, body, init)
-    for m in range(M):
-        _emit(o_ref, pl.ds(m, 1), jnp.sum(outs[m], axis=0, keepdims=True), block_n, atomic)
+    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
@@ -332,51 +266,36 @@ def qmatmul(
     M, I = x.shape
     L, _, O = packed.shape
     cfg = config or default_config(I, O, group, M, bits)
-    if cfg.fma and (bits != 4 or M > FMA_MAX_ROWS):
-        raise ValueError(
-            f"the FMA kernels take 4-bit codes and at most {FMA_MAX_ROWS} rows, not {bits} bits x {M}"
-        )
-    fma = bits == 4 and (M == 1 or cfg.fma)
-    Mp = _row_pad(M, fma)
+    gemv = bits == 4 and M == 1
+    # Triton block shapes are powers of two; the tensor-core tile has at least 16 rows.
+    Mp = 1 if gemv else max(16, 1 << (M - 1).bit_length())
     groups = I // group
-    if O % cfg.block_n or cfg.split_k > groups or (fma and (group // 2) % cfg.sub_rows):
+    if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
     weights = (packed, scale, zero)
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
     xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
-    atomic = cfg.atomic and cfg.split_k > 1
+    # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
+    out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
-    if fma:
-        fma_kernel = _gemv4_kernel if M == 1 else _fma_rows_kernel
-        kernel = functools.partial(
-            fma_kernel, sub_rows=cfg.sub_rows, interpret=interpret, atomic=atomic, **tiling
-        )
+    if gemv:
+        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
-        kernel = functools.partial(_kernel, bits=bits, atomic=atomic, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
-    inputs = [jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights]
-    if atomic:  # the programs add into one zero-filled float32 output (aliased to its last input)
-        base, inputs = kernel, [*inputs, jnp.zeros((Mp, O), jnp.float32)]
-        kernel = lambda *refs: base(*refs[:5], refs[-1])  # noqa: E731
-        out_spec, out_shape, aliases = full, jax.ShapeDtypeStruct((Mp, O), jnp.float32), {5: 0}
-    else:  # one split writes x.dtype directly; several write float32 partial sums that XLA adds
-        out_spec = pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n))
-        out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
-        out_shape, aliases = jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype), {}
     out = pl.pallas_call(
         kernel,
         grid=(O // cfg.block_n, cfg.split_k),
-        in_specs=[full] * len(inputs),
-        out_specs=out_spec,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[full] * 5,
+        out_specs=pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"qmatmul_int{bits}" + (("_gemv" if M == 1 else "_fma") if fma else ""),
-    )(*inputs)
-    y = out if atomic else out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
+        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else ""),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
+    y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 
 

@@ -323,9 +323,7 @@ def _use_kernel(x: jax.Array, w: QArray) -> bool:
     """Whether the Pallas decode kernel (``jaxkv.kernels.qmatmul``) computes ``x @ w``.
 
     On a GPU, for a few rows of a 16-bit ``x``, outside a device mesh (the kernel is not partitioned);
-    ``JAXKV_QMATMUL=xla`` forces the portable path, ``JAXKV_QMATMUL=fma`` the FMA kernel for 2-8
-    rows of 4-bit weights instead of the tensor-core one and ``JAXKV_QMATMUL=atomic`` split-K sums
-    added with atomics (benchmarks compare them; see ``jaxkv.kernels.qmatmul.KernelConfig``).
+    ``JAXKV_QMATMUL=xla`` forces the portable path (benchmarks compare them).
     """
     from jaxkv.kernels import qmatmul as qk
 
@@ -364,10 +362,7 @@ def matmul(x: jax.Array, w) -> jax.Array:
             stacked, index = jax.tree.map(lambda a: a[None], q), None
         x2 = x.reshape(-1, I)
         zero = qk.zero_points(stacked)
-        mode = os.environ.get("JAXKV_QMATMUL", "auto")
-        fma = mode == "fma" and q.bits == 4 and x2.shape[0] <= qk.FMA_MAX_ROWS
-        cfg = qk.default_config(I, O, q.group, x2.shape[0], q.bits, fma=fma, atomic=mode == "atomic")
-        y = qk.qmatmul(x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group, config=cfg)
+        y = qk.qmatmul(x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group)
         return y.reshape(*x.shape[:-1], O)
     if isinstance(w, LayerOf):
         w = w.get()
