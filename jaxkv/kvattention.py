@@ -208,10 +208,10 @@ def dequantize_body(side: QuantSide) -> jax.Array:
 
 def decode_impl() -> str:
     """The cached-attention implementation the model uses: ``"kernel"`` when ``JAXKV_KV_DECODE=kernel``
-    (the split-K decode kernel where it applies), else ``"folded"``. The kernel stays opt-in: its
-    first version was slower than the folded XLA path on an H200 (21.9 vs 16.1 ms per Llama-2-7B
-    step at batch 8 and 4096 context with K4V2, results/bench/h200_run9_b8_p4096_kv_kernel.md), and
-    its rewrite is not timed yet; both compute the same attention (tests)."""
+    (the split-K decode kernel where it applies), else ``"folded"``. The kernel stays opt-in: it is
+    slower than the folded XLA path on an H200 (13.5 vs 11.6 ms per Llama-2-7B step at batch 8 and
+    4096 context with K4V2, results/bench/h200_run13_b8_p4096.md); both compute the same attention
+    (tests)."""
     return "kernel" if os.environ.get("JAXKV_KV_DECODE", "xla") == "kernel" else "folded"
 
 
