@@ -26,7 +26,8 @@ Conventions
   p_j scale_j (code - zero_j)``, as do the exponential sums; the reductions over the slots happen
   once per chunk, not per key group. (The first version sliced each value channel group into its own
   ``[g, 8]`` tile and reduced per key group: 16 narrow reductions per group, slower than XLA on an H200,
-  results/bench/h200_run9_b8_p4096_kv_kernel.md.) All arithmetic is float32.
+  results/bench/h200_run9_b8_p4096_kv_kernel.md. This version is still slower than XLA there: 13.5 vs
+  11.6 ms per step, results/bench/h200_run13_b8_p4096.md.) All arithmetic is float32.
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend (tests).
   :func:`supported` says which caches it handles.
 """
