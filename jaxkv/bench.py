@@ -47,8 +47,9 @@ from jaxkv.errors import JaxkvError
 WEIGHTS = ("bf16", "int8", "int4")
 # JAXKV_QMATMUL: the decode kernels where they apply, or the portable XLA matmul
 QMATMULS = ("auto", "xla")
-# JAXKV_KV_DECODE for quantized caches: XLA's unpack-and-attend, or the split-K decode kernel
-KV_DECODES = ("xla", "kernel")
+# JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA's
+# unpack-and-attend, XLA reductions over the dequantized body, or the split-K decode kernel
+KV_DECODES = ("xla", "reduce", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
 # tensor-subclass dispatch is not what anyone serves.
 PEERS = {"hf": (("bf16", "eager"), ("bf16", "compile")), "torchao": (("int4", "compile"),)}
@@ -320,7 +321,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
         "--kv-decode", default="xla",
-        help="comma list for quantized KV caches: xla (unpack and attend) and/or kernel (split-K decode kernel)",
+        help="comma list for quantized KV caches: xla (unpack and attend), reduce (reductions over the "
+        "dequantized body), kernel (split-K decode kernel)",
     )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 

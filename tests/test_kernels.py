@@ -195,6 +195,9 @@ def test_bench_rejects_unknown_modes_before_running():
     for flag, value in cases:
         with pytest.raises(JaxkvError, match=flag):
             bench.run(p.parse_args([flag, value, "--out", "/nonexistent/never-written"]))
+    from jaxkv.kvattention import DECODE_IMPLS
+
+    assert set(bench.KV_DECODES) == set(DECODE_IMPLS)  # the bench offers every JAXKV_KV_DECODE
 
 
 @pytest.mark.parametrize("kv,pivot", [(None, None), ("K4V2-g16", None), (None, [11, 3]), ("K4V2-g16", [11])])
