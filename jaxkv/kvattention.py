@@ -240,7 +240,10 @@ def decode_impl() -> str:
     (:data:`DECODE_IMPLS`; default ``xla``, i.e. ``"folded"``). ``kernel`` (the split-K decode
     kernel) stays opt-in: it is slower than the folded XLA path on an H200 (13.5 vs 11.6 ms per
     Llama-2-7B step at batch 8 and 4096 context with K4V2, results/bench/h200_run13_b8_p4096.md).
-    ``reduce`` is not yet timed on a GPU. All compute the same attention (tests)."""
+    ``reduce`` is slower on a 2-core CPU (133.7 vs 109.5 ms per SmolLM2-135M-shape step at batch 8,
+    512 context, K4V2: results/bench/cpu_run2_k4v2_reduce.md) and not yet timed on a GPU, where
+    the folded path's matrix products may write the unpacked codes out. All compute the same
+    attention (tests)."""
     name = os.environ.get("JAXKV_KV_DECODE", "xla")
     if name not in DECODE_IMPLS:
         raise ValueError(f"JAXKV_KV_DECODE={name!r} is not one of {sorted(DECODE_IMPLS)}")
