@@ -456,11 +456,6 @@ class KVCache:
         return bool(self.segments)
 
     @property
-    def per_layer(self) -> bool:
-        """Whether the body is in the per-layer layout (tuples of one buffer per layer)."""
-        return isinstance(self.k if self.k is not None else self.segments[0].k, tuple)
-
-    @property
     def max_len(self) -> int:
         """S: body slots per sequence."""
         if self.k is not None:

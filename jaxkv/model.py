@@ -81,9 +81,9 @@ def dense(x: jax.Array, w) -> jax.Array:
 def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
     """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,P+S] -> [B,T,N*H].
 
-    ``pivot``: the pivot segment's keys and values ``[P, K, H]`` (shared by the batch), attended
-    before ``keys``/``values`` in one softmax. They are kept apart rather than concatenated with the
-    body: a concatenation would copy the layer's whole cache at every decode step.
+    ``pivot``: the pivot segment's keys and values ``[P, K, H]`` (shared by the batch, in the dtype of
+    ``values``), attended before ``keys``/``values`` in one softmax. They are kept apart rather than
+    concatenated with the body: a concatenation would copy the layer's whole cache at every decode step.
     """
     B, T, N, H = q.shape
     K, G = cfg.num_kv_heads, cfg.group_size
@@ -100,9 +100,7 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
     P = pivot[0].shape[0]
     f32 = jnp.float32
     out = jnp.einsum("BTKGS,BSKH->BTKGH", probs[..., P:], values, preferred_element_type=f32)
-    out += jnp.einsum(
-        "BTKGP,PKH->BTKGH", probs[..., :P], pivot[1].astype(values.dtype), preferred_element_type=f32
-    )
+    out += jnp.einsum("BTKGP,PKH->BTKGH", probs[..., :P], pivot[1], preferred_element_type=f32)
     return out.astype(values.dtype).reshape(B, T, N * H)
 
 
