@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument(
+        "--new-tokens", type=int, default=256, help="the cache holds prompt + this many (as jaxkv bench's)"
+    )
     p.add_argument("--kv", default="bf16")
     p.add_argument("--out", default="results/bench/profile")
     p.add_argument("--hlo", action="store_true", help="also write the optimised HLO of the decode loop")
@@ -106,12 +109,19 @@ def main(argv=None) -> int:
     B, T, N = args.batch, args.prompt, args.steps + 1
     tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    last = jnp.full((B,), T - 1, jnp.int32)
     consts = (None, jnp.float32(1.0))  # greedy, as generate
 
     def state():
-        cache = init_cache(cfg, B, T + N, jnp.bfloat16, kv=parse_kv(args.kv), per_layer=True)
-        first, cache = _prefill(params, tokens, positions, cache, last, jax.random.key(0), *consts, cfg, 0)
+        cache = init_cache(
+            cfg, B, T + max(N, args.new_tokens), jnp.bfloat16, kv=parse_kv(args.kv), per_layer=True
+        )
+        C = min(T, 1024)  # prefill chunks, as jaxkv bench's
+        for s in range(0, T, C):
+            e = min(T, s + C)
+            last = jnp.full((B,), e - s - 1, jnp.int32)
+            first, cache = _prefill(
+                params, tokens[:, s:e], positions[:, s:e], cache, last, jax.random.key(0), *consts, cfg, 0
+            )
         out = jnp.zeros((B, N), jnp.int32).at[:, 0].set(first)
         return DecodeState(cache, out, jnp.int32(1), jnp.zeros((B,), bool), jax.random.key(1))
 

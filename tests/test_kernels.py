@@ -39,6 +39,8 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 1, 32, qk.KernelConfig(256, 3, 8, 2, sub_rows=2), False),  # 8 groups over 3 splits
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
         (4, 8, 64, qk.KernelConfig(64, 3, 4, 2), False),  # 8 rows, short split
+        (4, 8, 32, qk.KernelConfig(128, 1, 8, 2, unroll=3), False),  # 8 groups loaded 3 at a time, 2 left
+        (8, 4, 32, qk.KernelConfig(64, 2, 4, 2, unroll=2), True),  # int8, 4 groups per split in 2 blocks
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):
@@ -78,11 +80,22 @@ def test_gemv_keeps_precision_under_an_outlier_activation():
 
 def test_default_tiles():
     """The one-row kernel: 2 KB loads of 128 columns, up to 32 splits for about eight programs per SM;
-    the tensor-core kernel: 64 or 128 columns, up to 8 splits for two programs per SM."""
+    the tensor-core kernel up to 16 rows: 128 columns, 8 warps, 256 programs and at most 8 groups
+    each; beyond: 64 or 128 columns, up to 8 splits for two programs per SM."""
     one = qk.default_config(4096, 4096, 128, rows=1)
     assert (one.block_n, one.sub_rows, one.split_k) == (128, 16, 32)
     assert qk.default_config(4096, 22016, 128, rows=1).split_k == 8  # 172 column blocks x 8 >= 8 x 132
-    tc = qk.default_config(4096, 12288, 128, rows=8)
+    tiles = {
+        shape: qk.default_config(*shape, 128, rows=8)
+        for shape in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))
+    }
+    assert {s: (t.block_n, t.split_k, t.num_warps) for s, t in tiles.items()} == {
+        (4096, 12288): (128, 4, 8),  # 96 column blocks x 4 = 384 programs of 8 groups
+        (4096, 4096): (128, 8, 8),
+        (4096, 22016): (128, 4, 8),  # 172 x 2 >= 256, but 16 groups each
+        (11008, 4096): (128, 8, 8),  # 86 groups, at most 8 splits
+    }
+    tc = qk.default_config(4096, 12288, 128, rows=32)
     assert (tc.block_n, tc.split_k) == (64, 2)
 
 

@@ -43,6 +43,8 @@ from jax.experimental.pallas import triton as pltriton
 
 BITS = (2, 4, 8)
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
+CHUNK_SLOTS = 128  # body slots per program (rounded to whole key groups)
+NUM_WARPS = 4
 
 
 def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim: int, q_per_kv: int) -> bool:
@@ -72,14 +74,14 @@ def _planes(packed: jax.Array, bits: int) -> list[jax.Array]:
 
 def _kernel(
     q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref,
-    *, kbits, vbits, group, chunk_groups, G, H,
+    *, kbits, vbits, group, chunk_groups, G, H, J,
 ):  # fmt: skip
     # Shapes stay 2-D ([rows, 1] columns, [1, n] rows) so that broadcasts need no reshapes.
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
     C, W = H // group, H // vp  # value channel groups; bytes of a value row
+    n = n_ref[b]
     first = c * chunk_groups
-    steps = jnp.clip(n_ref[b] // group - first, 0, chunk_groups)
     # the value channel group of each byte column of a value plane (a shift: group // vp is a power
     # of two; a 1-D range widened, the forms Triton lowers directly)
     column_group = jnp.arange(W, dtype=jnp.int32)[None, :] >> ((group // vp).bit_length() - 1)
@@ -87,60 +89,83 @@ def _kernel(
     def plane_cols(k):  # the channels of key plane k (strided)
         return pl.ds(k, H // kp, kp)
 
-    # q per query head and key plane, read once: [1, H/kp]
-    q = [[q_ref[b, h, pl.ds(gi, 1), plane_cols(k)] for k in range(kp)] for gi in range(G)]
-
-    def body(jj, carry):
-        ms, ls, accs = carry
-        j = first + jj
-        rows = pl.ds(pl.multiple_of(j * group, group), group)
-        kplanes = _planes(kd_ref[b, rows, h, :], kbits)  # kp x [group, H/kp]
-        krow = pl.ds(j, 1)
-        kscale = [ks_ref[b, krow, h, plane_cols(k)].astype(jnp.float32) for k in range(kp)]  # [1, H/kp]
-        kzero = [kz_ref[b, krow, h, plane_cols(k)].astype(jnp.float32) for k in range(kp)]
-        vplanes = _planes(vd_ref[b, rows, h, :], vbits)  # vp x [group, W]
-        # each slot's scale and zero point spread over the byte columns of its channel groups
-        vscale = jnp.zeros((group, W), jnp.float32)
-        vzero = jnp.zeros((group, W), jnp.float32)
-        for cc in range(C):
-            here = column_group == cc
-            vscale = jnp.where(here, vs_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32), vscale)
-            vzero = jnp.where(here, vz_ref[b, rows, h, pl.ds(cc, 1)].astype(jnp.float32), vzero)
-        centred = [v - vzero for v in vplanes]  # code - zero, per plane [group, W]
-        new_m, new_l, new_acc = [], [], []
+    @pl.when(first * group < n)
+    def _():
+        # Every load of the chunk is issued before any arithmetic, so that all of them are in
+        # flight at once (a loop over the key groups waited for each group's loads in turn). The
+        # last chunk re-reads the cache's last group in place of groups past its end (masked).
+        tiles = []
+        for t in range(chunk_groups):
+            j = jnp.minimum(first + t, J - 1)
+            rows, krow = pl.ds(pl.multiple_of(j * group, group), group), pl.ds(j, 1)
+            tiles.append(
+                (
+                    kd_ref[b, rows, h, :],
+                    [ks_ref[b, krow, h, plane_cols(k)] for k in range(kp)],  # [1, H/kp]
+                    [kz_ref[b, krow, h, plane_cols(k)] for k in range(kp)],
+                    vd_ref[b, rows, h, :],
+                    [vs_ref[b, rows, h, pl.ds(cc, 1)] for cc in range(C)],  # [group, 1]
+                    [vz_ref[b, rows, h, pl.ds(cc, 1)] for cc in range(C)],
+                )
+            )
+        q = [[q_ref[b, h, pl.ds(gi, 1), plane_cols(k)] for k in range(kp)] for gi in range(G)]
+        # Scores of every slot of the chunk first, so that the chunk's maximum is known before
+        # the values are weighted (no rescaling of running sums).
+        scores = [[] for _ in range(G)]  # [gi][t] -> [group, 1]
+        valid = []
+        for t, (kd, ks, kz, *_) in enumerate(tiles):
+            kplanes = _planes(kd, kbits)  # kp x [group, H/kp]
+            slot = (first + t) * group + jnp.arange(group, dtype=jnp.int32)[:, None]
+            valid.append(slot < n)
+            for gi in range(G):
+                qs = [q[gi][k] * ks[k].astype(jnp.float32) for k in range(kp)]
+                prod = kplanes[0] * qs[0]
+                for k in range(1, kp):
+                    prod = prod + kplanes[k] * qs[k]
+                bias = sum(jnp.sum(qs[k] * kz[k].astype(jnp.float32)) for k in range(kp))
+                s = jnp.sum(prod, axis=1, keepdims=True) - bias
+                scores[gi].append(jnp.where(valid[t], s, _MASKED))
+        ms, ps = [], []
         for gi in range(G):
-            qs = [q[gi][k] * kscale[k] for k in range(kp)]
-            prod = kplanes[0] * qs[0]
-            for k in range(1, kp):
-                prod = prod + kplanes[k] * qs[k]
-            bias = sum(jnp.sum(qs[k] * kzero[k]) for k in range(kp))
-            s = jnp.sum(prod, axis=1, keepdims=True) - bias  # [group, 1]
-            m = jnp.maximum(ms[gi], jnp.max(s, axis=0, keepdims=True))  # [1, 1]
-            alpha = jnp.exp(ms[gi] - m)
-            p = jnp.exp(s - m)  # [group, 1]
-            weight = p * vscale  # [group, W]
-            new_m.append(m)
-            new_l.append(ls[gi] * alpha + p)
-            new_acc.append(tuple(a * alpha + weight * v for a, v in zip(accs[gi], centred)))
-        return tuple(new_m), tuple(new_l), tuple(new_acc)
+            m = jnp.max(scores[gi][0], axis=0, keepdims=True)
+            for s in scores[gi][1:]:
+                m = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))
+            ms.append(m)  # [1, 1]
+            ps.append([jnp.where(v, jnp.exp(s - m), 0.0) for s, v in zip(scores[gi], valid)])
+        # Values: each slot's scale and zero point spread over the byte columns of its channel
+        # groups; per query head and plane an elementwise sum over the chunk's groups, reduced
+        # over the slots once at the end.
+        accs = [[jnp.zeros((group, W), jnp.float32) for _ in range(vp)] for _ in range(G)]
+        for t, (_, _, _, vd, vs, vz) in enumerate(tiles):
+            vscale = jnp.zeros((group, W), jnp.float32)
+            vzero = jnp.zeros((group, W), jnp.float32)
+            for cc in range(C):
+                here = column_group == cc
+                vscale = jnp.where(here, vs[cc].astype(jnp.float32), vscale)
+                vzero = jnp.where(here, vz[cc].astype(jnp.float32), vzero)
+            centred = [v - vzero for v in _planes(vd, vbits)]  # code - zero, per plane [group, W]
+            for gi in range(G):
+                weight = ps[gi][t] * vscale
+                accs[gi] = [a + weight * v for a, v in zip(accs[gi], centred)]
+        for gi in range(G):
+            m_ref[pl.ds(gi, 1), :] = ms[gi]
+            l_ref[pl.ds(gi, 1), :] = sum(jnp.sum(p, axis=0, keepdims=True) for p in ps[gi])
+            for k, acc in enumerate(accs[gi]):
+                o_ref[pl.ds(gi, 1), pl.ds(k * W, W)] = jnp.sum(acc, axis=0, keepdims=True)
 
-    init = (
-        tuple(jnp.full((1, 1), _MASKED, jnp.float32) for _ in range(G)),
-        tuple(jnp.zeros((group, 1), jnp.float32) for _ in range(G)),
-        tuple(tuple(jnp.zeros((group, W), jnp.float32) for _ in range(vp)) for _ in range(G)),
-    )
-    ms, ls, accs = jax.lax.fori_loop(0, steps, body, init)
-    for gi in range(G):
-        m_ref[pl.ds(gi, 1), :] = ms[gi]
-        l_ref[pl.ds(gi, 1), :] = jnp.sum(ls[gi], axis=0, keepdims=True)
-        for k, acc in enumerate(accs[gi]):
-            o_ref[pl.ds(gi, 1), pl.ds(k * W, W)] = jnp.sum(acc, axis=0, keepdims=True)
+    @pl.when(first * group >= n)
+    def _():
+        m_ref[...] = jnp.full(m_ref.shape, _MASKED, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        o_ref[...] = jnp.zeros(o_ref.shape, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "chunk_groups", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("kbits", "vbits", "group", "chunk_groups", "num_warps", "interpret")
+)
 def body_partials(
-    q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, chunk_groups=4,
-    interpret=False,
+    q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, chunk_groups=None,
+    num_warps=None, interpret=False,
 ):  # fmt: skip
     """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
 
@@ -150,9 +175,12 @@ def body_partials(
     """
     B, K, G, H = q.shape
     S = kdata.shape[1]
-    NC = -(-(S // group) // chunk_groups)
+    J = S // group
+    chunk_groups = chunk_groups or max(1, CHUNK_SLOTS // group)
+    num_warps = num_warps or NUM_WARPS
+    NC = -(-J // chunk_groups)
     kernel = functools.partial(
-        _kernel, kbits=kbits, vbits=vbits, group=group, chunk_groups=chunk_groups, G=G, H=H
+        _kernel, kbits=kbits, vbits=vbits, group=group, chunk_groups=chunk_groups, G=G, H=H, J=J
     )
     full = pl.BlockSpec(memory_space=None)
     m, l, o = pl.pallas_call(
@@ -169,8 +197,7 @@ def body_partials(
             jax.ShapeDtypeStruct((B, K, NC, G, 1), jnp.float32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), jnp.float32),
         ],
-        # every query head keeps planes x [g, W] float32 accumulators in registers
-        compiler_params=pltriton.CompilerParams(num_warps=4 if G <= 2 else 8, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
     )(q.astype(jnp.float32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)

@@ -64,6 +64,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
+    unroll: int = 1  # tensor-core kernel: groups whose loads are issued together
 
 
 def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
@@ -72,20 +73,33 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
     one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
     per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
-    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md)."""
+    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md). Up to
+    16 rows (batch 2-16 decode), 128 columns and 8 warps, split until 256 programs and at most
+    8 groups per program: the best swept tile at 8 rows for the four Llama-2-7B shapes, 1.08-1.35x
+    faster than the tile of two programs per SM (results/bench/h200_run15_gemv_b8_sweep.md)."""
     groups = I // group
+    warps, stages, max_groups = 4, 4, groups
     if bits == 4 and rows == 1:
         block_n = 128 if O % 128 == 0 else 64
         sub_rows = min(2048 // block_n, group // 2)
         target, max_split = 8 * 132, 32
+    elif rows <= 16 and O % 128 == 0:
+        block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 8, 3
+        target, max_split, max_groups = 256, 8, 8
     else:
         block_n = 128 if O >= 16384 and O % 128 == 0 else 64
         sub_rows = KernelConfig.sub_rows
         target, max_split = 2 * 132, 8
     split_k = 1
-    while O // block_n * split_k < target and split_k < max_split and split_k * 2 <= groups:
+    while (
+        (O // block_n * split_k < target or groups > max_groups * split_k)
+        and split_k < max_split
+        and split_k * 2 <= groups
+    ):
         split_k *= 2
-    return KernelConfig(block_n=block_n, split_k=split_k, sub_rows=sub_rows)
+    return KernelConfig(
+        block_n=block_n, split_k=split_k, num_warps=warps, num_stages=stages, sub_rows=sub_rows
+    )
 
 
 def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
@@ -108,7 +122,9 @@ def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
     return jax.lax.bitcast_convert_type(bits, dtype), bias
 
 
-def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n):
+def _kernel(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, unroll
+):  # fmt: skip
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
     # alignment it needs for wide vector loads; stacked ones add the traced layer offset.
@@ -117,36 +133,47 @@ def _kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
     Mp = x_ref.shape[0]
     first = k * groups_per_prog
+    rows = group // 2 if bits == 4 else group  # packed byte rows per group
 
-    def body(j, acc):
-        g = first + j
-        if bits == 4:
-            p = p_ref[
-                (*lead, pl.ds(pl.multiple_of(g * (group // 2), group // 2), group // 2), cols)
-            ]  # uint8 [group/2, block_n]
-            # even input rows meet the low nibbles, odd rows the high ones (strided loads, no copies)
-            xe = x_ref[:, pl.ds(g * group, group // 2, 2)]
-            xo = x_ref[:, pl.ds(g * group + 1, group // 2, 2)]
-            # codes + bias as 16-bit floats straight from their bits (see _codes_16)
-            lo, bias = _codes_16(p & 0xF, xe.dtype)
-            hi, _ = _codes_16(p >> 4, xe.dtype)
-            a = pltriton.dot(xe, lo) + pltriton.dot(xo, hi)
-            xsum = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)
-            scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-            zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32) + bias
-            return acc + (a - xsum[:, None] * zero) * scale
-        else:
-            p = p_ref[(*lead, pl.ds(pl.multiple_of(g * group, group), group), cols)]
-            xg = x_ref[:, pl.ds(g * group, group)]
-            a = pltriton.dot(xg, p.astype(jnp.float32).astype(xg.dtype))
-            xsum = jnp.sum(xg.astype(jnp.float32), axis=1)
+    def load(g):
+        """Group g's packed bytes [rows, block_n] and its x columns."""
+        p = p_ref[(*lead, pl.ds(pl.multiple_of(g * rows, rows), rows), cols)]
+        if bits == 4:  # even input rows meet the low nibbles, odd rows the high ones (strided loads)
+            return p, (
+                x_ref[:, pl.ds(g * group, group // 2, 2)],
+                x_ref[:, pl.ds(g * group + 1, group // 2, 2)],
+            )
+        return p, (x_ref[:, pl.ds(g * group, group)],)
+
+    def update(acc, g, p, xs):
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
+        xsum = sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in xs)
+        if bits == 4:
+            # codes + bias as 16-bit floats straight from their bits (see _codes_16)
+            lo, bias = _codes_16(p & 0xF, xs[0].dtype)
+            hi, _ = _codes_16(p >> 4, xs[0].dtype)
+            a = pltriton.dot(xs[0], lo) + pltriton.dot(xs[1], hi)
+            zero = zero + bias
+        else:
+            a = pltriton.dot(xs[0], p.astype(jnp.float32).astype(xs[0].dtype))
         return acc + (a - xsum[:, None] * zero) * scale
+
+    def block(j, acc):  # ``unroll`` groups, every load issued before any arithmetic
+        gs = [first + j * unroll + u for u in range(unroll)]
+        loaded = [load(g) for g in gs]
+        for g, (p, xs) in zip(gs, loaded):
+            acc = update(acc, g, p, xs)
+        return acc
+
+    def single(j, acc):
+        return update(acc, first + j, *load(first + j))
 
     # The last split may hold fewer groups when split_k does not divide them.
     steps = jnp.minimum(groups_per_prog, groups - first)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
+    acc = jax.lax.fori_loop(0, steps // unroll, block, jnp.zeros((Mp, block_n), jnp.float32))
+    if unroll > 1:
+        acc = jax.lax.fori_loop(steps // unroll * unroll, steps, single, acc)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -283,7 +310,7 @@ def qmatmul(
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
-        kernel = functools.partial(_kernel, bits=bits, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, unroll=cfg.unroll, **tiling)
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,

@@ -1,0 +1,147 @@
+"""Decode attention of one layer over a long quantized KV cache, timed by GPU time per call.
+
+One Llama-2-7B-shaped layer (``--batch`` sequences, ``--slots`` cache slots, 32 KV heads of 128
+channels, one query head per KV head) with per-channel keys and per-token values (``--kv``, e.g.
+K4V2 at group 32): the attention of one query per sequence over the whole body, by
+
+* ``bf16``        XLA over a bf16 cache of the same shape (what a bf16-KV decode step reads),
+* ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``, the model's
+                  default, ``JAXKV_KV_DECODE=xla``),
+* ``reduce``      the two reductions of ``JAXKV_KV_DECODE=reduce``,
+* ``kernel``      the split-K Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
+                  per-chunk partials, swept over chunk size and warps.
+
+Each candidate runs once to compile, then ``--repeats`` times under its own JAX profiler trace; the
+time of a call is the GPU time of all its kernels (no launch gaps). GB/s = cache bytes read / time,
+beside the device's copy bandwidth. Outputs are checked against the ``xla`` candidate (relative
+error). Writes ``OUT.json`` and ``OUT.md``.
+
+    python scripts/kv_decode_sweep.py --out results/bench/kv_decode_sweep      # GPU, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from profile_decode import gpu_kernels, trace_file
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--slots", type=int, default=4352)
+    p.add_argument("--kv", default="K4V2")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="results/bench/kv_decode_sweep")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxkv.bench import copy_bandwidth, parse_kv
+    from jaxkv.kernels import kvdecode
+    from jaxkv.kvattention import body_scores, body_values, decode_scores, decode_values
+    from jaxkv.kvcache import QuantSide, pack_codes, side_specs
+
+    kv = parse_kv(args.kv)
+    kspec, vspec = side_specs(kv, kv.kbits, kv.vbits)
+    B, S, K, G, H, g = args.batch, args.slots, 32, 1, 128, kv.group
+    J, C = S // g, H // g
+    keys = jax.random.split(jax.random.key(0), 8)
+    q = jax.random.normal(keys[0], (B, 1, K, G, H), jnp.bfloat16)
+    f8 = jnp.float8_e4m3fn
+
+    def side(key, spec, scale_shape):
+        k1, k2, k3 = jax.random.split(key, 3)
+        codes = jax.random.randint(k1, (B, S, K, H), 0, 2**spec.bits).astype(jnp.uint8)
+        scale = (jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3)).astype(f8)
+        zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
+        return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
+
+    kside = side(keys[1], kspec, (B, J, K, H))
+    vside = side(keys[2], vspec, (B, S, K, C))
+    kb = jax.random.normal(keys[3], (B, S, K, H), jnp.bfloat16)
+    vb = jax.random.normal(keys[4], (B, S, K, H), jnp.bfloat16)
+    scale = 1.0 / np.sqrt(H)
+
+    def bf16(q, kb, vb):
+        s = jnp.einsum("BTKGH,BSKH->BTKGS", q, kb, preferred_element_type=jnp.float32) * scale
+        p = jax.nn.softmax(s, axis=-1)
+        return jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+
+    def xla(q, ks, vs):
+        p = jax.nn.softmax(body_scores(q, ks) * scale, axis=-1)
+        return body_values(p, vs, q.dtype)
+
+    def reduce(q, ks, vs):
+        p = jax.nn.softmax(decode_scores(q, ks) * scale, axis=-1)
+        return decode_values(p, vs)
+
+    def kernel(q, ks, vs, chunk_groups, num_warps):
+        m, l, o = kvdecode.body_partials(
+            q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
+            vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
+            chunk_groups=chunk_groups, num_warps=num_warps, interpret=jax.default_backend() != "gpu",
+        )  # fmt: skip
+        w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, NC, G]
+        out = jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None]
+        return out[:, None]
+
+    qbytes = sum(a.nbytes for a in jax.tree.leaves((kside, vside)))
+    cases = [("bf16", None, jax.jit(bf16), (q, kb, vb), kb.nbytes + vb.nbytes)]
+    cases += [(n, None, jax.jit(f), (q, kside, vside), qbytes) for n, f in (("xla", xla), ("reduce", reduce))]
+    for cg, nw in itertools.product((1, 2, 4, 8), (2, 4, 8)):
+        f = jax.jit(lambda q, ks, vs, cg=cg, nw=nw: kernel(q, ks, vs, cg, nw))
+        cases.append(("kernel", {"chunk_groups": cg, "num_warps": nw}, f, (q, kside, vside), qbytes))
+
+    ref = np.asarray(jax.jit(xla)(q, kside, vside), np.float64)
+    copy_gbps = copy_bandwidth()
+    table = []
+    for name, cfg, f, fargs, nbytes in cases:
+        try:
+            y = np.asarray(f(*fargs), np.float64)
+        except Exception as e:  # a tile Triton cannot compile: skip it, say so
+            print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+            continue
+        err = None if name == "bf16" else float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp):
+                for _ in range(args.repeats):
+                    jax.block_until_ready(f(*fargs))
+            us = sum(d for _, _, d in gpu_kernels(trace_file(tmp))) / args.repeats
+        gbps = nbytes / us / 1e3 if us else 0.0  # no GPU kernels off the GPU
+        row = {"candidate": name, "config": cfg, "us": us, "gbps": gbps, "rel_err": err}
+        table.append(row)
+        print(f"  {name} {cfg or ''}: {us:.1f} us, {row['gbps']:.0f} GB/s, err {err}", file=sys.stderr)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"batch": B, "slots": S, "kv": args.kv, "kv_heads": K, "head_dim": H, "copy_gbps": copy_gbps}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": table}, indent=1))
+    best = min((r for r in table if r["candidate"] == "kernel"), key=lambda r: r["us"], default=None)
+    lines = [
+        f"One layer, batch {B}, {S} slots, 32 KV heads x 128, {args.kv}; copy bandwidth {copy_gbps:.0f} GB/s.",
+        "",
+        "| candidate | config | us | GB/s (% of copy) | rel err vs xla |",
+        "|---|---|---|---|---|",
+    ]
+    for r in table:
+        if r["candidate"] != "kernel" or r is best or r["config"] == {"chunk_groups": 4, "num_warps": 4}:
+            err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+            lines.append(
+                f"| {r['candidate']} | {r['config'] or ''} | {r['us']:.1f} | {r['gbps']:.0f} "
+                f"({100 * r['gbps'] / copy_gbps:.0f}%) | {err} |"
+            )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
