@@ -41,6 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxkv.kernels.qmatmul import code_planes_f32
+
 BITS = (2, 4, 8)
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 CHUNK_SLOTS = 128  # body slots per program (rounded to whole key groups)
@@ -65,16 +67,9 @@ def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim:
     )
 
 
-def _planes(packed: jax.Array, bits: int) -> list[jax.Array]:
-    """float32 codes of each plane of a packed uint8 tile: plane k holds channels (8/bits) m + k."""
-    mask = (1 << bits) - 1
-    u = packed.astype(jnp.uint32)
-    return [((u >> (k * bits)) & mask).astype(jnp.float32) for k in range(8 // bits)]
-
-
 def _kernel(
     q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref,
-    *, kbits, vbits, group, chunk_groups, G, H, J,
+    *, kbits, vbits, group, chunk_groups, G, H, J, interpret,
 ):  # fmt: skip
     # Shapes stay 2-D ([rows, 1] columns, [1, n] rows) so that broadcasts need no reshapes.
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -82,9 +77,10 @@ def _kernel(
     C, W = H // group, H // vp  # value channel groups; bytes of a value row
     n = n_ref[b]
     first = c * chunk_groups
-    # the value channel group of each byte column of a value plane (a shift: group // vp is a power
-    # of two; a 1-D range widened, the forms Triton lowers directly)
+    # one-hot rows of the value channel groups over the byte columns of a value plane (byte m holds
+    # channels vp*m + k: its group is m // (group/vp), a shift of a 1-D range widened)
     column_group = jnp.arange(W, dtype=jnp.int32)[None, :] >> ((group // vp).bit_length() - 1)
+    onehot = [(column_group == cc).astype(jnp.float32) for cc in range(C)]  # C x [1, W]
 
     def plane_cols(k):  # the channels of key plane k (strided)
         return pl.ds(k, H // kp, kp)
@@ -92,8 +88,8 @@ def _kernel(
     @pl.when(first * group < n)
     def _():
         # Every load of the chunk is issued before any arithmetic, so that all of them are in
-        # flight at once (a loop over the key groups waited for each group's loads in turn). The
-        # last chunk re-reads the cache's last group in place of groups past its end (masked).
+        # flight at once. The last chunk re-reads the cache's last group in place of groups past
+        # its end (masked).
         tiles = []
         for t in range(chunk_groups):
             j = jnp.minimum(first + t, J - 1)
@@ -109,12 +105,13 @@ def _kernel(
                 )
             )
         q = [[q_ref[b, h, pl.ds(gi, 1), plane_cols(k)] for k in range(kp)] for gi in range(G)]
-        # Scores of every slot of the chunk first, so that the chunk's maximum is known before
-        # the values are weighted (no rescaling of running sums).
+        # Scores of every slot of the chunk first, so that the chunk's maximum is known before the
+        # values are weighted (no rescaling of running sums). Codes arrive as c' = 0.5 + c/256
+        # (code_planes_f32), so q.(c - z) = 256 q.c' - q.(128 + z).
         scores = [[] for _ in range(G)]  # [gi][t] -> [group, 1]
         valid = []
         for t, (kd, ks, kz, *_) in enumerate(tiles):
-            kplanes = _planes(kd, kbits)  # kp x [group, H/kp]
+            kplanes = code_planes_f32(kd, kbits, interpret)  # kp x [group, H/kp]
             slot = (first + t) * group + jnp.arange(group, dtype=jnp.int32)[:, None]
             valid.append(slot < n)
             for gi in range(G):
@@ -122,8 +119,8 @@ def _kernel(
                 prod = kplanes[0] * qs[0]
                 for k in range(1, kp):
                     prod = prod + kplanes[k] * qs[k]
-                bias = sum(jnp.sum(qs[k] * kz[k].astype(jnp.float32)) for k in range(kp))
-                s = jnp.sum(prod, axis=1, keepdims=True) - bias
+                bias = sum(jnp.sum(qs[k] * (kz[k].astype(jnp.float32) + 128.0)) for k in range(kp))
+                s = 256.0 * jnp.sum(prod, axis=1, keepdims=True) - bias
                 scores[gi].append(jnp.where(valid[t], s, _MASKED))
         ms, ps = [], []
         for gi in range(G):
@@ -132,26 +129,30 @@ def _kernel(
                 m = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))
             ms.append(m)  # [1, 1]
             ps.append([jnp.where(v, jnp.exp(s - m), 0.0) for s, v in zip(scores[gi], valid)])
-        # Values: each slot's scale and zero point spread over the byte columns of its channel
-        # groups; per query head and plane an elementwise sum over the chunk's groups, reduced
-        # over the slots once at the end.
+        # Values: sum_j p_j s_j (c_j - z_j) = 256 sum_j (p_j s_j) c'_j - sum_j p_j s_j (128 + z_j).
+        # Each slot's scales are spread over the byte columns of their channel groups (one FMA per
+        # group and byte); the first sum accumulates elementwise over the chunk, the second per
+        # channel group as a column, both reduced over the slots once at the end.
         accs = [[jnp.zeros((group, W), jnp.float32) for _ in range(vp)] for _ in range(G)]
+        zsum = [[jnp.zeros((group, 1), jnp.float32) for _ in range(C)] for _ in range(G)]
         for t, (_, _, _, vd, vs, vz) in enumerate(tiles):
-            vscale = jnp.zeros((group, W), jnp.float32)
-            vzero = jnp.zeros((group, W), jnp.float32)
-            for cc in range(C):
-                here = column_group == cc
-                vscale = jnp.where(here, vs[cc].astype(jnp.float32), vscale)
-                vzero = jnp.where(here, vz[cc].astype(jnp.float32), vzero)
-            centred = [v - vzero for v in _planes(vd, vbits)]  # code - zero, per plane [group, W]
+            vsf = [x.astype(jnp.float32) for x in vs]
+            vzs = [sf * (z.astype(jnp.float32) + 128.0) for sf, z in zip(vsf, vz)]  # s (128 + z)
+            spread = onehot[0] * vsf[0]
+            for cc in range(1, C):
+                spread = spread + onehot[cc] * vsf[cc]  # [group, W]
+            vplanes = code_planes_f32(vd, vbits, interpret)
             for gi in range(G):
-                weight = ps[gi][t] * vscale
-                accs[gi] = [a + weight * v for a, v in zip(accs[gi], centred)]
+                p = ps[gi][t]
+                weight = p * spread
+                accs[gi] = [a + weight * v for a, v in zip(accs[gi], vplanes)]
+                zsum[gi] = [z + p * zs for z, zs in zip(zsum[gi], vzs)]
         for gi in range(G):
             m_ref[pl.ds(gi, 1), :] = ms[gi]
             l_ref[pl.ds(gi, 1), :] = sum(jnp.sum(p, axis=0, keepdims=True) for p in ps[gi])
+            zrow = sum(onehot[cc] * jnp.sum(z, axis=0, keepdims=True) for cc, z in enumerate(zsum[gi]))
             for k, acc in enumerate(accs[gi]):
-                o_ref[pl.ds(gi, 1), pl.ds(k * W, W)] = jnp.sum(acc, axis=0, keepdims=True)
+                o_ref[pl.ds(gi, 1), pl.ds(k * W, W)] = 256.0 * jnp.sum(acc, axis=0, keepdims=True) - zrow
 
     @pl.when(first * group >= n)
     def _():
@@ -180,7 +181,15 @@ def body_partials(
     num_warps = num_warps or NUM_WARPS
     NC = -(-J // chunk_groups)
     kernel = functools.partial(
-        _kernel, kbits=kbits, vbits=vbits, group=group, chunk_groups=chunk_groups, G=G, H=H, J=J
+        _kernel,
+        kbits=kbits,
+        vbits=vbits,
+        group=group,
+        chunk_groups=chunk_groups,
+        G=G,
+        H=H,
+        J=J,
+        interpret=interpret,
     )
     full = pl.BlockSpec(memory_space=None)
     m, l, o = pl.pallas_call(

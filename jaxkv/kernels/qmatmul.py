@@ -178,10 +178,10 @@ def _kernel(
 
 
 # Four packed bytes (four columns, one even and one odd input row) -> four float32 ``0.5 + c/256``
-# of one nibble plane: mask that plane of all four bytes at once (the high one shifted down first),
-# then one byte permute per value puts its code in mantissa bits 16-19 under the exponent byte of
-# 0.5 (0x3F, with bit 23 clear). Operands: $0-$3 the floats of bytes 0-3, $4 the packed input.
-# (One asm for both planes would save the second mask, but Pallas lowers one result per asm.)
+# of one code plane: mask that plane of all four bytes at once (shifted down first), then one byte
+# permute per value puts its code in mantissa bits 16-19 under the exponent byte of 0.5 (0x3F, with
+# bit 23 clear). Operands: $0-$3 the floats of bytes 0-3, $4 the packed input. (One asm for all
+# planes would save the masks, but Pallas lowers one result per asm.)
 _PLANE_PTX = """{
 .reg .b32 c, half;
 %s
@@ -191,27 +191,36 @@ prmt.b32 $1, c, half, 0x7144;
 prmt.b32 $2, c, half, 0x7244;
 prmt.b32 $3, c, half, 0x7344;
 }"""
-_LOW_PTX = _PLANE_PTX % "and.b32 c, $4, 0x0F0F0F0F;"
-_HIGH_PTX = _PLANE_PTX % "shr.u32 c, $4, 4;\nand.b32 c, c, 0x0F0F0F0F;"
 
 
-def _nibbles_f32(p: jax.Array, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """uint8 ``p`` -> (low, high) nibbles as float32 ``0.5 + c/256`` (exact): little more than one
-    integer operation per value (a byte permute each, the masks shared by four bytes) instead of a
-    widening convert, a shift and a mask; the caller removes the 0.5 through the zero point and the
-    1/256 through the scale. The interpreter (tests off the GPU) computes the same bits with
-    ordinary operations."""
-    if interpret:
+def _plane_ptx(bits: int, k: int) -> str:
+    mask = "0x" + f"{(1 << bits) - 1:02X}" * 4
+    shift = f"shr.u32 c, $4, {k * bits};\nand.b32 c, c, {mask};" if k else f"and.b32 c, $4, {mask};"
+    return _PLANE_PTX % shift
+
+
+def code_planes_f32(p: jax.Array, bits: int, interpret: bool) -> tuple[jax.Array, ...]:
+    """uint8 ``p`` of packed ``bits``-bit codes -> its ``8 // bits`` planes (plane k: bits
+    ``[k*bits, (k+1)*bits)`` of each byte) as float32 ``0.5 + c/256`` (exact): for 2 and 4 bits
+    little more than one integer operation per value (a byte permute each, the masks shared by four
+    bytes) instead of a widening convert, a shift and a mask; the caller removes the 0.5 through the
+    zero point and the 1/256 through the scale. 8-bit codes (one plane) and the interpreter (tests
+    off the GPU) compute the same values with ordinary operations."""
+    mask = (1 << bits) - 1
+    if interpret or bits == 8:
         u = p.astype(jnp.uint32)
         return tuple(
-            jax.lax.bitcast_convert_type((c << 16) | 0x3F000000, jnp.float32) for c in (u & 0xF, u >> 4)
+            jax.lax.bitcast_convert_type((((u >> (k * bits)) & mask) << 16) | 0x3F000000, jnp.float32)
+            if bits < 8
+            else u.astype(jnp.float32) * (1 / 256) + 0.5
+            for k in range(8 // bits)
         )
     out = [jax.ShapeDtypeStruct(p.shape, jnp.float32)]
     return tuple(
         pltriton.elementwise_inline_asm(
-            asm, args=[p], constraints="=r,=r,=r,=r,r", pack=4, result_shape_dtypes=out
+            _plane_ptx(bits, k), args=[p], constraints="=r,=r,=r,=r,r", pack=4, result_shape_dtypes=out
         )[0]
-        for asm in (_LOW_PTX, _HIGH_PTX)
+        for k in range(8 // bits)
     )
 
 
@@ -254,7 +263,7 @@ def _gemv4_kernel(
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
         for t, p in enumerate(tiles):
             xe, xo = _x_pair(x_ref, g * group + 2 * t * sub_rows, sub_rows)
-            lo, hi = _nibbles_f32(p, interpret)
+            lo, hi = code_planes_f32(p, 4, interpret)
             acc = acc + lo * xe + hi * xo
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
