@@ -49,7 +49,7 @@ WEIGHTS = ("bf16", "int8", "int4")
 QMATMULS = ("auto", "xla")
 # JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA's
 # unpack-and-attend, XLA reductions over the dequantized body, or the split-K decode kernel
-KV_DECODES = ("xla", "reduce", "kernel")
+KV_DECODES = ("xla", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
 # tensor-subclass dispatch is not what anyone serves.
 PEERS = {"hf": (("bf16", "eager"), ("bf16", "compile")), "torchao": (("int4", "compile"),)}

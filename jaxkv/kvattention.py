@@ -21,12 +21,6 @@ Two implementations of the cached attention, chosen by ``impl``:
   weighted value sum over the slots read quantized on both sides, and one softmax over pivot,
   window and those partials combines them exactly. Chosen by the model when ``JAXKV_KV_DECODE=kernel``
   (:func:`decode_impl`); GPU (Triton), or Pallas' interpreter elsewhere.
-* ``"reduce"``: ``"folded"``, but a decode step's body (one query per sequence) is read by two
-  plain reductions over the dequantized body, ``sum_h q_h deq(k)_jh`` over the minor axis H and
-  ``sum_j p_j deq(v)_jh`` over the slots, so that XLA can dequantize inside the reduction kernels
-  instead of writing the unpacked codes out for its matrix products (which the ``"folded"``
-  contraction over ``[..., S, K, C, E]`` needs in another layout). Float32 throughout. Chosen by
-  the model when ``JAXKV_KV_DECODE=reduce``; calls of several queries take ``"folded"``.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
 
@@ -193,27 +187,8 @@ def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
     return (out - bias[..., None]).reshape(*out.shape[:4], H)
 
 
-def decode_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
-    """:func:`body_scores` for one query per sequence (``T == 1``) as one reduction over the minor
-    axis H of the dequantized body, ``[B, S, K, G]`` in the cache's own slot-major order (the
-    dequantization is elementwise, so XLA can do it inside the reduction), then moved to
-    ``[B, 1, K, G, S]`` (a copy of S*K*G scores, H times smaller than the body)."""
-    q = qg[:, 0].astype(_F32)  # [B, K, G, H]
-    s = jnp.sum(q[:, None] * dequantize_body(side)[:, :, :, None, :], axis=-1)  # [B, S, K, G]
-    return jnp.moveaxis(s, 1, 3)[:, None]
-
-
-def decode_values(p: jax.Array, side: QuantSide) -> jax.Array:
-    """:func:`body_values` for one query per sequence: ``sum_j p_j v_j`` as one reduction over the
-    slots of the dequantized body (the kept axes K, G, H are the minor ones). ``p [B, 1, K, G, S]``
-    -> float32 ``[B, 1, K, G, H]``."""
-    pt = jnp.moveaxis(p[:, 0].astype(_F32), 3, 1)  # [B, S, K, G]
-    return jnp.sum(pt[..., None] * dequantize_body(side)[:, :, :, None, :], axis=1)[:, None]
-
-
 def dequantize_body(side: QuantSide) -> jax.Array:
-    """The whole body as float32 [B, S, K, H] (the reference path; inside the reductions of
-    :func:`decode_scores` and :func:`decode_values`)."""
+    """The whole body as float32 [B, S, K, H] (the reference path)."""
     spec = side.spec
     if not spec.quantized:
         return side.data.astype(_F32)
@@ -232,18 +207,18 @@ def dequantize_body(side: QuantSide) -> jax.Array:
 
 
 # JAXKV_KV_DECODE -> attend_cached's impl
-DECODE_IMPLS = {"xla": "folded", "reduce": "reduce", "kernel": "kernel"}
+DECODE_IMPLS = {"xla": "folded", "kernel": "kernel"}
 
 
 def decode_impl() -> str:
     """The cached-attention implementation the model uses, from ``JAXKV_KV_DECODE``
     (:data:`DECODE_IMPLS`; default ``xla``, i.e. ``"folded"``). ``kernel`` (the split-K decode
-    kernel) stays opt-in: it is slower than the folded XLA path on an H200 (13.5 vs 11.6 ms per
-    Llama-2-7B step at batch 8 and 4096 context with K4V2, results/bench/h200_run13_b8_p4096.md).
-    ``reduce`` is slower on a 2-core CPU (133.7 vs 109.5 ms per SmolLM2-135M-shape step at batch 8,
-    512 context, K4V2: results/bench/cpu_run2_k4v2_reduce.md) and not yet timed on a GPU, where
-    the folded path's matrix products may write the unpacked codes out. All compute the same
-    attention (tests)."""
+    kernel) stays opt-in: it is slower than the folded XLA path on an H200 (13.0 vs 11.0 ms per
+    Llama-2-7B step at batch 8 and 4096 context with K4V2, results/bench/h200_run17_b8_p4096.md).
+    A third candidate, two plain XLA reductions over the dequantized body (``reduce``), was removed:
+    slower than ``folded`` on an H200 (12,980 vs 14,278 us of GPU time per step, same case,
+    results/bench/h200_run15_profile_int4_b8_p4096_k4v2_*.json) and on a 2-core CPU. Both compute the
+    same attention (tests)."""
     name = os.environ.get("JAXKV_KV_DECODE", "xla")
     if name not in DECODE_IMPLS:
         raise ValueError(f"JAXKV_KV_DECODE={name!r} is not one of {sorted(DECODE_IMPLS)}")
@@ -301,16 +276,9 @@ def attend_cached(
     if impl == "reference":
         out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
         return out.astype(cd).reshape(B, T, N * H), kside, vside
-    if impl not in ("folded", "kernel", "reduce"):
-        raise ValueError(f"impl must be 'folded', 'kernel', 'reduce' or 'reference', got {impl!r}")
+    if impl not in ("folded", "kernel"):
+        raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
     kernel = impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg)
-    reduce = impl == "reduce" and T == 1
-
-    def scores_of(side):
-        return decode_scores(qg, side) if reduce else body_scores(qg, side)
-
-    def values_of(p, side):
-        return decode_values(p, side) if reduce else body_values(p, side, cd)
 
     # One softmax over [pivot P | body S | key window W+T]: every visible slot appears exactly once,
     # in the body when the query reads its quantized key, in the window otherwise. Only
@@ -319,7 +287,7 @@ def attend_cached(
     s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
     parts, masks = [s_piv], [mask[..., :P]]
     if not kernel:
-        parts.append(scores_of(kside))
+        parts.append(body_scores(qg, kside))
         masks.append(mask[..., P:] & use_k if kspec.quantized else mask[..., P:])
     if kspec.quantized:
         qk = frontier(i, kspec, kv)
@@ -357,7 +325,7 @@ def attend_cached(
 
     out = jnp.einsum("BTKGP,PKH->BTKGH", p_piv.astype(cd), pivot_v.astype(cd), preferred_element_type=_F32)
     if not vspec.quantized:
-        out += values_of(p_body, vside)
+        out += body_values(p_body, vside, cd)
         if kspec.quantized:  # keys read from the window: their values from the full-precision body
             out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kwin, win_rows(vside, kslot))
     else:
@@ -366,7 +334,7 @@ def attend_cached(
         if kernel:
             out += body_out
         else:
-            out += values_of(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside)
+            out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
         if kspec.quantized:
             p_kq = jnp.where((kslot[:, None, :] < qv[..., None])[:, :, None, None, :], p_kwin, 0.0)
             out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kq, win_rows(vside, kslot))

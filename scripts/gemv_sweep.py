@@ -3,8 +3,8 @@
 For each decode weight shape [I, O] (Llama-2-7B: fused Q/K/V, O, fused gate/up, down; ``--shapes``),
 ``--rows`` rows of bf16 ``x`` (the decode batch), group ``--group``: the bf16 matmul (what bf16 decode
 reads) and the int4 kernel's default tile; at one row also a sweep of the one-row kernel's tiles
-(block_n, sub_rows, split_k, warps), at several rows of the tensor-core kernel's (groups loaded together,
-stages, split_k, warps). Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
+(block_n, sub_rows, split_k, warps), at several rows of the tensor-core kernel's (stages, split_k,
+warps). Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
 ``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
 trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
 efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
@@ -42,14 +42,11 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
     if not sweep:
         return
     groups = I // group
-    if rows != 1:  # the tensor-core kernel: groups loaded together, stages, split, warps
-        for unroll, ns, mult, nw in itertools.product((1, 2, 4), (1, 3), (1, 2), (4, 8)):
+    if rows != 1:  # the tensor-core kernel: stages, split, warps
+        for ns, mult, nw in itertools.product((1, 3), (1, 2), (4, 8)):
             sk = default.split_k * mult
             if sk <= groups:
-                yield (
-                    "sweep",
-                    dataclasses.replace(default, unroll=unroll, num_stages=ns, split_k=sk, num_warps=nw),
-                )
+                yield "sweep", dataclasses.replace(default, num_stages=ns, split_k=sk, num_warps=nw)
         return
     for bn, per_thread, nw in itertools.product((128,), (8, 16), (4, 8)):
         sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
@@ -173,7 +170,7 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
     for r in table:
         c = r["config"] or {}
         kind = "" if not c else "one-row (FMA)" if r["rows"] == 1 else "tensor cores"
-        kind += f", {c['num_stages']} stages, unroll {c['unroll']}" if c and r["rows"] != 1 else ""
+        kind += f", {c['num_stages']} stages" if c and r["rows"] != 1 else ""
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "

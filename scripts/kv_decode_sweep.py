@@ -7,7 +7,6 @@ K4V2 at group 32): the attention of one query per sequence over the whole body, 
 * ``bf16``        XLA over a bf16 cache of the same shape (what a bf16-KV decode step reads),
 * ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``, the model's
                   default, ``JAXKV_KV_DECODE=xla``),
-* ``reduce``      the two reductions of ``JAXKV_KV_DECODE=reduce``,
 * ``kernel``      the split-K Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
                   per-chunk partials, swept over chunk size and warps.
 
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
 
     from jaxkv.bench import copy_bandwidth, parse_kv
     from jaxkv.kernels import kvdecode
-    from jaxkv.kvattention import body_scores, body_values, decode_scores, decode_values
+    from jaxkv.kvattention import body_scores, body_values
     from jaxkv.kvcache import QuantSide, pack_codes, side_specs
 
     kv = parse_kv(args.kv)
@@ -79,10 +78,6 @@ def main(argv=None) -> int:
         p = jax.nn.softmax(body_scores(q, ks) * scale, axis=-1)
         return body_values(p, vs, q.dtype)
 
-    def reduce(q, ks, vs):
-        p = jax.nn.softmax(decode_scores(q, ks) * scale, axis=-1)
-        return decode_values(p, vs)
-
     def kernel(q, ks, vs, chunk_groups, num_warps):
         m, l, o = kvdecode.body_partials(
             q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
@@ -95,7 +90,7 @@ def main(argv=None) -> int:
 
     qbytes = sum(a.nbytes for a in jax.tree.leaves((kside, vside)))
     cases = [("bf16", None, jax.jit(bf16), (q, kb, vb), kb.nbytes + vb.nbytes)]
-    cases += [(n, None, jax.jit(f), (q, kside, vside), qbytes) for n, f in (("xla", xla), ("reduce", reduce))]
+    cases.append(("xla", None, jax.jit(xla), (q, kside, vside), qbytes))
     for cg, nw in itertools.product((1, 2, 4, 8), (2, 4, 8)):
         f = jax.jit(lambda q, ks, vs, cg=cg, nw=nw: kernel(q, ks, vs, cg, nw))
         cases.append(("kernel", {"chunk_groups": cg, "num_warps": nw}, f, (q, kside, vside), qbytes))

@@ -39,8 +39,8 @@ def _random_q(rng, L, I, O, bits, group, sym=False):
         (4, 1, 32, qk.KernelConfig(256, 3, 8, 2, sub_rows=2), False),  # 8 groups over 3 splits
         (4, 1, 32, qk.KernelConfig(64, 5, 4, 2, sub_rows=16), True),  # 8 groups, 5 splits: one empty
         (4, 8, 64, qk.KernelConfig(64, 3, 4, 2), False),  # 8 rows, short split
-        (4, 8, 32, qk.KernelConfig(128, 1, 8, 2, unroll=3), False),  # 8 groups loaded 3 at a time, 2 left
-        (8, 4, 32, qk.KernelConfig(64, 2, 4, 2, unroll=2), True),  # int8, 4 groups per split in 2 blocks
+        (4, 8, 32, qk.KernelConfig(128, 1, 8, 3), False),  # the tile of 2-16 rows: 128 columns, 8 warps
+        (8, 4, 32, qk.KernelConfig(64, 2, 4, 2), True),  # int8 at 4 rows
     ],
 )
 def test_qmatmul_matches_float64(bits, M, group, config, sym):

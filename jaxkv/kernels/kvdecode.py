@@ -13,21 +13,32 @@ Conventions
   sees (pivot segment, full-precision key and value windows) stays in XLA
   (``jaxkv.kvattention.attend_cached``), which merges its scores with the kernel's partial results
   through their maxima: one softmax over all of it, exactly.
-* Grid ``(B, K, chunks)``: each program walks ``chunk_groups`` key groups of one sequence and KV head
-  with an online softmax and writes, per query head ``G`` of that KV head, the running maximum
-  ``m``, the sum ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32, ``o``'s channels in
-  plane order ``[plane, byte]``, put back by :func:`body_partials`). A chunk past ``n_read`` writes
-  ``m = -1e30, l = 0, o = 0``.
-* Scores: ``s_j = sum_h (q_h scale_h) code_jh - sum_h q_h scale_h zero_h`` per key group (scales
-  folded into ``q``), one reduction over the channels per key group. Values: every plane of a value
-  row is one ``[g, H*vb/8]`` tile (byte ``m`` of every plane is in channel group ``m // (g/planes)``,
-  the same for all planes), so each slot's scale and zero point are spread over the tile's columns
-  once per key group and the weighted codes accumulate elementwise, ``acc = acc * alpha +
-  p_j scale_j (code - zero_j)``, as do the exponential sums; the reductions over the slots happen
-  once per chunk, not per key group. (The first version sliced each value channel group into its own
-  ``[g, 8]`` tile and reduced per key group: 16 narrow reductions per group, slower than XLA on an H200,
-  results/bench/h200_run9_b8_p4096_kv_kernel.md. This version is still slower than XLA there: 13.5 vs
-  11.6 ms per step, results/bench/h200_run13_b8_p4096.md.) All arithmetic is float32.
+* Grid ``(B, K, chunks)``: each program reads ``chunk_groups`` key groups of one sequence and KV
+  head (:data:`CHUNK_SLOTS` slots), every load issued before any arithmetic, and writes per query
+  head ``G`` of that KV head the chunk's maximum score ``m``, ``l = sum exp(s - m)`` and ``o = sum
+  exp(s - m) v`` (float32, ``o``'s channels in plane order ``[plane, byte]``, put back by
+  :func:`body_partials`). All scores of the chunk come first, so the values are weighted with the
+  chunk's own maximum (no rescaled running sums). A chunk past ``n_read`` writes ``m = -1e30, l =
+  0, o = 0``; the last chunk re-reads the last key group in place of groups past the cache's end.
+* Codes are decoded as ``c/256`` by a byte permute and a subtraction each
+  (``qmatmul.code_planes_f32``, exact). Scores: ``s_j = 256 sum_h (q_h scale_h) (c_jh/256) - sum_h
+  q_h scale_h zero_h`` per key group (scales folded into ``q``), one reduction over the channels
+  per group. Values: ``sum_j p_j scale_j (c_j - zero_j) = 256 sum_j (p_j scale_j) (c_j/256) -
+  sum_j p_j scale_j zero_j``; every plane of a value row is one ``[g, H*vb/8]`` tile (byte ``m`` of
+  every plane is in channel group ``m // (g/planes)``), each slot's scales are spread over its
+  columns by one-hot FMAs, the weighted codes accumulate elementwise over the chunk and the
+  zero-point terms per channel group; the reductions over the slots happen once per chunk. All
+  arithmetic is float32.
+* Measured on an H200 (``scripts/kv_decode_sweep.py``, one Llama-2-7B layer, batch 8, 4352 slots,
+  K4V2 at group 32): 215 us per layer at 256 slots and 4 warps (without the subtraction of 0.5) against 214 us for XLA over a bf16
+  cache of the same shape (2.3x the bytes) and 465 us for XLA's folded products over the same
+  packed cache, i.e. 0.58 TB/s of cache read, 16% of the copy bandwidth
+  (results/bench/h200_run17_kv_decode_sweep.md). The first version of this chunked, loop-free
+  form decoded codes by shift, mask and convert and spread scales by selects: 231-239 us (run 16);
+  earlier ones walked the key groups in a loop with an online softmax (13.5 against XLA's 11.6 ms
+  per model step, run 13). Neither the decoding nor the loads in flight moved it much: what
+  bounds it is not known (no instruction-level profile yet), so it stays opt-in
+  (``JAXKV_KV_DECODE=kernel``).
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend (tests).
   :func:`supported` says which caches it handles.
 """
@@ -45,7 +56,7 @@ from jaxkv.kernels.qmatmul import code_planes_f32
 
 BITS = (2, 4, 8)
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
-CHUNK_SLOTS = 128  # body slots per program (rounded to whole key groups)
+CHUNK_SLOTS = 256  # body slots per program (rounded to whole key groups); swept on an H200
 NUM_WARPS = 4
 
 
@@ -65,6 +76,13 @@ def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim:
         and head_dim % group == 0
         and q_per_kv <= 8
     )
+
+
+def _codes_over_256(packed: jax.Array, bits: int, interpret: bool) -> list[jax.Array]:
+    """The planes of packed codes as float32 ``c/256``: ``code_planes_f32``'s ``0.5 + c/256`` less
+    0.5, exact (both in [0.5, 1)). Subtracting it here, not through the zero point, keeps the sums
+    free of the cancellation of ``256 sum(x c') - 128 sum(x)`` (20x the error in tests)."""
+    return [c - 0.5 for c in code_planes_f32(packed, bits, interpret)]
 
 
 def _kernel(
@@ -106,12 +124,12 @@ def _kernel(
             )
         q = [[q_ref[b, h, pl.ds(gi, 1), plane_cols(k)] for k in range(kp)] for gi in range(G)]
         # Scores of every slot of the chunk first, so that the chunk's maximum is known before the
-        # values are weighted (no rescaling of running sums). Codes arrive as c' = 0.5 + c/256
-        # (code_planes_f32), so q.(c - z) = 256 q.c' - q.(128 + z).
+        # values are weighted (no rescaling of running sums). Codes arrive as c/256, so
+        # q.(c - z) = 256 q.(c/256) - q.z.
         scores = [[] for _ in range(G)]  # [gi][t] -> [group, 1]
         valid = []
         for t, (kd, ks, kz, *_) in enumerate(tiles):
-            kplanes = code_planes_f32(kd, kbits, interpret)  # kp x [group, H/kp]
+            kplanes = _codes_over_256(kd, kbits, interpret)  # kp x [group, H/kp]
             slot = (first + t) * group + jnp.arange(group, dtype=jnp.int32)[:, None]
             valid.append(slot < n)
             for gi in range(G):
@@ -119,7 +137,7 @@ def _kernel(
                 prod = kplanes[0] * qs[0]
                 for k in range(1, kp):
                     prod = prod + kplanes[k] * qs[k]
-                bias = sum(jnp.sum(qs[k] * (kz[k].astype(jnp.float32) + 128.0)) for k in range(kp))
+                bias = sum(jnp.sum(qs[k] * kz[k].astype(jnp.float32)) for k in range(kp))
                 s = 256.0 * jnp.sum(prod, axis=1, keepdims=True) - bias
                 scores[gi].append(jnp.where(valid[t], s, _MASKED))
         ms, ps = [], []
@@ -129,7 +147,7 @@ def _kernel(
                 m = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))
             ms.append(m)  # [1, 1]
             ps.append([jnp.where(v, jnp.exp(s - m), 0.0) for s, v in zip(scores[gi], valid)])
-        # Values: sum_j p_j s_j (c_j - z_j) = 256 sum_j (p_j s_j) c'_j - sum_j p_j s_j (128 + z_j).
+        # Values: sum_j p_j s_j (c_j - z_j) = 256 sum_j (p_j s_j) (c_j/256) - sum_j p_j s_j z_j.
         # Each slot's scales are spread over the byte columns of their channel groups (one FMA per
         # group and byte); the first sum accumulates elementwise over the chunk, the second per
         # channel group as a column, both reduced over the slots once at the end.
@@ -137,11 +155,11 @@ def _kernel(
         zsum = [[jnp.zeros((group, 1), jnp.float32) for _ in range(C)] for _ in range(G)]
         for t, (_, _, _, vd, vs, vz) in enumerate(tiles):
             vsf = [x.astype(jnp.float32) for x in vs]
-            vzs = [sf * (z.astype(jnp.float32) + 128.0) for sf, z in zip(vsf, vz)]  # s (128 + z)
+            vzs = [sf * z.astype(jnp.float32) for sf, z in zip(vsf, vz)]  # scale * zero
             spread = onehot[0] * vsf[0]
             for cc in range(1, C):
                 spread = spread + onehot[cc] * vsf[cc]  # [group, W]
-            vplanes = code_planes_f32(vd, vbits, interpret)
+            vplanes = _codes_over_256(vd, vbits, interpret)
             for gi in range(G):
                 p = ps[gi][t]
                 weight = p * spread

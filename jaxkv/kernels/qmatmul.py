@@ -64,7 +64,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
-    unroll: int = 1  # tensor-core kernel: groups whose loads are issued together
 
 
 def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
@@ -75,8 +74,11 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
     within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md). Up to
     16 rows (batch 2-16 decode), 128 columns and 8 warps, split until 256 programs and at most
-    8 groups per program: the best swept tile at 8 rows for the four Llama-2-7B shapes, 1.08-1.35x
-    faster than the tile of two programs per SM (results/bench/h200_run15_gemv_b8_sweep.md)."""
+    8 groups per program: the best swept tile at 8 rows for the four Llama-2-7B shapes in one run,
+    1.08-1.35x faster than the earlier tile of two programs per SM there
+    (results/bench/h200_run15_gemv_b8_sweep.md). Single tiles vary by up to 1.3x between runs
+    (run 16 timed the same tile of Q/K/V at 28.8 against run 15's 38.6 us), so near-ties are noise;
+    end to end, batch-8 decode at 4096 context went from 10.13 to 9.43 ms per step (runs 13, 17)."""
     groups = I // group
     warps, stages, max_groups = 4, 4, groups
     if bits == 4 and rows == 1:
@@ -123,7 +125,7 @@ def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
 
 
 def _kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, unroll
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n
 ):  # fmt: skip
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
@@ -159,21 +161,15 @@ def _kernel(
             a = pltriton.dot(xs[0], p.astype(jnp.float32).astype(xs[0].dtype))
         return acc + (a - xsum[:, None] * zero) * scale
 
-    def block(j, acc):  # ``unroll`` groups, every load issued before any arithmetic
-        gs = [first + j * unroll + u for u in range(unroll)]
-        loaded = [load(g) for g in gs]
-        for g, (p, xs) in zip(gs, loaded):
-            acc = update(acc, g, p, xs)
-        return acc
-
-    def single(j, acc):
+    def body(j, acc):
         return update(acc, first + j, *load(first + j))
 
-    # The last split may hold fewer groups when split_k does not divide them.
+    # The last split may hold fewer groups when split_k does not divide them. (Issuing the loads of
+    # 2 or 4 groups before their arithmetic was slower at 8 rows on an H200, best tile against best
+    # tile 1.06-1.41x (results/bench/h200_run16_gemv_b8_unroll_rejected.json); so was the weight as
+    # the left operand, y^T = w^T x^T, 1.15-1.27x (results/bench/h200_run15_gemv_b8_sweep.json).)
     steps = jnp.minimum(groups_per_prog, groups - first)
-    acc = jax.lax.fori_loop(0, steps // unroll, block, jnp.zeros((Mp, block_n), jnp.float32))
-    if unroll > 1:
-        acc = jax.lax.fori_loop(steps // unroll * unroll, steps, single, acc)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -319,7 +315,7 @@ def qmatmul(
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
-        kernel = functools.partial(_kernel, bits=bits, unroll=cfg.unroll, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, **tiling)
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
