@@ -506,6 +506,7 @@ def cmd_generate(args) -> int:
         max_len=args.max_len,
         chat=args.chat,
         chunk=1,
+        prefill_chunk=args.prefill_chunk,
         kv=kv,
         wkv=wkv,
         mesh=args.device_mesh,
@@ -642,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: prompt + new tokens)")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=1024, help="prompt tokens per prefill call (bounds its memory)"
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (GPTQ/AWQ calibration)")

@@ -33,6 +33,7 @@ from jaxkv.kvcache import KVCache, KVQuantConfig, init_cache
 from jaxkv.model import forward
 from jaxkv.sampling import sample
 
+PREFILL_CHUNK = 1024  # prompt tokens per prefill call (generate_iter's default)
 MIN_BUCKET = 16
 
 
@@ -143,6 +144,7 @@ def generate_iter(
     max_len: int | None = None,
     chat: bool = False,
     chunk: int | None = 1,
+    prefill_chunk: int | None = PREFILL_CHUNK,
     stop_at_eos: bool = True,
     kv: KVQuantConfig | None = None,
     wkv: dict | None = None,
@@ -151,7 +153,10 @@ def generate_iter(
     """Yield ``(new_tokens [B, n], done [B])`` after every ``chunk`` decode steps (None: one chunk).
 
     The first yield holds the token produced by the prefill. Tokens after a sequence's EOS are
-    ``pad_id``. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
+    ``pad_id``. The prompt is prefilled ``prefill_chunk`` tokens per call (None: all at once): the
+    prefill's attention holds scores for every (prompt token, cache slot) pair of a call, so long
+    prompts in one call can exhaust device memory (batch 8 x 4096 tokens with a K4V2 cache asked
+    for 124 GiB on an H200); the chunks continue the cache, and the greedy tokens are the same. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
     ``wkv``: the learned parameters of a ``wkvquant`` one (``jaxkv.wkvquant``). With ``mesh``, weights,
     cache and prompts are placed in their ``jaxkv.sharding`` shardings (tensor-parallel decode on a
     ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest.
@@ -160,6 +165,8 @@ def generate_iter(
     tokenizer = getattr(model, "tokenizer", None)
     if max_new_tokens < 1:
         raise JaxkvError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise JaxkvError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise JaxkvError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
     ids = encode_prompts(tokenizer, prompt, prefix, chat)
@@ -193,14 +200,11 @@ def generate_iter(
     for b, t in enumerate(ids):
         tokens[b, : len(t)] = t
         positions[b, : len(t)] = P + np.arange(len(t))
-    last_index = np.array([len(t) - 1 for t in ids], np.int32)
+    last = np.array([len(t) - 1 for t in ids], np.int32)
     params = model.params
     if mesh is not None:
         params = sharding.shard_params(params, cfg, mesh)
         cache = sharding.shard_cache(cache, cfg, mesh)
-        tokens, positions, last_index = (
-            sharding.global_batch(a, mesh) for a in (tokens, positions, last_index)
-        )
 
     eos_ids = jnp.asarray(cfg.eos_token_ids if stop_at_eos and cfg.eos_token_ids else (-1,), jnp.int32)
     pad_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
@@ -209,11 +213,23 @@ def generate_iter(
     temperature = None if temperature == 0 else jnp.float32(temperature)
     top_p = jnp.float32(top_p)
 
-    with sharding.activate(mesh):
-        first, cache = _prefill(
-            params, tokens, positions, cache, last_index, jax.random.fold_in(key, 0), temperature, top_p,
-            cfg, top_k,
-        )  # fmt: skip
+    C = bucket if prefill_chunk is None else min(bucket, prefill_chunk)
+    first = None
+    for s in range(0, bucket, C):
+        e = min(bucket, s + C)
+        here = (last >= s) & (last < e)  # rows whose last prompt token is in this chunk
+        if not (positions[:, s:e] >= 0).any():
+            break  # padding only from here on
+        part = (tokens[:, s:e], positions[:, s:e], np.clip(last - s, 0, e - s - 1), here)
+        if mesh is not None:
+            part = tuple(sharding.global_batch(a, mesh) for a in part)
+        with sharding.activate(mesh):
+            # the same key for every chunk: a row's token is drawn as in one call
+            tok, cache = _prefill(
+                params, part[0], part[1], cache, part[2], jax.random.fold_in(key, 0), temperature, top_p,
+                cfg, top_k,
+            )  # fmt: skip
+            first = tok if first is None else jnp.where(part[3], tok, first)
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     state = DecodeState(cache, out, jnp.int32(1), jnp.isin(first, eos_ids), key)
     # to_host: under a multi-host mesh the batch is spread over processes (np.asarray would refuse).

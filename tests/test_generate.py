@@ -10,6 +10,7 @@ import pytest
 from jaxkv.config import ModelConfig
 from jaxkv.errors import JaxkvError
 from jaxkv.generate import generate, generate_iter, teacher_forced_greedy
+from jaxkv.kvcache import KVQuantConfig
 from jaxkv.params import init_params
 from jaxkv.sampling import filter_logits
 
@@ -59,6 +60,20 @@ def test_streaming_chunks_equal_one_shot(model):
     streamed = np.concatenate(pieces, axis=1)
     for row, ref in zip(streamed.tolist(), one_shot):
         assert row[: len(ref)] == ref
+
+
+@pytest.mark.parametrize("kv", [None, KVQuantConfig(4, 2, group=4, residual=2)], ids=["fp", "K4V2"])
+def test_prefill_in_chunks_equals_one_call(model, kv):
+    """Prompts of 1-21 tokens prefilled 4 tokens per call (a row's last token in different chunks,
+    one chunk of padding only) give the one-call tokens, greedy and sampled."""
+    prompts = [*PROMPTS, list(range(20, 41))]
+    for settings in ({}, {"temperature": 0.8, "seed": 4}):
+        one = generate(model, None, prompts, max_new_tokens=8, kv=kv, prefill_chunk=None, **settings)
+        chunked = generate(model, None, prompts, max_new_tokens=8, kv=kv, prefill_chunk=4, **settings)
+        assert chunked.tokens == one.tokens
+        assert len({tuple(t) for t in one.tokens}) == len(prompts)
+    with pytest.raises(JaxkvError, match="prefill_chunk"):
+        generate(model, None, PROMPTS, prefill_chunk=0)
 
 
 def test_eos_stops_sequence(model):
