@@ -154,9 +154,9 @@ def generate_iter(
 
     The first yield holds the token produced by the prefill. Tokens after a sequence's EOS are
     ``pad_id``. The prompt is prefilled ``prefill_chunk`` tokens per call (None: all at once): the
-    prefill's attention holds scores for every (prompt token, cache slot) pair of a call, so long
-    prompts in one call can exhaust device memory (batch 8 x 4096 tokens with a K4V2 cache asked
-    for 124 GiB on an H200); the chunks continue the cache, and the greedy tokens are the same. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
+    prefill's attention holds float32 scores for every (prompt token, cache slot) pair of a call
+    (17 GB per such array for 8 x 4096 tokens over 4,128 slots and 32 heads), so long prompts in
+    one call can exhaust device memory; the chunks continue the cache, and the tokens are the same. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
     ``wkv``: the learned parameters of a ``wkvquant`` one (``jaxkv.wkvquant``). With ``mesh``, weights,
     cache and prompts are placed in their ``jaxkv.sharding`` shardings (tensor-parallel decode on a
     ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest.
