@@ -159,7 +159,9 @@ def generate_iter(
     one call can exhaust device memory; the chunks continue the cache, and the tokens are the same. :func:`generate` collects this iterator; the CLI streams it. ``kv``: a quantized KV cache;
     ``wkv``: the learned parameters of a ``wkvquant`` one (``jaxkv.wkvquant``). With ``mesh``, weights,
     cache and prompts are placed in their ``jaxkv.sharding`` shardings (tensor-parallel decode on a
-    ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest.
+    ``tensor`` axis; the batch splits over ``data``/``fsdp``) and jit propagates the rest; ``model``
+    then holds stacked parameters, split into one sharded buffer per layer for decode
+    (``jaxkv.sharding.shard_decode_params``), and the cache is per layer as on one device.
     """
     cfg: ModelConfig = model.cfg
     tokenizer = getattr(model, "tokenizer", None)
@@ -189,9 +191,12 @@ def generate_iter(
     pivot_k = pivot_v = None
     if prefix is not None:
         pivot_k, pivot_v = prefix.k, prefix.v
+    params = model.params
+    if mesh is not None:  # one buffer per layer, each in its sharding (as decode_layout on one device)
+        params = sharding.shard_decode_params(params, cfg, mesh)
     # decode_layout's per-layer parameters loop over layers in Python: the cache then keeps one buffer
     # per layer too, updated in place (jaxkv.kvcache, "per-layer layout")
-    per_layer = mesh is None and isinstance(model.params["layers"], (list, tuple))
+    per_layer = isinstance(params["layers"], (list, tuple))
     cache = init_cache(cfg, B, max_len, dtype, pivot_k, pivot_v, kv=kv, wkv=wkv, per_layer=per_layer)
     P = cache.pivot_len
 
@@ -201,9 +206,7 @@ def generate_iter(
         tokens[b, : len(t)] = t
         positions[b, : len(t)] = P + np.arange(len(t))
     last = np.array([len(t) - 1 for t in ids], np.int32)
-    params = model.params
     if mesh is not None:
-        params = sharding.shard_params(params, cfg, mesh)
         cache = sharding.shard_cache(cache, cfg, mesh)
 
     eos_ids = jnp.asarray(cfg.eos_token_ids if stop_at_eos and cfg.eos_token_ids else (-1,), jnp.int32)

@@ -262,7 +262,8 @@ def decode_layout(params: dict, fuse: bool = True) -> dict:
     times; separate per-layer buffers (a Python loop over layers) are read once, and the Pallas
     quantized matmul gets whole 2-D weights. Generation and the cached forward accept this layout
     (and the stacked one); the cache-free forward, calibration, sharding and checkpoints need the
-    stacked layout. The stacked leaves are released as they are split.
+    stacked layout (decode on a mesh splits after sharding: ``jaxkv.sharding.shard_decode_params``).
+    The stacked leaves are released as they are split.
     """
     if fuse:
         params = fuse_projections(params)

@@ -415,6 +415,26 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None, rules: ShardingRu
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=_is_qarray)
 
 
+def without_layer_axis(shardings):
+    """Stacked shardings (``[L, ...]`` leaves, NamedShardings or QArrays of them) -> those of one
+    layer's slice: the spec less its leading (layer) entry."""
+    return jax.tree.map(lambda sh: NamedSharding(sh.mesh, P(*sh.spec[1:])), shardings)
+
+
+def shard_decode_params(params, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> dict:
+    """Stacked ``params`` placed in their shardings, then split into one buffer per layer (as
+    :func:`jaxkv.model.decode_layout` with ``fuse=False``: fused Q/K/V columns would not follow the
+    head sharding), each layer's slice in the stacked sharding less the layer axis. Decode then
+    loops over layers in Python as on one device, instead of a ``lax.scan`` that slices the
+    stacked weights and writes every layer's cache back into a stacked output at each step."""
+    from jaxkv.model import decode_layout  # jaxkv.model imports this module
+
+    stacked = shard_params(params, cfg, mesh, rules)
+    layer = without_layer_axis(param_shardings(cfg, mesh, stacked, rules)["layers"])
+    split = decode_layout(stacked, fuse=False)
+    return {**split, "layers": tuple(place(lp, layer) for lp in split["layers"])}
+
+
 def shard_params(params, cfg: ModelConfig, mesh: Mesh | None, rules: ShardingRules | None = None):
     """``params`` placed in their shardings (a no-op for leaves already there; ``mesh=None``: unchanged)."""
     if mesh is None:
@@ -478,7 +498,12 @@ def cache_shardings(cache, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | 
 
     def one(path, leaf):
         names = [_key_name(k) for k in path]
-        axes = _cache_axes(names, "KV cache")
+        # per-layer layout (init_cache(..., per_layer=True)): a tuple of layers (an index in the path
+        # other than a segment's) whose leaves have no layer axis
+        layer_index = [i for i, n in enumerate(names) if n.isdigit() and (i, names[0]) != (1, "segments")]
+        core = [n for i, n in enumerate(names) if i not in layer_index]
+        axes = _cache_axes(core, "KV cache")
+        axes = axes[1:] if layer_index else axes
         spec = spec_for(axes, leaf.shape, mesh, rules, _units_for(axes, cfg), f"cache {'/'.join(names)}")
         return NamedSharding(mesh, spec)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxkv import sharding as sh
 from jaxkv.calibrate import CalibConfig, calibrate
@@ -97,6 +98,32 @@ def run_cached(params, prefix, cfg, mesh, tokens, positions):
     return {"logits": logits, "k": cache.k, "v": cache.v}, cache
 
 
+def decode_params(model, mesh):
+    """shard_decode_params: one buffer per layer, each in the stacked spec less the layer axis, and
+    the per-layer cache's shardings the stacked cache's less that axis."""
+    stacked = sh.shard_params(model.params, CFG, mesh)
+    split = sh.shard_decode_params(model.params, CFG, mesh)
+    pairs = [
+        (stacked["layers"][name], layer[name])
+        for layer in split["layers"]
+        for name in ("wq", "w_down", "attn_norm")
+    ]
+    ok = len(split["layers"]) == CFG.num_layers and all(
+        P(*getattr(s, "packed", s).sharding.spec[1:]) == getattr(w, "packed", w).sharding.spec
+        and getattr(w, "packed", w).ndim == getattr(s, "packed", s).ndim - 1
+        for s, w in pairs
+    )
+    kv = KVQuantConfig(kbits=4, vbits=2, group=8, residual=4)
+    per_layer = sh.cache_shardings(init_cache(CFG, B, 16, kv=kv, per_layer=True), CFG, mesh)
+    stacked_cache = sh.cache_shardings(init_cache(CFG, B, 16, kv=kv), CFG, mesh)
+    cache_ok = per_layer.segments[0].k[0].data.spec == P(*stacked_cache.segments[0].k.data.spec[1:])
+    return {
+        "ok": bool(ok),
+        "cache_ok": bool(cache_ok),
+        "wq_spec": str(split["layers"][0]["wq"].packed.sharding.spec),
+    }
+
+
 def run_generate(model, prefix, mesh, tokens, kv=None):
     prompts = [list(map(int, row[: 3 + i])) for i, row in enumerate(tokens)]
     return generate(model, prefix, prompts, max_new_tokens=6, mesh=mesh, stop_at_eos=False, kv=kv).tokens
@@ -155,6 +182,7 @@ def check_model_paths(results: dict) -> dict:
         "quantized_kv_generate",
         lambda: {"equal": run_generate(q, prefix, mesh, tokens, kv) == ref_kv},
     )
+    guarded(results, "decode_params", lambda: decode_params(q, mesh))
     return {}
 
 

@@ -93,6 +93,13 @@ def test_quantized_kv_cache_generate_sharded(sharded):
     assert result(sharded, "quantized_kv_generate")["equal"]
 
 
+def test_sharded_decode_keeps_one_buffer_per_layer(sharded):
+    """Decode on a mesh loops over per-layer weights and cache buffers, each sharded like its slice
+    of the stacked one (generate checks the tokens above)."""
+    r = result(sharded, "decode_params")
+    assert r["ok"] and r["cache_ok"] and "tensor" in r["wq_spec"]
+
+
 def test_indivisible_heads_replicated_or_split(sharded):
     rep = result(sharded, "smol data=2,tensor=4")  # 9 / 3 heads on tensor=4: replicated
     assert rep["max_diff"] < TOL
