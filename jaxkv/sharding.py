@@ -429,6 +429,11 @@ def shard_decode_params(params, cfg: ModelConfig, mesh: Mesh, rules: ShardingRul
     stacked weights and writes every layer's cache back into a stacked output at each step."""
     from jaxkv.model import decode_layout  # jaxkv.model imports this module
 
+    if isinstance(params["layers"], (list, tuple)):
+        raise ShardingError(
+            "decode on a mesh needs the stacked parameters (as loaded), not jaxkv.decode_layout's: "
+            "it splits them itself after sharding"
+        )
     stacked = shard_params(params, cfg, mesh, rules)
     layer = without_layer_axis(param_shardings(cfg, mesh, stacked, rules)["layers"])
     split = decode_layout(stacked, fuse=False)

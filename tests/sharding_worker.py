@@ -117,9 +117,15 @@ def decode_params(model, mesh):
     per_layer = sh.cache_shardings(init_cache(CFG, B, 16, kv=kv, per_layer=True), CFG, mesh)
     stacked_cache = sh.cache_shardings(init_cache(CFG, B, 16, kv=kv), CFG, mesh)
     cache_ok = per_layer.segments[0].k[0].data.spec == P(*stacked_cache.segments[0].k.data.spec[1:])
+    try:
+        sh.shard_decode_params(split, CFG, mesh)
+        refused = False
+    except sh.ShardingError as e:
+        refused = "stacked parameters" in str(e)
     return {
         "ok": bool(ok),
         "cache_ok": bool(cache_ok),
+        "refused_split": refused,
         "wq_spec": str(split["layers"][0]["wq"].packed.sharding.spec),
     }
 

@@ -98,6 +98,7 @@ def test_sharded_decode_keeps_one_buffer_per_layer(sharded):
     of the stacked one (generate checks the tokens above)."""
     r = result(sharded, "decode_params")
     assert r["ok"] and r["cache_ok"] and "tensor" in r["wq_spec"]
+    assert r["refused_split"]  # already split parameters: a clear error
 
 
 def test_indivisible_heads_replicated_or_split(sharded):
