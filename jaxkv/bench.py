@@ -321,8 +321,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
         "--kv-decode", default="xla",
-        help="comma list for quantized KV caches: xla (unpack and attend), reduce (reductions over the "
-        "dequantized body), kernel (split-K decode kernel)",
+        help="comma list for quantized KV caches: xla (XLA over the packed body), kernel (the "
+        "tensor-core decode kernel)",
     )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 

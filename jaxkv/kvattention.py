@@ -366,7 +366,7 @@ def _softmax_with_body(qg, kside: QuantSide, vside: QuantSide, i, kv: KVQuantCon
     m, l, o = kvdecode.body_partials(
         qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H)), n_read, kside.data, kside.scale, kside.zero,
         vside.data, vside.scale, vside.zero, kbits=kspec.bits, vbits=vspec.bits, group=kspec.group,
-        interpret=interpret,
+        dtype=jnp.float32 if qg.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret,
     )  # fmt: skip
     m_all = jnp.maximum(jnp.max(scores, axis=-1), jnp.max(m, axis=2)[:, None])  # [B, 1, K, G]
     e = jnp.exp(scores - m_all[..., None])

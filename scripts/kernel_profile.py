@@ -5,7 +5,7 @@ Cases (Llama-2-7B shapes):
 
 * ``kv``     the split-K decode attention kernel (``jaxkv.kernels.kvdecode``) over one layer's
              quantized body: ``--batch`` 8 sequences, ``--slots`` 4352, 32 KV heads x 128, ``--kv``
-             K4V2 at group 32; ``--chunk-groups``/``--warps`` pick its tile (default: the module's);
+             K4V2 at group 32; ``--warps`` its warps per program (default: the module's);
 * ``qmm``    the int4 tensor-core matmul kernel (``jaxkv.kernels.qmatmul``) at ``--rows`` 8 on the
              fused Q/K/V weight 4096 x 12288, group 128, its default tile;
 * ``gemv``   the one-row int4 kernel on the same weight (batch-1 decode).
@@ -62,7 +62,7 @@ def kv_case(args):
         m, l, o = kvdecode.body_partials(
             q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
             vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            chunk_groups=args.chunk_groups, num_warps=args.warps, interpret=interpret,
+            num_warps=args.warps, interpret=interpret,
         )  # fmt: skip
         w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
         return (jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None])[:, None]
@@ -108,7 +108,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--slots", type=int, default=4352)
     p.add_argument("--kv", default="K4V2")
-    p.add_argument("--chunk-groups", type=int, default=None)
     p.add_argument("--warps", type=int, default=None)
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--launches", type=int, default=3)

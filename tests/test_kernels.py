@@ -256,50 +256,60 @@ def test_qmatmul_single_layer_without_offset(M):
 
 
 @pytest.mark.parametrize(
-    "kbits,vbits,group,G,H,S",
+    "kbits,vbits,group,G,H,S,dtype",
     [
-        (4, 2, 32, 1, 128, 96 * 4),
-        (2, 4, 8, 4, 64, 8 * 11),
-        (8, 8, 16, 2, 32, 16 * 5),
-        (4, 4, 4, 8, 16, 4 * 9),
+        (4, 2, 32, 1, 128, 32 * 12, "bfloat16"),  # shorter than one chunk (16 key groups)
+        (4, 2, 32, 1, 128, 32 * 40, "bfloat16"),  # three chunks, the last one's key rows moved back in bounds
+        (4, 2, 32, 1, 128, 32 * 40, "float32"),
+        (2, 4, 8, 4, 64, 8 * 11, "bfloat16"),
+        (8, 8, 16, 2, 32, 16 * 5, "bfloat16"),
+        (4, 4, 16, 8, 64, 16 * 9, "float32"),
     ],
 )
-def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S):
-    """The split-K decode kernel's per-chunk maximum, exponential sum and weighted values against
-    float64 numpy over a random packed cache; chunks past n_read (0, partial, all) are empty."""
+def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
+    """The decode kernel's per-chunk maximum, exponential sum and weighted values against float64
+    numpy over a random packed cache; chunks past n_read (0, partial, all) are empty. Its products
+    take operands in ``dtype`` (q * key scale, p * value scale, as the XLA path does): the
+    tolerances follow from their rounding."""
     from jaxkv.kernels import kvdecode
     from jaxkv.kvcache import pack_codes
 
-    rng = np.random.default_rng(kbits * 10 + vbits + G)
-    B, K, J, C, cg = 3, 2, S // group, H // group, 4
-    q = rng.standard_normal((B, K, G, H)).astype(np.float32)
+    rng = np.random.default_rng(kbits * 10 + vbits + G + S)
+    B, K, J, C = 3, 2, S // group, H // group
+    q = (rng.standard_normal((B, K, G, H)) / np.sqrt(H)).astype(np.float32)
     kcodes = rng.integers(0, 2**kbits, (B, S, K, H))
     vcodes = rng.integers(0, 2**vbits, (B, S, K, H))
     ks = (rng.random((B, J, K, H)) * 0.3 + 0.01).astype(np.float32)
-    kz = rng.integers(-8, 2**kbits + 8, (B, J, K, H)).astype(np.int8)
+    kz = rng.integers(-8, min(2**kbits + 8, 128), (B, J, K, H)).astype(np.int8)
     vs = (rng.random((B, S, K, C)) * 0.3 + 0.01).astype(np.float32)
-    vz = rng.integers(-8, 2**vbits + 8, (B, S, K, C)).astype(np.int8)
-    n_read = np.array([0, group * 5, S], np.int32)  # nothing, a chunk and a bit, everything
+    vz = rng.integers(-8, min(2**vbits + 8, 128), (B, S, K, C)).astype(np.int8)
+    n_read = np.array([0, group * 5, S], np.int32)  # nothing, a chunk or part of one, everything
     m, l, o = kvdecode.body_partials(
         jnp.asarray(q), jnp.asarray(n_read), pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits), jnp.asarray(ks),
         jnp.asarray(kz), pack_codes(jnp.asarray(vcodes, jnp.uint8), vbits), jnp.asarray(vs), jnp.asarray(vz),
-        kbits=kbits, vbits=vbits, group=group, chunk_groups=cg, interpret=not ON_GPU,
+        kbits=kbits, vbits=vbits, group=group, dtype=dtype, interpret=not ON_GPU,
     )  # fmt: skip
-    NC = -(-J // cg)
+    eps = 2.0**-9 if dtype == "bfloat16" else 2.0**-20  # operand rounding (float32: with slack)
+    cs = kvdecode.ROWS // G * group  # slots per chunk
+    NC = -(-S // cs)
     assert m.shape == l.shape == (B, K, NC, G) and o.shape == (B, K, NC, G, H)
     kf = (kcodes - np.repeat(kz, group, axis=1).astype(np.float64)) * np.repeat(ks, group, axis=1)
     vf = (vcodes - np.repeat(vz, group, axis=3).astype(np.float64)) * np.repeat(vs, group, axis=3)
     for b in range(B):
         for c in range(NC):
-            lo, hi = c * cg * group, min((c + 1) * cg * group, int(n_read[b]))
+            lo, hi = c * cs, min((c + 1) * cs, int(n_read[b]))
             if hi <= lo:
                 assert np.all(np.asarray(l[b, :, c]) == 0) and np.all(np.asarray(o[b, :, c]) == 0)
                 assert np.all(np.asarray(m[b, :, c]) < -1e29)
                 continue
             s = np.einsum("KGH,SKH->KGS", q[b].astype(np.float64), kf[b, lo:hi])
+            # the rounding of each q * scale bounds the scores' error
+            ds = eps * np.einsum("KGH,SKH->KGS", np.abs(q[b]), np.abs(kf[b, lo:hi])).max()
             mr = s.max(-1)
             e = np.exp(s - mr[..., None])
-            np.testing.assert_allclose(np.asarray(m[b, :, c]), mr, rtol=1e-5, atol=1e-4)
-            np.testing.assert_allclose(np.asarray(l[b, :, c]), e.sum(-1), rtol=1e-4)
+            np.testing.assert_allclose(np.asarray(m[b, :, c]), mr, atol=ds)
+            np.testing.assert_allclose(np.asarray(l[b, :, c]), e.sum(-1), rtol=2 * ds)
             ref = np.einsum("KGS,SKH->KGH", e, vf[b, lo:hi])
-            np.testing.assert_allclose(np.asarray(o[b, :, c]), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+            # and that of each p * scale
+            bound = (2 * ds + 2 * eps) * np.einsum("KGS,SKH->KGH", e, np.abs(vf[b, lo:hi]))
+            assert np.all(np.abs(np.asarray(o[b, :, c]) - ref) <= bound + 1e-6)

@@ -25,16 +25,26 @@ class TinyModel:
     tokenizer: object = None
 
 
-@pytest.fixture(scope="module")
-def model():
+def _tiny(head_dim: int) -> TinyModel:
     cfg = ModelConfig(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, bos_token_id=1, eos_token_ids=(5,),
+        num_kv_heads=2, head_dim=head_dim, bos_token_id=1, eos_token_ids=(5,),
     )  # fmt: skip
     params = init_params(cfg, jax.random.key(0))
     # Larger weights give peaked, input-dependent distributions, so greedy paths differ per prompt.
     params = jax.tree.map(lambda x: x * 5 if x.ndim == 3 else x, params)
     return TinyModel(cfg, params)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny(16)
+
+
+@pytest.fixture(scope="module")
+def wide_model():
+    """64-channel heads: the decode kernel needs 16 bytes of codes per row."""
+    return _tiny(64)
 
 
 _forward = jax.jit(forward, static_argnames="cfg")
@@ -99,10 +109,12 @@ KERNEL_CONFIGS = [
 @pytest.mark.parametrize(
     "kv,pivot", KERNEL_CONFIGS, ids=lambda x: x.label() if hasattr(x, "label") else str(x)
 )
-def test_greedy_generation_with_decode_kernel(model, kv, pivot, monkeypatch):
+def test_greedy_generation_with_decode_kernel(wide_model, kv, pivot, monkeypatch):
     """JAXKV_KV_DECODE=kernel: decode steps read the body through the split-K kernel (Pallas'
     interpreter off a GPU) and still equal the teacher-forced cache-free forward."""
     from jaxkv.kernels import kvdecode
+
+    model = wide_model
 
     calls = []
     real = kvdecode.body_partials
