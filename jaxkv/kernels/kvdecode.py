@@ -131,7 +131,8 @@ def _kernel(
     Mv = max(ROWS, C * G)  # rows of the value products (C * G real ones)
     log2g = group.bit_length() - 1
     # float32 operands: full-precision products (not TF32), for float32 models
-    dot = dict(preferred_element_type=_F32, precision=jax.lax.Precision.HIGHEST if dtype == _F32 else None)
+    f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    dot = dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
     n = n_ref[b]
     first = c * NG  # the chunk's first key group
     g0 = jnp.minimum(first, J - NG)  # the first of the NG groups whose scales the key rows carry
@@ -216,16 +217,19 @@ def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-@functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "dtype", "num_warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("kbits", "vbits", "group", "dtype", "sub_slots", "num_warps", "interpret")
+)
 def body_partials(
     q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, dtype=_BF16,
-    num_warps=None, interpret=False,
+    sub_slots=None, num_warps=None, interpret=False,
 ):  # fmt: skip
     """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
 
     ``q [B, K, G, H]`` (already multiplied by the softmax scale), ``n_read [B]`` int32 (multiples
     of ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
-    products (the model's, bf16, or float32). Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and
+    products (the model's, bf16, or float32); ``sub_slots``/``num_warps`` the tile (default
+    :data:`SUB_SLOTS`/:data:`NUM_WARPS`). Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and
     ``o [B, K, NC, G, H]`` (float32), ``NC`` the number of chunks.
     """
     dtype = jnp.dtype(dtype)
@@ -237,7 +241,7 @@ def body_partials(
     NG = ROWS // G  # key groups per chunk: one key row per group and query head
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
         kscale, kzero = (jnp.pad(a, ((0, 0), (0, NG - J), (0, 0), (0, 0))) for a in (kscale, kzero))
-    sub = min(SUB_SLOTS, NG * group, _pow2_floor(S))
+    sub = min(sub_slots or SUB_SLOTS, NG * group, _pow2_floor(S))
     NC = -(-J // NG)
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, sub=sub,
