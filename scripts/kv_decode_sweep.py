@@ -8,7 +8,7 @@ K4V2 at group 32): the attention of one query per sequence over the whole body, 
 * ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``, the model's
                   default, ``JAXKV_KV_DECODE=xla``),
 * ``kernel``      the split-K Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
-                  per-chunk partials, swept over slots per tile and warps per program.
+                  per-chunk partials, swept over slots per program and per tile and warps.
 
 Each candidate runs once to compile, then ``--repeats`` times under its own JAX profiler trace; the
 time of a call is the GPU time of all its kernels (no launch gaps). GB/s = cache bytes read / time,
@@ -21,7 +21,6 @@ error). Writes ``OUT.json`` and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import tempfile
@@ -78,11 +77,11 @@ def main(argv=None) -> int:
         p = jax.nn.softmax(body_scores(q, ks) * scale, axis=-1)
         return body_values(p, vs, q.dtype)
 
-    def kernel(q, ks, vs, sub_slots, num_warps):
+    def kernel(q, ks, vs, chunk_slots, sub_slots, num_warps):
         m, l, o = kvdecode.body_partials(
             q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
             vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            sub_slots=sub_slots, num_warps=num_warps, interpret=jax.default_backend() != "gpu",
+            chunk_slots=chunk_slots, sub_slots=sub_slots, num_warps=num_warps, interpret=jax.default_backend() != "gpu",
         )  # fmt: skip
         w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, NC, G]
         out = jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None]
@@ -91,9 +90,19 @@ def main(argv=None) -> int:
     qbytes = sum(a.nbytes for a in jax.tree.leaves((kside, vside)))
     cases = [("bf16", None, jax.jit(bf16), (q, kb, vb), kb.nbytes + vb.nbytes)]
     cases.append(("xla", None, jax.jit(xla), (q, kside, vside), qbytes))
-    for sub, nw in itertools.product((64, 128, 256), (2, 4)):
-        f = jax.jit(lambda q, ks, vs, sub=sub, nw=nw: kernel(q, ks, vs, sub, nw))
-        cases.append(("kernel", {"sub_slots": sub, "num_warps": nw}, f, (q, kside, vside), qbytes))
+    tiles = [
+        (128, 128, 4),
+        (128, 64, 2),
+        (256, 128, 2),
+        (256, 128, 4),
+        (256, 64, 4),
+        (512, 128, 4),
+        (512, 256, 2),
+    ]
+    for chunk, sub, nw in tiles:
+        f = jax.jit(lambda q, ks, vs, c=chunk, s=sub, w=nw: kernel(q, ks, vs, c, s, w))
+        cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}
+        cases.append(("kernel", cfg, f, (q, kside, vside), qbytes))
 
     ref = np.asarray(jax.jit(xla)(q, kside, vside), np.float64)
     copy_gbps = copy_bandwidth()
@@ -127,7 +136,11 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|",
     ]
     for r in table:
-        default = {"sub_slots": kvdecode.SUB_SLOTS, "num_warps": kvdecode.NUM_WARPS}
+        default = {
+            "chunk_slots": kvdecode.CHUNK_SLOTS,
+            "sub_slots": kvdecode.SUB_SLOTS,
+            "num_warps": kvdecode.NUM_WARPS,
+        }
         if r["candidate"] != "kernel" or r is best or r["config"] == default:
             err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
             lines.append(

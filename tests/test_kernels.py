@@ -290,7 +290,7 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
         kbits=kbits, vbits=vbits, group=group, dtype=dtype, interpret=not ON_GPU,
     )  # fmt: skip
     eps = 2.0**-9 if dtype == "bfloat16" else 2.0**-20  # operand rounding (float32: with slack)
-    cs = kvdecode.ROWS // G * group  # slots per chunk
+    cs = max(group, min(kvdecode.CHUNK_SLOTS, kvdecode.ROWS // G * group))  # slots per program
     NC = -(-S // cs)
     assert m.shape == l.shape == (B, K, NC, G) and o.shape == (B, K, NC, G, H)
     kf = (kcodes - np.repeat(kz, group, axis=1).astype(np.float64)) * np.repeat(ks, group, axis=1)

@@ -54,6 +54,7 @@ from jax.experimental.pallas import triton as pltriton
 
 BITS = (2, 4, 8)
 ROWS = 16  # rows of every tensor-core product (Triton's smallest)
+CHUNK_SLOTS = 256  # slots per program (at most ROWS / G key groups)
 SUB_SLOTS = 128  # slots per tile of codes
 NUM_WARPS = 4
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
@@ -123,7 +124,7 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
 
 def _kernel(
     q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref,
-    *, kbits, vbits, group, G, H, S, J, NG, sub, dtype, interpret,
+    *, kbits, vbits, group, G, H, S, J, NG, chunk, sub, dtype, interpret,
 ):  # fmt: skip
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
@@ -134,9 +135,9 @@ def _kernel(
     f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
     dot = dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
     n = n_ref[b]
-    first = c * NG  # the chunk's first key group
+    first = c * (chunk // group)  # the chunk's first key group
     g0 = jnp.minimum(first, J - NG)  # the first of the NG groups whose scales the key rows carry
-    hi = jnp.minimum((first + NG) * group, n)  # slots of this chunk: [first * group, hi)
+    hi = jnp.minimum((c + 1) * chunk, n)  # slots of this chunk: [c * chunk, hi)
 
     @pl.when(first * group < n)
     def _():
@@ -159,8 +160,8 @@ def _kernel(
         # in bounds; the slots it re-reads are masked.
         row_group = jnp.arange(NG, dtype=jnp.int32)[:, None, None]
         tiles = []
-        for i in range(NG * group // sub):
-            s0 = first * group + i * sub
+        for i in range(chunk // sub):
+            s0 = c * chunk + i * sub
             start = jnp.minimum(s0, S - sub)
             slot = start + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [1, sub]
             valid = (slot >= s0) & (slot < hi)
@@ -218,18 +219,29 @@ def _pow2_floor(n: int) -> int:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("kbits", "vbits", "group", "dtype", "sub_slots", "num_warps", "interpret")
+    jax.jit,
+    static_argnames=(
+        "kbits",
+        "vbits",
+        "group",
+        "dtype",
+        "chunk_slots",
+        "sub_slots",
+        "num_warps",
+        "interpret",
+    ),
 )
 def body_partials(
     q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, dtype=_BF16,
-    sub_slots=None, num_warps=None, interpret=False,
+    chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
 ):  # fmt: skip
     """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
 
     ``q [B, K, G, H]`` (already multiplied by the softmax scale), ``n_read [B]`` int32 (multiples
     of ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
-    products (the model's, bf16, or float32); ``sub_slots``/``num_warps`` the tile (default
-    :data:`SUB_SLOTS`/:data:`NUM_WARPS`). Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and
+    products (the model's, bf16, or float32); ``chunk_slots``/``sub_slots``/``num_warps`` slots
+    per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
+    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program). Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and
     ``o [B, K, NC, G, H]`` (float32), ``NC`` the number of chunks.
     """
     dtype = jnp.dtype(dtype)
@@ -241,10 +253,15 @@ def body_partials(
     NG = ROWS // G  # key groups per chunk: one key row per group and query head
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
         kscale, kzero = (jnp.pad(a, ((0, 0), (0, NG - J), (0, 0), (0, 0))) for a in (kscale, kzero))
-    sub = min(sub_slots or SUB_SLOTS, NG * group, _pow2_floor(S))
-    NC = -(-J // NG)
+    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
+    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
+    if chunk % group or chunk % sub:
+        raise ValueError(
+            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
+        )
+    NC = -(-S // chunk)
     kernel = functools.partial(
-        _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, sub=sub,
+        _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
         dtype=dtype, interpret=interpret,
     )  # fmt: skip
     full = pl.BlockSpec(memory_space=None)
