@@ -264,6 +264,7 @@ def test_qmatmul_single_layer_without_offset(M):
         (2, 4, 8, 4, 64, 8 * 11, "bfloat16"),
         (8, 8, 16, 2, 32, 16 * 5, "bfloat16"),
         (4, 4, 16, 8, 64, 16 * 9, "float32"),
+        (4, 4, 16, 8, 64, 16 * 9, "bfloat16"),
     ],
 )
 def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
