@@ -304,13 +304,18 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
                 assert np.all(np.asarray(m[b, :, c]) < -1e29)
                 continue
             s = np.einsum("KGH,SKH->KGS", q[b].astype(np.float64), kf[b, lo:hi])
-            # the rounding of each q * scale bounds the scores' error
-            ds = eps * np.einsum("KGH,SKH->KGS", np.abs(q[b]), np.abs(kf[b, lo:hi])).max()
+            # the rounding of each q * scale bounds the scores' error, with float32 sums of H terms
+            # whose codes carry an offset of 128 (2^-24 per addition, bounded linearly)
+            ks_rep = np.repeat(ks, group, axis=1)[b, lo:hi]
+            sums = H * 2.0**-24 * (256 + 2**kbits) * np.einsum("KGH,SKH->KGS", np.abs(q[b]), ks_rep)
+            ds = (eps * np.einsum("KGH,SKH->KGS", np.abs(q[b]), np.abs(kf[b, lo:hi])) + sums).max()
             mr = s.max(-1)
             e = np.exp(s - mr[..., None])
             np.testing.assert_allclose(np.asarray(m[b, :, c]), mr, atol=ds)
             np.testing.assert_allclose(np.asarray(l[b, :, c]), e.sum(-1), rtol=2 * ds)
             ref = np.einsum("KGS,SKH->KGH", e, vf[b, lo:hi])
-            # and that of each p * scale
+            # and that of each p * scale, with float32 sums over the slots (codes offset by 128)
+            vs_rep = np.repeat(vs, group, axis=3)[b, lo:hi]
             bound = (2 * ds + 2 * eps) * np.einsum("KGS,SKH->KGH", e, np.abs(vf[b, lo:hi]))
+            bound += (hi - lo) * 2.0**-24 * (256 + 2**vbits) * np.einsum("KGS,SKH->KGH", e, vs_rep)
             assert np.all(np.abs(np.asarray(o[b, :, c]) - ref) <= bound + 1e-6)
