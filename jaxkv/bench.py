@@ -47,8 +47,8 @@ from jaxkv.errors import JaxkvError
 WEIGHTS = ("bf16", "int8", "int4")
 # JAXKV_QMATMUL: the decode kernels where they apply, or the portable XLA matmul
 QMATMULS = ("auto", "xla")
-# JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA's
-# unpack-and-attend, XLA reductions over the dequantized body, or the split-K decode kernel
+# JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA over the
+# packed body, or the tensor-core decode kernel (unset: the library's default, the kernel on a GPU)
 KV_DECODES = ("xla", "kernel")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
 # tensor-subclass dispatch is not what anyone serves.
@@ -68,11 +68,11 @@ class Case:
     repeats: int = 3
     qmatmul: str = "auto"  # JAXKV_QMATMUL, one of QMATMULS
     prefill_chunk: int = 1024  # prompt tokens per prefill call (the prefill's attention is not flash)
-    kv_decode: str = "xla"  # JAXKV_KV_DECODE, one of KV_DECODES
+    kv_decode: str | None = None  # JAXKV_KV_DECODE, one of KV_DECODES; None: the library's default
 
     def label(self) -> str:
         tail = "" if self.qmatmul == "auto" else f" [{self.qmatmul}]"
-        tail += "" if self.kv_decode == "xla" else f" [kv {self.kv_decode}]"
+        tail += "" if self.kv_decode is None else f" [kv {self.kv_decode}]"
         return f"{self.weights} b{self.batch} p{self.prompt} kv={self.kv}{tail}"
 
 
@@ -320,9 +320,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
-        "--kv-decode", default="xla",
+        "--kv-decode", default="",
         help="comma list for quantized KV caches: xla (XLA over the packed body), kernel (the "
-        "tensor-core decode kernel)",
+        "tensor-core decode kernel); default: the library's (the kernel on a GPU)",
     )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 
@@ -342,9 +342,9 @@ def run(args) -> dict:
             raise JaxkvError(f"--weights: {w!r} is not one of {WEIGHTS}")
     for spec in args.kv.split(","):
         parse_kv(spec)
-    kv_decodes = [d.strip() for d in args.kv_decode.split(",") if d.strip()]
+    kv_decodes = [d.strip() for d in args.kv_decode.split(",") if d.strip()] or [None]
     for d in kv_decodes:
-        if d not in KV_DECODES:
+        if d is not None and d not in KV_DECODES:
             raise JaxkvError(f"--kv-decode: {d!r} is not one of {KV_DECODES}")
     qmatmuls = [m.strip() for m in args.qmatmul.split(",") if m.strip()]
     for m in qmatmuls:
@@ -360,7 +360,7 @@ def run(args) -> dict:
             for t in _ints(args.prompt):
                 for kv in args.kv.split(","):
                     modes = qmatmuls if w != "bf16" else ["auto"]
-                    decodes = kv_decodes if parse_kv(kv) is not None else ["xla"]
+                    decodes = kv_decodes if parse_kv(kv) is not None else [None]
                     for m in modes:
                         for d in decodes:
                             cases.append(
@@ -401,7 +401,7 @@ def run(args) -> dict:
             c = job[1]
             r = _subprocess_json(
                 ["-m", "jaxkv.bench", "--case", json.dumps(dataclasses.asdict(c))],
-                {"JAXKV_QMATMUL": c.qmatmul, "JAXKV_KV_DECODE": c.kv_decode},
+                {"JAXKV_QMATMUL": c.qmatmul, **({"JAXKV_KV_DECODE": c.kv_decode} if c.kv_decode else {})},
             )
             r.setdefault("label", c.label())
             results["cases"].append(r)

@@ -15,12 +15,12 @@ Two implementations of the cached attention, chosen by ``impl``:
   quantized body and the full-precision key window (ring + new tokens) go through one softmax in
   which each visible slot appears once; values are then read from the body or the value window
   with gathers of window size only (never over S).
-* ``"kernel"``: ``"folded"`` with the body read by the split-K decode kernel of
+* ``"kernel"``: ``"folded"`` with the body read by the tensor-core decode kernel of
   ``jaxkv.kernels.kvdecode`` (one query per sequence, per-channel keys, 2/4/8-bit keys and values;
   other calls take ``"folded"``): the kernel returns each chunk's maximum, exponential sum and
   weighted value sum over the slots read quantized on both sides, and one softmax over pivot,
-  window and those partials combines them exactly. Chosen by the model when ``JAXKV_KV_DECODE=kernel``
-  (:func:`decode_impl`); GPU (Triton), or Pallas' interpreter elsewhere.
+  window and those partials combines them exactly. The model's default on a GPU
+  (:func:`decode_impl`, ``JAXKV_KV_DECODE``); GPU (Triton), or Pallas' interpreter elsewhere.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
 
@@ -212,14 +212,15 @@ DECODE_IMPLS = {"xla": "folded", "kernel": "kernel"}
 
 def decode_impl() -> str:
     """The cached-attention implementation the model uses, from ``JAXKV_KV_DECODE``
-    (:data:`DECODE_IMPLS`; default ``xla``, i.e. ``"folded"``). ``kernel`` (the split-K decode
-    kernel) stays opt-in: it is slower than the folded XLA path on an H200 (13.0 vs 11.0 ms per
-    Llama-2-7B step at batch 8 and 4096 context with K4V2, results/bench/h200_run17_b8_p4096.md).
-    A third candidate, two plain XLA reductions over the dequantized body (``reduce``), was removed:
-    slower than ``folded`` on an H200 (12,980 vs 14,278 us of GPU time per step, same case,
-    results/bench/h200_run15_profile_int4_b8_p4096_k4v2_*.json) and on a 2-core CPU. Both compute the
-    same attention (tests)."""
-    name = os.environ.get("JAXKV_KV_DECODE", "xla")
+    (:data:`DECODE_IMPLS`): by default ``kernel`` on a GPU (the tensor-core decode kernel, for the
+    caches it supports; other calls take ``"folded"``) and ``xla`` (``"folded"``) elsewhere, where
+    the kernel would only run in Pallas' interpreter. On an H100 (Llama-2-7B, batch 8, 4096
+    context, K4V2, int4 weights) the kernel took the step from 11.572 to 10.330 ms
+    (results/bench/h100_run20_b8_p4096_kv_xla_kernel.md) and one layer's attention from 452 to 126
+    us (results/bench/h100_run21_kv_decode_sweep_chunks.md). Both compute the same attention
+    (tests); the kernel's products take bf16 operands as the folded path's do."""
+    default = "kernel" if jax.default_backend() == "gpu" else "xla"
+    name = os.environ.get("JAXKV_KV_DECODE", default)
     if name not in DECODE_IMPLS:
         raise ValueError(f"JAXKV_KV_DECODE={name!r} is not one of {sorted(DECODE_IMPLS)}")
     return DECODE_IMPLS[name]

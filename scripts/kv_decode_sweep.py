@@ -5,9 +5,9 @@ channels, one query head per KV head) with per-channel keys and per-token values
 K4V2 at group 32): the attention of one query per sequence over the whole body, by
 
 * ``bf16``        XLA over a bf16 cache of the same shape (what a bf16-KV decode step reads),
-* ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``, the model's
-                  default, ``JAXKV_KV_DECODE=xla``),
-* ``kernel``      the split-K Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
+* ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``,
+                  ``JAXKV_KV_DECODE=xla``, the model's default off a GPU),
+* ``kernel``      the tensor-core Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
                   per-chunk partials, swept over slots per program and per tile and warps.
 
 Each candidate runs once to compile, then ``--repeats`` times under its own JAX profiler trace; the

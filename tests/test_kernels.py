@@ -319,3 +319,23 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
             bound = (2 * ds + 2 * eps) * np.einsum("KGS,SKH->KGH", e, np.abs(vf[b, lo:hi]))
             bound += (hi - lo) * 2.0**-24 * (256 + 2**vbits) * np.einsum("KGS,SKH->KGH", e, vs_rep)
             assert np.all(np.abs(np.asarray(o[b, :, c]) - ref) <= bound + 1e-6)
+
+
+def test_decode_impl_defaults_to_the_kernel_on_a_gpu_only(monkeypatch):
+    """Without JAXKV_KV_DECODE the model reads a quantized cache through the decode kernel on a GPU
+    and through XLA elsewhere (where the kernel would run in Pallas' interpreter); the variable
+    overrides both and is checked."""
+    from jaxkv import kvattention
+
+    monkeypatch.delenv("JAXKV_KV_DECODE", raising=False)
+    for backend, impl in (("gpu", "kernel"), ("cpu", "folded"), ("tpu", "folded")):
+        monkeypatch.setattr(kvattention.jax, "default_backend", lambda b=backend: b)
+        assert kvattention.decode_impl() == impl
+        monkeypatch.setenv("JAXKV_KV_DECODE", "xla")
+        assert kvattention.decode_impl() == "folded"
+        monkeypatch.setenv("JAXKV_KV_DECODE", "kernel")
+        assert kvattention.decode_impl() == "kernel"
+        monkeypatch.delenv("JAXKV_KV_DECODE")
+    monkeypatch.setenv("JAXKV_KV_DECODE", "flash")
+    with pytest.raises(ValueError, match="JAXKV_KV_DECODE"):
+        kvattention.decode_impl()
