@@ -38,7 +38,13 @@ Conventions
   instructions per Llama-2-7B layer at batch 8 and 4352 slots, 2 per cycle per SM, 230 us, 0.56 TB/s of
   DRAM; 50M float32 multiplies and adds that the Triton pipeline under Pallas does not fuse, 15M
   shuffles of per-group reductions). Here the multiply-adds are in the matrix units and each code
-  costs about one instruction to decode.
+  costs about one instruction to decode: 41M warp instructions (run 20), and 125.7 us per layer at
+  256 slots per program, tiles of 128 and 2 warps, against 224.6 for the previous kernel, 253.6 for
+  XLA over a bf16 cache of the same shape (4.5x the bytes) and 452.1 for XLA over the packed one
+  (``scripts/kv_decode_sweep.py``, runs 19 and 21, results/bench/h100_run2{0,1}_kv_decode_sweep_*.md):
+  0.99 TB/s of cache read, 35% of the copy bandwidth. What bounds it now is latency: at 512 slots per
+  program 168 registers let 3 programs (12 warps) share an SM and 65% of the issue cycles found no
+  warp ready (run 20); fewer slots per program was the fastest change the sweep found.
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
