@@ -41,7 +41,8 @@ Conventions
   costs about one instruction to decode: 41M warp instructions (run 20), and 125.7 us per layer at
   256 slots per program, tiles of 128 and 2 warps, against 224.6 for the previous kernel, 253.6 for
   XLA over a bf16 cache of the same shape (4.5x the bytes) and 452.1 for XLA over the packed one
-  (``scripts/kv_decode_sweep.py``, runs 19 and 21, results/bench/h100_run2{0,1}_kv_decode_sweep_*.md):
+  (``scripts/kv_decode_sweep.py``, results/bench/h100_run19_kv_decode_sweep_previous_kernel.md and
+  h100_run21_kv_decode_sweep_chunks.md):
   0.99 TB/s of cache read, 35% of the copy bandwidth. What bounds it now is latency: at 512 slots per
   program 168 registers let 3 programs (12 warps) share an SM and 65% of the issue cycles found no
   warp ready (run 20); fewer slots per program was the fastest change the sweep found.
