@@ -14,8 +14,9 @@ Conventions
   segment, full-precision key and value windows) stays in XLA (``jaxkv.kvattention.attend_cached``),
   which merges its scores with the kernel's partial results through their maxima: one softmax over all
   of it, exactly.
-* Grid ``(B, K, chunks)``; a program covers ``NG = ROWS / G`` key groups (``G`` query heads per KV
-  head), read in tiles of ``sub`` slots, and writes per query head the chunk's maximum score ``m``,
+* Grid ``(B, K, chunks)``; a program covers ``chunk_slots`` slots (at most ``NG = ROWS / G`` key
+  groups, ``G`` query heads per KV head), read in tiles of ``sub_slots``, and writes per query head
+  the chunk's maximum score ``m``,
   ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32). All scores of the chunk come first,
   so the values are weighted with the chunk's own maximum (no rescaled running sums).
 * Every product over channels or slots is one tensor-core matrix product of ``ROWS = 16`` rows (the
@@ -248,8 +249,9 @@ def body_partials(
     of ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
     products (the model's, bf16, or float32); ``chunk_slots``/``sub_slots``/``num_warps`` slots
     per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
-    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program). Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and
-    ``o [B, K, NC, G, H]`` (float32), ``NC`` the number of chunks.
+    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program). Returns
+    ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the number
+    of chunks.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
