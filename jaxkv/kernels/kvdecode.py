@@ -16,9 +16,9 @@ Conventions
   of it, exactly.
 * Grid ``(B, K, chunks)``; a program covers ``chunk_slots`` slots (at most ``NG = ROWS / G`` key
   groups, ``G`` query heads per KV head), read in tiles of ``sub_slots``, and writes per query head
-  the chunk's maximum score ``m``,
-  ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32). All scores of the chunk come first,
-  so the values are weighted with the chunk's own maximum (no rescaled running sums).
+  the chunk's maximum score ``m``, ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32).
+  All scores of the chunk come first, so the values are weighted with the chunk's own maximum (no
+  rescaled running sums).
 * Every product over channels or slots is one tensor-core matrix product of ``ROWS = 16`` rows (the
   smallest such product), with the codes entering exactly as bf16 ``128 + c`` (``c`` for 8-bit
   codes): one byte permute makes two of them (:func:`code_plane`).
