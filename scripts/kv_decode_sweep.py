@@ -35,6 +35,11 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=4352)
     p.add_argument("--kv", default="K4V2")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--tiles",
+        default="128:128:4,128:64:2,256:128:2,256:128:4,256:64:4,512:128:4,512:256:2",
+        help="kernel tiles to time, chunk_slots:sub_slots:num_warps, comma-separated",
+    )
     p.add_argument("--out", default="results/bench/kv_decode_sweep")
     args = p.parse_args(argv)
 
@@ -90,15 +95,7 @@ def main(argv=None) -> int:
     qbytes = sum(a.nbytes for a in jax.tree.leaves((kside, vside)))
     cases = [("bf16", None, jax.jit(bf16), (q, kb, vb), kb.nbytes + vb.nbytes)]
     cases.append(("xla", None, jax.jit(xla), (q, kside, vside), qbytes))
-    tiles = [
-        (128, 128, 4),
-        (128, 64, 2),
-        (256, 128, 2),
-        (256, 128, 4),
-        (256, 64, 4),
-        (512, 128, 4),
-        (512, 256, 2),
-    ]
+    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
     for chunk, sub, nw in tiles:
         f = jax.jit(lambda q, ks, vs, c=chunk, s=sub, w=nw: kernel(q, ks, vs, c, s, w))
         cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}

@@ -244,6 +244,18 @@ def test_decode_layout_generates_the_same_tokens(kv, pivot):
     assert ra.tokens == rb.tokens and len(ra.tokens[0]) == 12
 
 
+@pytest.mark.parametrize("bits,M", [(4, 8), (8, 8), (4, 1)])
+def test_qmatmul_float16_rows(bits, M):
+    """float16 ``x``: its codes carry the offset 1024 (the f16 exponent byte 0x64), not bf16's 128."""
+    rng = np.random.default_rng(11 + bits + M)
+    q, codes, scale, zero = _random_q(rng, 2, 256, 128, bits, 32)
+    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.float16)
+    y = qk.qmatmul(x, q.packed, q.scale, q.zero, jnp.int32(1), bits=bits, group=32, interpret=not ON_GPU)
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[1], scale[1], zero[1], 32)
+    assert y.dtype == jnp.float16
+    assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 1e-3  # f16 output rounding
+
+
 @pytest.mark.parametrize("M", [1, 3])
 def test_qmatmul_single_layer_without_offset(M):
     """``layer=None``: one [1, ...] weight read as 2-D refs (the path of decode_layout's weights)."""

@@ -60,6 +60,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxkv.kernels.qmatmul import code_plane_16
+
 BITS = (2, 4, 8)
 ROWS = 16  # rows of every tensor-core product (Triton's smallest)
 CHUNK_SLOTS = 256  # slots per program (at most ROWS / G key groups)
@@ -90,18 +92,6 @@ def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim:
     )
 
 
-# Four packed bytes -> four bf16 ``128 + c`` of one code plane, as two words: mask the plane of all four
-# bytes at once (shifted down first), then each byte permute puts two codes under the exponent byte
-# 0x43 (bf16 0x43cc = 128 + cc for cc < 128). $0, $1 the results, $2 the packed input.
-_BF16_PLANE_PTX = """{
-.reg .b32 c, hi;
-%s
-mov.b32 hi, 0x43434343;
-prmt.b32 $0, c, hi, 0x4140;
-prmt.b32 $1, c, hi, 0x4342;
-}"""
-
-
 def code_offset(bits: int) -> float:
     """What :func:`code_plane` adds to every code."""
     return 0.0 if bits == 8 else 128.0
@@ -114,20 +104,7 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
     values with ordinary operations."""
     if bits == 8:
         return packed.astype(_F32).astype(dtype)
-    mask = (1 << bits) - 1
-    if interpret:
-        c = (packed.astype(jnp.uint32) >> (k * bits)) & mask
-        return (c.astype(_F32) + 128.0).astype(dtype)
-    masks = "0x" + f"{mask:02X}" * 4
-    shift = f"shr.u32 c, $2, {k * bits};\nand.b32 c, c, {masks};" if k else f"and.b32 c, $2, {masks};"
-    codes = pltriton.elementwise_inline_asm(
-        _BF16_PLANE_PTX % shift,
-        args=[packed],
-        constraints="=r,=r,r",
-        pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, _BF16)],
-    )[0]
-    return codes.astype(dtype)
+    return code_plane_16(packed, bits, k, _BF16, interpret)[0].astype(dtype)
 
 
 def _kernel(
@@ -213,7 +190,7 @@ def _kernel(
             col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
             dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
             o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
-            o_ref[:, pl.ds(k * Wv, Wv)] = o
+            o_ref[:, pl.ds(k, Wv, vp)] = o  # channels vp*m + k (strided: the output in channel order)
 
     @pl.when(first * group >= n)
     def _():
@@ -292,7 +269,4 @@ def body_partials(
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
     )(q.astype(_F32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)
-    # o's channels come in plane order [planes, bytes]; channel planes*m + k is [k, m].
-    vp = 8 // vbits
-    o = o.reshape(B, K, NC, G, vp, H // vp).swapaxes(-1, -2).reshape(B, K, NC, G, H)
     return m[..., 0], l[..., 0], o

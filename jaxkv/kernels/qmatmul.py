@@ -14,8 +14,12 @@ Conventions
       acc += (x_g @ codes_g - sum(x_g) * zero_g) * scale_g
 
   The codes enter the tensor-core product exactly (integers < 256 are exact in bf16/f16) with
-  float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight, so the
-  kernel does a shift, a mask and a convert per weight and a few operations per group.
+  float32 accumulation; the dequantization ``(q - zero) * scale`` is never formed per weight. A 4-bit
+  nibble becomes the 16-bit float ``offset + c`` by half a byte permute (:func:`code_plane_16`, the
+  offset joining the zero point), and ``sum(x_g)`` arrives already broadcast over the columns from a
+  product with ones, so a group costs no shuffles: at 8 rows on an H100 the four Llama-2-7B shapes
+  took 107.8 us together against 126.9 with a shift, mask and bit-or per nibble and a row sum
+  (results/bench/h100_run24_qmm_*.md: each change alone 114-115 us).
 * One row of 4-bit codes (batch-1 decode) takes its own kernel, :func:`_gemv4_kernel` (plain FMAs,
   no tensor cores, no layout shuffle), built to spend as few instructions per weight as possible
   (at one row it was bound by integer instruction issue rather than memory: cutting them from about
@@ -115,17 +119,45 @@ def supported(x_rows: int, I: int, O: int, bits: int, group: int) -> bool:
     )
 
 
-def _codes_16(c: jax.Array, dtype) -> tuple[jax.Array, float]:
-    """4-bit codes as ``bias + c`` in the 16-bit ``dtype`` built from bits (no convert):
-    bf16 ``0x4300 | c`` = 128 + c, f16 ``0x6400 | c`` = 1024 + c, exact for c < 16. The caller
-    subtracts ``bias`` through the zero point (``sum(x) * bias``, in float32)."""
-    magic, bias = (0x4300, 128.0) if dtype == jnp.bfloat16 else (0x6400, 1024.0)
-    bits = c.astype(jnp.uint16) | jnp.uint16(magic)
-    return jax.lax.bitcast_convert_type(bits, dtype), bias
+# Four packed bytes -> four 16-bit floats ``offset + c`` of one code plane, as two words: mask the
+# plane of all four bytes at once (shifted down first), then each byte permute puts two codes under
+# the exponent byte (bf16 0x43cc = 128 + cc, f16 0x64cc = 1024 + cc). $0, $1 the results, $2 the input.
+_PLANE16_PTX = """{
+.reg .b32 c, hi;
+%s
+mov.b32 hi, %s;
+prmt.b32 $0, c, hi, 0x4140;
+prmt.b32 $1, c, hi, 0x4342;
+}"""
+_EXPONENT_BYTE = {jnp.dtype(jnp.bfloat16): (0x43, 128.0), jnp.dtype(jnp.float16): (0x64, 1024.0)}
+
+
+def code_plane_16(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> tuple[jax.Array, float]:
+    """Plane ``k`` (bits ``[k*bits, (k+1)*bits)`` of each byte) of uint8 ``packed`` 2- or 4-bit codes
+    as ``offset + c`` in the 16-bit float ``dtype``, exact: bf16 128 + c, f16 1024 + c. Returns the
+    values and ``offset`` (the caller removes it through the zero point). On the GPU a byte permute
+    makes two values (inline PTX; no shift, mask and convert per value, which the Triton pipeline
+    emits for the same expression in plain operations: H100, results/bench/h100_run24_qmm_*.md and
+    kv_*.md); the interpreter (tests off the GPU) computes the same values with ordinary operations."""
+    byte, offset = _EXPONENT_BYTE[jnp.dtype(dtype)]
+    mask = (1 << bits) - 1
+    if interpret:
+        c = (packed.astype(jnp.uint32) >> (k * bits)) & mask
+        return (c.astype(jnp.float32) + offset).astype(dtype), offset
+    masks = "0x" + f"{mask:02X}" * 4
+    shift = f"shr.u32 c, $2, {k * bits};\nand.b32 c, c, {masks};" if k else f"and.b32 c, $2, {masks};"
+    values = pltriton.elementwise_inline_asm(
+        _PLANE16_PTX % (shift, "0x" + f"{byte:02X}" * 4),
+        args=[packed],
+        constraints="=r,=r,r",
+        pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)],
+    )[0]
+    return values, offset
 
 
 def _kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, interpret
 ):  # fmt: skip
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
@@ -150,16 +182,18 @@ def _kernel(
     def update(acc, g, p, xs):
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-        xsum = sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in xs)
-        if bits == 4:
-            # codes + bias as 16-bit floats straight from their bits (see _codes_16)
-            lo, bias = _codes_16(p & 0xF, xs[0].dtype)
-            hi, _ = _codes_16(p >> 4, xs[0].dtype)
+        # sum(x) of the group broadcast over the columns, by the tensor cores (a product with ones):
+        # a row sum would cost cross-lane shuffles and a layout change per group
+        ones = jnp.ones(p.shape, xs[0].dtype)
+        xsum = sum(pltriton.dot(x, ones) for x in xs)  # [Mp, block_n] float32
+        if bits == 4:  # each nibble plane meets its own input rows (even: low, odd: high)
+            lo, offset = code_plane_16(p, 4, 0, xs[0].dtype, interpret)
+            hi, _ = code_plane_16(p, 4, 1, xs[0].dtype, interpret)
             a = pltriton.dot(xs[0], lo) + pltriton.dot(xs[1], hi)
-            zero = zero + bias
+            zero = zero + offset
         else:
             a = pltriton.dot(xs[0], p.astype(jnp.float32).astype(xs[0].dtype))
-        return acc + (a - xsum[:, None] * zero) * scale
+        return acc + (a - xsum * zero) * scale
 
     def body(j, acc):
         return update(acc, first + j, *load(first + j))
@@ -332,7 +366,7 @@ def qmatmul(
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
-        kernel = functools.partial(_kernel, bits=bits, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
