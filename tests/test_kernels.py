@@ -80,7 +80,7 @@ def test_gemv_keeps_precision_under_an_outlier_activation():
 
 def test_default_tiles():
     """The one-row kernel: 2 KB loads of 128 columns, up to 32 splits for about eight programs per SM;
-    the tensor-core kernel up to 16 rows: 128 columns, 8 warps, 256 programs and at most 8 groups
+    the tensor-core kernel up to 16 rows: 128 columns, 4 warps, 384 programs and at most 8 groups
     each; beyond: 64 or 128 columns, up to 8 splits for two programs per SM."""
     one = qk.default_config(4096, 4096, 128, rows=1)
     assert (one.block_n, one.sub_rows, one.split_k) == (128, 16, 32)
@@ -90,10 +90,10 @@ def test_default_tiles():
         for shape in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))
     }
     assert {s: (t.block_n, t.split_k, t.num_warps) for s, t in tiles.items()} == {
-        (4096, 12288): (128, 4, 8),  # 96 column blocks x 4 = 384 programs of 8 groups
-        (4096, 4096): (128, 8, 8),
-        (4096, 22016): (128, 4, 8),  # 172 x 2 >= 256, but 16 groups each
-        (11008, 4096): (128, 8, 8),  # 86 groups, at most 8 splits
+        (4096, 12288): (128, 4, 4),  # 96 column blocks x 4 = 384 programs of 8 groups
+        (4096, 4096): (128, 16, 4),  # 32 x 16 = 512
+        (4096, 22016): (128, 4, 4),  # 172 x 4 = 688 programs of 8 groups (x 2 would hold 16)
+        (11008, 4096): (128, 16, 4),  # 86 groups: 16 splits of at most 6
     }
     tc = qk.default_config(4096, 12288, 128, rows=32)
     assert (tc.block_n, tc.split_k) == (64, 2)

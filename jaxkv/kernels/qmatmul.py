@@ -77,12 +77,13 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
     per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
     within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md). Up to
-    16 rows (batch 2-16 decode), 128 columns and 8 warps, split until 256 programs and at most
-    8 groups per program: the best swept tile at 8 rows for the four Llama-2-7B shapes in one run,
-    1.08-1.35x faster than the earlier tile of two programs per SM there
-    (results/bench/h200_run15_gemv_b8_sweep.md). Single tiles vary by up to 1.3x between runs
-    (run 16 timed the same tile of Q/K/V at 28.8 against run 15's 38.6 us), so near-ties are noise;
-    end to end, batch-8 decode at 4096 context went from 10.13 to 9.43 ms per step (runs 13, 17)."""
+    16 rows (batch 2-16 decode), 128 columns and 4 warps, split until 384 programs and at most
+    8 groups per program: since a group's row sum left the shuffles for the tensor cores, the best
+    swept tiles at 8 rows for the four Llama-2-7B shapes all had 4 warps (H200, 85.4 us together
+    against 107.6 at the earlier 8 warps, split until 256 programs; best splits 4, 16, 8, 16 for
+    Q/K/V, O, gate/up, down; results/bench/h200_run25_qmm_b8_sweep.md); this rule takes three of
+    the four. Single tiles vary by up to 1.3x between runs (run 16 timed the same tile of Q/K/V at
+    28.8 against run 15's 38.6 us), so near-ties are noise."""
     groups = I // group
     warps, stages, max_groups = 4, 4, groups
     if bits == 4 and rows == 1:
@@ -90,8 +91,8 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
         sub_rows = min(2048 // block_n, group // 2)
         target, max_split = 8 * 132, 32
     elif rows <= 16 and O % 128 == 0:
-        block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 8, 3
-        target, max_split, max_groups = 256, 8, 8
+        block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 4, 3
+        target, max_split, max_groups = 384, 16, 8
     else:
         block_n = 128 if O >= 16384 and O % 128 == 0 else 64
         sub_rows = KernelConfig.sub_rows
