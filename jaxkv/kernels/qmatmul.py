@@ -29,12 +29,14 @@ Conventions
   multiplies it by ``x``, and scale and zero point are applied once per group and column through
   ``sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)``. Each program
   issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
-  Otherwise rows are padded to 16 (the smallest tensor-core tile); for 4-bit codes the kernel loads the even
-  and the odd input rows with strided loads, so each nibble plane multiplies its own rows. ``split_k``
+  Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
+  its last row and their outputs are dropped, so ``x`` is never padded); for 4-bit codes the kernel
+  loads the even and the odd input rows with strided loads, so each nibble plane multiplies its own
+  rows. ``split_k``
   programs share the input dimension of one column block and write float32 partial sums that XLA
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
   writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
-  so the wrapper keeps them to a pad and (with splits) one reduction.
+  so the wrapper keeps them to (with splits) one reduction.
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
@@ -166,7 +168,10 @@ def _kernel(
     stacked = p_ref.ndim == 3
     lead = (layer_ref[0],) if stacked else ()
     cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    Mp = x_ref.shape[0]
+    M, Mp = x_ref.shape[0], o_ref.shape[0]
+    # The tensor-core tile has Mp >= 16 rows: rows past x's M re-read its last row (their outputs are
+    # dropped), so no padded copy of x is made outside (one XLA launch per matmul saved).
+    x_rows = slice(None) if Mp == M else jnp.minimum(jnp.arange(Mp, dtype=jnp.int32), M - 1)
     first = k * groups_per_prog
     rows = group // 2 if bits == 4 else group  # packed byte rows per group
 
@@ -175,10 +180,10 @@ def _kernel(
         p = p_ref[(*lead, pl.ds(pl.multiple_of(g * rows, rows), rows), cols)]
         if bits == 4:  # even input rows meet the low nibbles, odd rows the high ones (strided loads)
             return p, (
-                x_ref[:, pl.ds(g * group, group // 2, 2)],
-                x_ref[:, pl.ds(g * group + 1, group // 2, 2)],
+                x_ref[x_rows, pl.ds(g * group, group // 2, 2)],
+                x_ref[x_rows, pl.ds(g * group + 1, group // 2, 2)],
             )
-        return p, (x_ref[:, pl.ds(g * group, group)],)
+        return p, (x_ref[x_rows, pl.ds(g * group, group)],)
 
     def update(acc, g, p, xs):
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
@@ -360,7 +365,6 @@ def qmatmul(
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
-    xp = x if Mp == M else jnp.zeros((Mp, I), x.dtype).at[:M].set(x)
     # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
@@ -378,7 +382,7 @@ def qmatmul(
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else ""),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), xp, *weights)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 
