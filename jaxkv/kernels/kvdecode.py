@@ -46,7 +46,10 @@ Conventions
   h100_run21_kv_decode_sweep_chunks.md):
   0.99 TB/s of cache read, 35% of the copy bandwidth. What bounds it now is latency: at 512 slots per
   program 168 registers let 3 programs (12 warps) share an SM and 65% of the issue cycles found no
-  warp ready (run 20); fewer slots per program was the fastest change the sweep found.
+  warp ready (run 20); fewer slots per program was the fastest change the sweep found. One warp per
+  program measured 3% faster than two (121.7 against 125.3 us, H100 run 27; 120.0 against 124.3,
+  H200 run 25) but was not timed end to end; codes by plain shift/mask/bit-or instead of byte
+  permutes were slower (159.6 against 125.6 us, run 24).
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
