@@ -7,14 +7,17 @@ layout and the rule of which copy (quantized or full precision) a query reads ar
 
 Two implementations of the cached attention, chosen by ``impl``:
 
-* ``"folded"`` (used by the model): the body is read as packed integer codes; per-channel key scales
-  are folded into the query (``q * scale`` per token group, O(T·J·H) work) and per-token value
-  scales into the probabilities (``p * scale`` per channel group), zero points enter as one bias
-  term per group. No full-precision copy of the body is formed (only the unpacked integer codes of
-  one layer, which a fused kernel would not materialise either). Scores of the pivot segment, the
-  quantized body and the full-precision key window (ring + new tokens) go through one softmax in
-  which each visible slot appears once; values are then read from the body or the value window
-  with gathers of window size only (never over S).
+* ``"folded"`` (used by the model): for few queries (decode) the body is read as packed integer
+  codes; per-channel key scales are folded into the query (``q * scale`` per token group, O(T·J·H)
+  work) and per-token value scales into the probabilities (``p * scale`` per channel group), zero
+  points enter as one bias term per group. No full-precision copy of the body is formed (only the
+  unpacked integer codes of one layer, which a fused kernel would not materialise either). Past one
+  group's worth of query rows per KV head (prefill chunks) those folded operands outgrow the body,
+  and the body is dequantized to the query's dtype once instead (:func:`_dequantize_first`: K4V2
+  prefill 79 to 123 tokens/s on a 2-core CPU, bf16 KV 278; results/bench/cpu_run4_*). Scores of
+  the pivot segment, the quantized body and the full-precision key window (ring + new tokens) go
+  through one softmax in which each visible slot appears once; values are then read from the body
+  or the value window with gathers of window size only (never over S).
 * ``"kernel"``: ``"folded"`` with the body read by the tensor-core decode kernel of
   ``jaxkv.kernels.kvdecode`` (one query per sequence, per-channel keys, 2/4/8-bit keys and values;
   other calls take ``"folded"``): the kernel returns each chunk's maximum, exponential sum and
@@ -135,12 +138,24 @@ def write_side(side: QuantSide, x, slot, n_old, n_new, view, base) -> QuantSide:
 # Reading the quantized body
 
 
+def _dequantize_first(queries: int, spec) -> bool:
+    """Whether ``queries`` query rows per KV head (tokens x query heads) read the body dequantized to
+    the model's dtype once rather than with the scales folded into them. Folding (decode) keeps the
+    codes exact and never forms the float body, but its folded operand (``q * scale`` per key group,
+    ``p * scale`` per value group) has ``queries / group`` times the elements of the body: past one
+    group's worth of queries (prefill) dequantizing first is the smaller computation."""
+    return queries > spec.group
+
+
 def body_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
     """q·k for every body slot, float32 [B, T, K, G, S], from the stored codes (scales folded into q)."""
     spec = side.spec
     cd = qg.dtype
     if not spec.quantized:
         return jnp.einsum("BTKGH,BSKH->BTKGS", qg, side.data.astype(cd), preferred_element_type=_F32)
+    if _dequantize_first(qg.shape[1] * qg.shape[3], spec):
+        body = dequantize_body(side).astype(cd)
+        return jnp.einsum("BTKGH,BSKH->BTKGS", qg, body, preferred_element_type=_F32)
     B, S, K, _ = side.data.shape
     H, g = qg.shape[-1], spec.group
     codes = unpack_codes(side.data, spec.bits).astype(cd)  # exact: codes < 256
@@ -174,6 +189,9 @@ def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
         )
     if spec.per_channel:
         raise NotImplementedError("values are quantized per token")
+    if _dequantize_first(p.shape[1] * p.shape[3], spec):
+        body = dequantize_body(side).astype(cd)
+        return jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(cd), body, preferred_element_type=_F32)
     B, S, K, Hp = side.data.shape
     g = spec.group
     codes = unpack_codes(side.data, spec.bits).astype(cd)

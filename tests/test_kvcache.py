@@ -175,7 +175,12 @@ ATTN_CONFIGS = [
 @pytest.mark.parametrize("kv", ATTN_CONFIGS, ids=lambda kv: f"{kv.label()}-{kv.k_granularity}")
 def test_cached_attention_matches_numpy_float64(kv):
     """Prefill (right-padded, two lengths) then decode steps; every query's output within 1e-5 of a
-    float64 numpy reference that quantizes each key/value as the read rule says."""
+    float64 numpy reference that quantizes each key/value as the read rule says. ("folded" reads the
+    body dequantized in the prefill, 7 tokens x 2 query heads > group, and with folded scales in
+    decode, 1 x 2 <= group: both evaluation orders are checked.)"""
+    from jaxkv.kvattention import _dequantize_first
+
+    assert _dequantize_first(7 * 2, kv) and not _dequantize_first(1 * 2, kv)  # (keys' and values' group)
     P, B, K, H, N = 2, 2, 2, 16, 4
     cfg, ks, vs = _layer_setup(kv, P, B, K=K, H=H, N=N)
     rng = np.random.default_rng(0)
