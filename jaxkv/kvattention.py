@@ -13,11 +13,14 @@ Two implementations of the cached attention, chosen by ``impl``:
   points enter as one bias term per group. No full-precision copy of the body is formed (only the
   unpacked integer codes of one layer, which a fused kernel would not materialise either). Past one
   group's worth of query rows per KV head (prefill chunks) those folded operands outgrow the body,
-  and the body is dequantized to the query's dtype once instead (:func:`_dequantize_first`: K4V2
-  prefill 79 to 123 tokens/s on a 2-core CPU, bf16 KV 278; results/bench/cpu_run4_*). Scores of
-  the pivot segment, the quantized body and the full-precision key window (ring + new tokens) go
+  and the body is dequantized to the query's dtype once instead (:func:`_dequantize_first`). Scores
+  of the pivot segment, the quantized body and the full-precision key window (ring + new tokens) go
   through one softmax in which each visible slot appears once; values are then read from the body
-  or the value window with gathers of window size only (never over S).
+  or the value window with gathers of window size only (never over S). A long call attends in
+  blocks of :data:`QUERY_BLOCK` queries, each with only its band of the windows. K4V2 prefill on a
+  2-core CPU (SmolLM2-135M shape, batch 4, 1,024 tokens): 79 tokens/s folded, 123 dequantizing
+  first, 259 with the query blocks, against 270-278 with a bf16 cache (results/bench/cpu_run4_*,
+  cpu_run5_*).
 * ``"kernel"``: ``"folded"`` with the body read by the tensor-core decode kernel of
   ``jaxkv.kernels.kvdecode`` (one query per sequence, per-channel keys, 2/4/8-bit keys and values;
   other calls take ``"folded"``): the kernel returns each chunk's maximum, exponential sum and
@@ -33,6 +36,7 @@ softmax and the output sums are float32.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -257,25 +261,85 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
     )
 
 
+# Query rows per block of a long call (prefill chunk): each block reads only its band of the
+# full-precision windows (see attend_cached). On the 2-core CPU, one layer of a 1,024-token K4V2
+# prefill (SmolLM2-135M shape, batch 4) took 1,233 ms in one block, 420 / 455 / 530 ms in blocks of
+# 64 / 128 / 256; 128 keeps the products tensor-core sized on a GPU.
+QUERY_BLOCK = 128
+
+
 def attend_cached(
     q, k, v, pivot_k, pivot_v, kside: QuantSide, vside: QuantSide, positions, n_old, n_new, slot,
-    cfg: ModelConfig, kv: KVQuantConfig, impl: str = "folded",
+    cfg: ModelConfig, kv: KVQuantConfig, impl: str = "folded", query_block: int = QUERY_BLOCK,
 ):  # fmt: skip
     """Write the new K/V of one layer into a quantized cache, then attend.
 
     q [B,T,N,H], k/v [B,T,K,H] (after RoPE); pivot_k/v [P,K,H]; ``kside``/``vside`` this layer's cache
     (leaves without the L axis); positions [B,T] (-1 = padding); n_old/n_new [B] body lengths before
     and after this call; slot [B,T] body slots (S for padding). Returns ``(out [B,T,N*H], kside, vside)``.
+
+    A call of more than ``query_block`` tokens (prefill) attends in blocks of that many queries: a
+    query reads at most the last ``window`` slots before it at full precision, so block ``b`` needs
+    only entries ``[b*Q, b*Q + Q + window)`` of a window view, not all ``window + T`` of them (the
+    window products shrink from ``T (T + W)`` to ``T (Q + W)``; the body is read whole by each block,
+    as it is by the whole call).
     """
-    B, T, N, H = q.shape
-    K, G = cfg.num_kv_heads, cfg.group_size
-    P = pivot_k.shape[0]
+    n_tokens = q.shape[1]
     kspec, vspec = kside.spec, vside.spec
     kview, kbase = window_view(kside, k, n_old) if kspec.quantized else (None, None)
     vview, vbase = window_view(vside, v, n_old) if vspec.quantized else (None, None)
     kside = write_side(kside, k, slot, n_old, n_new, kview, kbase)
     vside = write_side(vside, v, slot, n_old, n_new, vview, vbase)
+    read = functools.partial(
+        _read_cached, pivot_k=pivot_k, pivot_v=pivot_v, kside=kside, vside=vside, n_new=n_new, cfg=cfg,
+        kv=kv, impl=impl,
+    )  # fmt: skip
+    if n_tokens > query_block and impl != "reference":
+        out = _read_in_blocks(read, q, positions, kview, kbase, vview, vbase, query_block)
+    else:
+        out = read(q, positions, kview, kbase, vview, vbase)
+    return out, kside, vside
 
+
+def _read_in_blocks(read, q, positions, kview, kbase, vview, vbase, Q: int):
+    """``read`` (:func:`_read_cached`) for blocks of ``Q`` queries at once (vmapped), each with its
+    band of the window views; the last block is padded with padding queries (position -1)."""
+    B, T, N, H = q.shape
+    nb = -(-T // Q)
+    pad = nb * Q - T
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    positions = jnp.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+    offset = jnp.arange(nb) * Q  # [nb] first new token of each block
+
+    def band(view, base):
+        """Entries [b*Q, b*Q + Q + W) of ``view`` [B, W+T, ...] per block -> [nb, B, Q+W, ...], and
+        their bases [nb, B]. Entries past the view's end (clipped) sit at slots >= n_new: masked."""
+        if view is None:
+            return None, None
+        idx = jnp.clip(offset[:, None] + jnp.arange(Q + view.shape[1] - T), 0, view.shape[1] - 1)
+        return jnp.swapaxes(view[:, idx], 0, 1), base[None, :] + offset[:, None]
+
+    blocks = (
+        jnp.swapaxes(q.reshape(B, nb, Q, N, H), 0, 1),
+        jnp.swapaxes(positions.reshape(B, nb, Q), 0, 1),
+        *band(kview, kbase),
+        *band(vview, vbase),
+    )
+    out = jax.vmap(read, in_axes=tuple(None if a is None else 0 for a in blocks))(*blocks)  # [nb, B, Q, N*H]
+    return jnp.swapaxes(out, 0, 1).reshape(B, nb * Q, N * H)[:, :T]
+
+
+def _read_cached(
+    q, positions, kview, kbase, vview, vbase, *, pivot_k, pivot_v, kside: QuantSide, vside: QuantSide,
+    n_new, cfg: ModelConfig, kv: KVQuantConfig, impl: str,
+):  # fmt: skip
+    """The attention of :func:`attend_cached` after the writes: queries ``q [B,T,N,H]`` at
+    ``positions``, the window views (``window_view``: entry ``w`` holds slot ``base + w``) or any
+    band of them that holds every slot these queries read at full precision. Returns [B,T,N*H]."""
+    B, T, N, H = q.shape
+    K, G = cfg.num_kv_heads, cfg.group_size
+    P = pivot_k.shape[0]
+    kspec, vspec = kside.spec, vside.spec
     S = kside.data.shape[1]
     j = jnp.arange(S)
     i = positions - P  # query body slots
@@ -294,7 +358,7 @@ def attend_cached(
 
     if impl == "reference":
         out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
-        return out.astype(cd).reshape(B, T, N * H), kside, vside
+        return out.astype(cd).reshape(B, T, N * H)
     if impl not in ("folded", "kernel"):
         raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
     kernel = impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg)
@@ -369,7 +433,7 @@ def attend_cached(
         out += jnp.einsum(
             "BTKGW,BWKH->BTKGH", p_vwin.astype(cd), vview.astype(cd), preferred_element_type=_F32
         )
-    return out.astype(cd).reshape(B, T, N * H), kside, vside
+    return out.astype(cd).reshape(B, T, N * H)
 
 
 def _softmax_with_body(qg, kside: QuantSide, vside: QuantSide, i, kv: KVQuantConfig, scores, interpret: bool):

@@ -172,10 +172,13 @@ ATTN_CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("query_block", [128, 3], ids=["one-block", "blocks-of-3"])
 @pytest.mark.parametrize("kv", ATTN_CONFIGS, ids=lambda kv: f"{kv.label()}-{kv.k_granularity}")
-def test_cached_attention_matches_numpy_float64(kv):
+def test_cached_attention_matches_numpy_float64(kv, query_block):
     """Prefill (right-padded, two lengths) then decode steps; every query's output within 1e-5 of a
-    float64 numpy reference that quantizes each key/value as the read rule says. ("folded" reads the
+    float64 numpy reference that quantizes each key/value as the read rule says; the prefill of 7
+    tokens in one block of queries, or in blocks of 3 with their bands of the windows (the last one
+    padded). ("folded" reads the
     body dequantized in the prefill, 7 tokens x 2 query heads > group, and with folded scales in
     decode, 1 x 2 <= group: both evaluation orders are checked.)"""
     from jaxkv.kvattention import _dequantize_first
@@ -195,7 +198,7 @@ def test_cached_attention_matches_numpy_float64(kv):
 
     outs = {}
     for impl in ("folded", "reference", "kernel"):
-        fn = jax.jit(functools.partial(attend_cached, cfg=cfg, kv=kv, impl=impl))
+        fn = jax.jit(functools.partial(attend_cached, cfg=cfg, kv=kv, impl=impl, query_block=query_block))
         kside, vside, n = ks, vs, jnp.zeros((B,), jnp.int32)
         got = {}
         # Prefill: row b holds its first prompt[b] tokens, then padding (position -1).
