@@ -155,10 +155,8 @@ def body_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
     """q·k for every body slot, float32 [B, T, K, G, S], from the stored codes (scales folded into q)."""
     spec = side.spec
     cd = qg.dtype
-    if not spec.quantized:
-        return jnp.einsum("BTKGH,BSKH->BTKGS", qg, side.data.astype(cd), preferred_element_type=_F32)
-    if _dequantize_first(qg.shape[1] * qg.shape[3], spec):
-        body = dequantize_body(side).astype(cd)
+    if not spec.quantized or _dequantize_first(qg.shape[1] * qg.shape[3], spec):
+        body = dequantize_body(side, cd)
         return jnp.einsum("BTKGH,BSKH->BTKGS", qg, body, preferred_element_type=_F32)
     B, S, K, _ = side.data.shape
     H, g = qg.shape[-1], spec.group
@@ -187,14 +185,10 @@ def body_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
 def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
     """sum_j p[j] v[j], float32 [B, T, K, G, H], for probabilities p [B, T, K, G, S] (float32)."""
     spec = side.spec
-    if not spec.quantized:
-        return jnp.einsum(
-            "BTKGS,BSKH->BTKGH", p.astype(cd), side.data.astype(cd), preferred_element_type=_F32
-        )
-    if spec.per_channel:
+    if spec.quantized and spec.per_channel:
         raise NotImplementedError("values are quantized per token")
-    if _dequantize_first(p.shape[1] * p.shape[3], spec):
-        body = dequantize_body(side).astype(cd)
+    if not spec.quantized or _dequantize_first(p.shape[1] * p.shape[3], spec):
+        body = dequantize_body(side, cd)
         return jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(cd), body, preferred_element_type=_F32)
     B, S, K, Hp = side.data.shape
     g = spec.group
@@ -209,19 +203,22 @@ def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
     return (out - bias[..., None]).reshape(*out.shape[:4], H)
 
 
-def dequantize_body(side: QuantSide) -> jax.Array:
-    """The whole body as float32 [B, S, K, H] (the reference path)."""
+def dequantize_body(side: QuantSide, dtype=_F32) -> jax.Array:
+    """The whole body as ``dtype`` [B, S, K, H] (float32 for the reference path; the query's dtype
+    where a prefill reads it dequantized, :func:`_dequantize_first`)."""
     spec = side.spec
     if not spec.quantized:
-        return side.data.astype(_F32)
+        return side.data.astype(dtype)
     B, S, K, _ = side.data.shape
     codes = unpack_codes(side.data, spec.bits)
     H, g = codes.shape[-1], spec.group
     if spec.per_channel:
         c = codes.reshape(B, S // g, g, K, H)
-        return dequantize(c, side.scale[:, :, None], side.zero[:, :, None]).reshape(B, S, K, H)
-    c = codes.reshape(B, S, K, H // g, g)
-    return dequantize(c, side.scale[..., None], side.zero[..., None]).reshape(B, S, K, H)
+        x = dequantize(c, side.scale[:, :, None], side.zero[:, :, None])
+    else:
+        c = codes.reshape(B, S, K, H // g, g)
+        x = dequantize(c, side.scale[..., None], side.zero[..., None])
+    return x.reshape(B, S, K, H).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,9 +259,8 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
 
 
 # Query rows per block of a long call (prefill chunk): each block reads only its band of the
-# full-precision windows (see attend_cached). On the 2-core CPU, one layer of a 1,024-token K4V2
-# prefill (SmolLM2-135M shape, batch 4) took 1,233 ms in one block, 420 / 455 / 530 ms in blocks of
-# 64 / 128 / 256; 128 keeps the products tensor-core sized on a GPU.
+# full-precision windows (see attend_cached). 128 keeps the products tensor-core sized on a GPU; not
+# yet tuned there.
 QUERY_BLOCK = 128
 
 

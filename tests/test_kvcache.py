@@ -178,9 +178,8 @@ def test_cached_attention_matches_numpy_float64(kv, query_block):
     """Prefill (right-padded, two lengths) then decode steps; every query's output within 1e-5 of a
     float64 numpy reference that quantizes each key/value as the read rule says; the prefill of 7
     tokens in one block of queries, or in blocks of 3 with their bands of the windows (the last one
-    padded). ("folded" reads the
-    body dequantized in the prefill, 7 tokens x 2 query heads > group, and with folded scales in
-    decode, 1 x 2 <= group: both evaluation orders are checked.)"""
+    padded). "folded" reads the body dequantized in the prefill (7 tokens x 2 query heads > group)
+    and with the scales folded in decode (1 x 2 <= group): both evaluation orders are checked."""
     from jaxkv.kvattention import _dequantize_first
 
     assert _dequantize_first(7 * 2, kv) and not _dequantize_first(1 * 2, kv)  # (keys' and values' group)
