@@ -101,10 +101,12 @@ def write_side(side: QuantSide, x, slot, n_old, n_new, view, base) -> QuantSide:
     """
     spec = side.spec
     B, T, K, H = x.shape
-    S = side.data.shape[1]
+    S = side.data.shape[2]
     b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    # The body is head-major [B, K, S, ...]: ``.at[b, :, slot]`` takes rows [B, T, K, ...] (numpy
+    # puts the indexed dimensions first), the layout of ``x``.
     if not spec.quantized:
-        return side.replace(data=side.data.at[b_idx, slot].set(x.astype(side.data.dtype), mode="drop"))
+        return side.replace(data=side.data.at[b_idx, :, slot].set(x.astype(side.data.dtype), mode="drop"))
     if spec.per_channel:
         g = spec.group
         nb = (g - 1 + T) // g  # groups one call can complete
@@ -116,17 +118,18 @@ def write_side(side: QuantSide, x, slot, n_old, n_new, view, base) -> QuantSide:
         codes, scale, zero = quantize_channels(vals, spec)
         wslot = jnp.where(ok[..., None], slots, S).reshape(B, nb * g)
         bi = jnp.broadcast_to(jnp.arange(B)[:, None], (B, nb * g))
-        data = side.data.at[bi, wslot].set(pack_codes(codes.reshape(B, nb * g, K, H), spec.bits), mode="drop")
+        packed = pack_codes(codes.reshape(B, nb * g, K, H), spec.bits)
+        data = side.data.at[bi, :, wslot].set(packed, mode="drop")
         wblk = jnp.where(ok, blk, S // g)
         bj = jnp.broadcast_to(jnp.arange(B)[:, None], (B, nb))
-        new_scale = side.scale.at[bj, wblk].set(scale, mode="drop")
-        new_zero = side.zero.at[bj, wblk].set(zero, mode="drop")
+        new_scale = side.scale.at[bj, :, wblk].set(scale, mode="drop")
+        new_zero = side.zero.at[bj, :, wblk].set(zero, mode="drop")
     else:
         clip = clip_factors(side.wkv["clip"]) if side.wkv is not None else None  # jaxkv.wkvquant
         codes, scale, zero = quantize_tokens(x, spec, clip)
-        data = side.data.at[b_idx, slot].set(pack_codes(codes, spec.bits), mode="drop")
-        new_scale = side.scale.at[b_idx, slot].set(scale, mode="drop")
-        new_zero = side.zero.at[b_idx, slot].set(zero, mode="drop")
+        data = side.data.at[b_idx, :, slot].set(pack_codes(codes, spec.bits), mode="drop")
+        new_scale = side.scale.at[b_idx, :, slot].set(scale, mode="drop")
+        new_zero = side.zero.at[b_idx, :, slot].set(zero, mode="drop")
     window = side.window
     if spec.window:
         W = spec.window
@@ -157,29 +160,29 @@ def body_scores(qg: jax.Array, side: QuantSide) -> jax.Array:
     cd = qg.dtype
     if not spec.quantized or _dequantize_first(qg.shape[1] * qg.shape[3], spec):
         body = dequantize_body(side, cd)
-        return jnp.einsum("BTKGH,BSKH->BTKGS", qg, body, preferred_element_type=_F32)
-    B, S, K, _ = side.data.shape
+        return jnp.einsum("BTKGH,BKSH->BTKGS", qg, body, preferred_element_type=_F32)
+    B, K, S, _ = side.data.shape
     H, g = qg.shape[-1], spec.group
     codes = unpack_codes(side.data, spec.bits).astype(cd)  # exact: codes < 256
     scale, zero = side.scale.astype(_F32), side.zero.astype(_F32)
     if spec.per_channel:
         # k[j, h] = (c[j, h] - z[J, h]) * s[J, h] for j in group J: q·k = sum_h (q s)[J, h] c[j, h] - (q s)[J]·z[J].
-        qs = jnp.einsum("BTKGH,BJKH->BTKGJH", qg.astype(_F32), scale)
+        qs = jnp.einsum("BTKGH,BKJH->BTKGJH", qg.astype(_F32), scale)
         dot = jnp.einsum(
-            "BTKGJH,BJEKH->BTKGJE",
+            "BTKGJH,BKJEH->BTKGJE",
             qs.astype(cd),
-            codes.reshape(B, S // g, g, K, H),
+            codes.reshape(B, K, S // g, g, H),
             preferred_element_type=_F32,
         )
-        bias = jnp.einsum("BTKGJH,BJKH->BTKGJ", qs, zero)
+        bias = jnp.einsum("BTKGJH,BKJH->BTKGJ", qs, zero)
         return (dot - bias[..., None]).reshape(*dot.shape[:4], S)
     # Per token: k[j, C, E] = (c - z[j, C]) s[j, C]: q·k = sum_C s[j, C] (q_C·c[j, C] - z[j, C] sum(q_C)).
     qc = qg.reshape(*qg.shape[:4], H // g, g)
     part = jnp.einsum(
-        "BTKGCE,BSKCE->BTKGSC", qc, codes.reshape(B, S, K, H // g, g), preferred_element_type=_F32
+        "BTKGCE,BKSCE->BTKGSC", qc, codes.reshape(B, K, S, H // g, g), preferred_element_type=_F32
     )
     qsum = jnp.sum(qc.astype(_F32), axis=-1)
-    return jnp.einsum("BTKGSC,BSKC->BTKGS", part, scale) - jnp.einsum("BTKGC,BSKC->BTKGS", qsum, scale * zero)
+    return jnp.einsum("BTKGSC,BKSC->BTKGS", part, scale) - jnp.einsum("BTKGC,BKSC->BTKGS", qsum, scale * zero)
 
 
 def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
@@ -189,36 +192,36 @@ def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
         raise NotImplementedError("values are quantized per token")
     if not spec.quantized or _dequantize_first(p.shape[1] * p.shape[3], spec):
         body = dequantize_body(side, cd)
-        return jnp.einsum("BTKGS,BSKH->BTKGH", p.astype(cd), body, preferred_element_type=_F32)
-    B, S, K, Hp = side.data.shape
+        return jnp.einsum("BTKGS,BKSH->BTKGH", p.astype(cd), body, preferred_element_type=_F32)
+    B, K, S, _ = side.data.shape
     g = spec.group
     codes = unpack_codes(side.data, spec.bits).astype(cd)
     H = codes.shape[-1]
     # v[j, C, E] = (c - z[j, C]) s[j, C]: fold s into p per channel group, z as one bias per group.
-    ps = jnp.einsum("BTKGS,BSKC->BTKGSC", p, side.scale.astype(_F32))
+    ps = jnp.einsum("BTKGS,BKSC->BTKGSC", p, side.scale.astype(_F32))
     out = jnp.einsum(
-        "BTKGSC,BSKCE->BTKGCE", ps.astype(cd), codes.reshape(B, S, K, H // g, g), preferred_element_type=_F32
+        "BTKGSC,BKSCE->BTKGCE", ps.astype(cd), codes.reshape(B, K, S, H // g, g), preferred_element_type=_F32
     )
-    bias = jnp.einsum("BTKGSC,BSKC->BTKGC", ps, side.zero.astype(_F32))
+    bias = jnp.einsum("BTKGSC,BKSC->BTKGC", ps, side.zero.astype(_F32))
     return (out - bias[..., None]).reshape(*out.shape[:4], H)
 
 
 def dequantize_body(side: QuantSide, dtype=_F32) -> jax.Array:
-    """The whole body as ``dtype`` [B, S, K, H] (float32 for the reference path; the query's dtype
-    where a prefill reads it dequantized, :func:`_dequantize_first`)."""
+    """The whole body as ``dtype``, head-major [B, K, S, H] as stored (float32 for the reference
+    path; the query's dtype where a prefill reads it dequantized, :func:`_dequantize_first`)."""
     spec = side.spec
     if not spec.quantized:
         return side.data.astype(dtype)
-    B, S, K, _ = side.data.shape
+    B, K, S, _ = side.data.shape
     codes = unpack_codes(side.data, spec.bits)
     H, g = codes.shape[-1], spec.group
     if spec.per_channel:
-        c = codes.reshape(B, S // g, g, K, H)
-        x = dequantize(c, side.scale[:, :, None], side.zero[:, :, None])
+        c = codes.reshape(B, K, S // g, g, H)
+        x = dequantize(c, side.scale[:, :, :, None], side.zero[:, :, :, None])
     else:
-        c = codes.reshape(B, S, K, H // g, g)
+        c = codes.reshape(B, K, S, H // g, g)
         x = dequantize(c, side.scale[..., None], side.zero[..., None])
-    return x.reshape(B, S, K, H).astype(dtype)
+    return x.reshape(B, K, S, H).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +339,7 @@ def _read_cached(
     K, G = cfg.num_kv_heads, cfg.group_size
     P = pivot_k.shape[0]
     kspec, vspec = kside.spec, vside.spec
-    S = kside.data.shape[1]
+    S = kside.data.shape[2]
     j = jnp.arange(S)
     i = positions - P  # query body slots
     body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
@@ -387,15 +390,17 @@ def _read_cached(
 
     def win_rows(side: QuantSide, slots):
         """Body rows of ``side`` at window slots [B, W] (clipped), dequantized float32 [B, W, K, H]."""
-        idx = jnp.clip(slots, 0, S - 1)[:, :, None, None]
-        rows = jnp.take_along_axis(side.data, idx, axis=1)
+        idx = jnp.clip(slots, 0, S - 1)[:, None, :, None]
+
+        def rows(a):  # [B, K, S, X] -> [B, W, K, X]
+            return jnp.swapaxes(jnp.take_along_axis(a, idx, axis=2), 1, 2)
+
         if not side.spec.quantized:
-            return rows.astype(_F32)
-        codes = unpack_codes(rows, side.spec.bits)
+            return rows(side.data).astype(_F32)
+        codes = unpack_codes(rows(side.data), side.spec.bits)
         g = side.spec.group
         c = codes.reshape(*codes.shape[:-1], H // g, g)
-        sc, z = (jnp.take_along_axis(a, idx, axis=1)[..., None] for a in (side.scale, side.zero))
-        return dequantize(c, sc, z).reshape(codes.shape)
+        return dequantize(c, rows(side.scale)[..., None], rows(side.zero)[..., None]).reshape(codes.shape)
 
     def gather_last(x, idx, valid):
         """x[..., idx] for idx [B, W] (masked where not valid) -> [B, T, K, G, W]."""
@@ -465,10 +470,10 @@ def _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, u
     """Dequantize-then-attend: every query's keys and values built explicitly, all in float32."""
     B, T, K, G, H = qg.shape
     P = pivot_k.shape[0]
-    S = kside.data.shape[1]
+    S = kside.data.shape[2]
 
     def per_query(side, view, base, use):
-        deq = dequantize_body(side)
+        deq = jnp.swapaxes(dequantize_body(side), 1, 2)  # [B, S, K, H]
         if not side.spec.quantized:
             return jnp.broadcast_to(deq[:, None], (B, T, S, K, H))
         return jnp.where(use[..., None, None], deq[:, None], _slots_fp(view, base, S)[:, None])

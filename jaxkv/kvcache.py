@@ -13,15 +13,21 @@ Full-precision layout (``kv`` None, or 16-bit keys and values)::
 
 Quantized layout: ``k``/``v`` are None and the body lives in ``segments``, one :class:`QuantSegment`
 per run of consecutive layers that share (key bits, value bits), so per-layer bit budgets keep real
-packed storage. Each segment holds a :class:`QuantSide` for keys and one for values::
+packed storage. Each segment holds a :class:`QuantSide` for keys and one for values, its body
+head-major (the slots of one sequence and KV head contiguous)::
 
-    data     uint8 [Lc, B, S, K, H*bits/8]   codes packed along H (``jaxkv.quant.qarray`` bitstream);
-             or [Lc, B, S, K, H] in the cache dtype when that side has 16 bits (not quantized)
-    scale    [Lc, B, S, K, C]  per token (groups of ``group`` channels)          scale dtype
-             [Lc, B, J, K, H]  per channel (groups of ``group`` consecutive slots, KIVI keys)
+    data     uint8 [Lc, B, K, S, H*bits/8]   codes packed along H (``jaxkv.quant.qarray`` bitstream);
+             or [Lc, B, K, S, H] in the cache dtype when that side has 16 bits (not quantized)
+    scale    [Lc, B, K, S, C]  per token (groups of ``group`` channels)          scale dtype
+             [Lc, B, K, J, H]  per channel (groups of ``group`` consecutive slots, KIVI keys)
     zero     int8, the shape of ``scale``
     window   [Lc, B, W, K, H]  full-precision copies of the W most recent tokens, a ring: slot s at
              index s % W (None when W = 0)
+
+Head-major because decode attention reads one (sequence, KV head) at a time: its codes and scales
+are then one contiguous run, not 64-byte pieces a row of all heads apart (the decode kernel of
+``jaxkv.kernels.kvdecode`` took 90.5 against 121.2 us per Llama-2-7B layer at batch 8 and 4352
+slots on an H100, results/bench/h100_run29_kv_layout.txt).
 
 The quantizer is asymmetric with an integer zero point, exactly as stored::
 
@@ -461,7 +467,7 @@ class KVCache:
         if self.k is not None:
             return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
         side = self.segments[0].k
-        return side[0].data.shape[1] if isinstance(side, tuple) else side.data.shape[2]
+        return side[0].data.shape[2] if isinstance(side, tuple) else side.data.shape[3]
 
     @property
     def pivot_len(self) -> int:
@@ -475,12 +481,12 @@ class KVCache:
 
 def _empty_side(spec: SideSpec, Lc: int, B: int, S: int, K: int, H: int, dtype) -> QuantSide:
     if not spec.quantized:
-        return QuantSide(jnp.zeros((Lc, B, S, K, H), dtype), None, None, None, spec)
+        return QuantSide(jnp.zeros((Lc, B, K, S, H), dtype), None, None, None, spec)
     sdt = _scale_dtype(spec.scale_dtype)
-    meta = (Lc, B, S // spec.group, K, H) if spec.per_channel else (Lc, B, S, K, H // spec.group)
+    meta = (Lc, B, K, S // spec.group, H) if spec.per_channel else (Lc, B, K, S, H // spec.group)
     window = jnp.zeros((Lc, B, spec.window, K, H), dtype) if spec.window else None
     return QuantSide(
-        data=jnp.zeros((Lc, B, S, K, packed_width(H, spec.bits)), jnp.uint8),
+        data=jnp.zeros((Lc, B, K, S, packed_width(H, spec.bits)), jnp.uint8),
         scale=jnp.zeros(meta, sdt),
         zero=jnp.zeros(meta, jnp.int8),
         window=window,

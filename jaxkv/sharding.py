@@ -479,10 +479,15 @@ _CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
     "lengths": ("batch",),
 }
-# Leaves of a quantized body segment: [Lc, B, S | J | W, K, packed H | C | H]. The last dim mixes
-# packed bytes, channel groups and channels, so it is never split.
-_SEGMENT_LEAVES = ("data", "scale", "zero", "window")
-_SEGMENT_AXES = ("layers", "batch", "cache_seq", "kv_heads", None)
+# Leaves of a quantized body segment (jaxkv.kvcache): the body head-major [Lc, B, K, S | J, packed H
+# | C | H], the window [Lc, B, W, K, H]. The last dim mixes packed bytes, channel groups and
+# channels, so it is never split.
+_SEGMENT_AXES = {
+    "data": ("layers", "batch", "kv_heads", "cache_seq", None),
+    "scale": ("layers", "batch", "kv_heads", "cache_seq", None),
+    "zero": ("layers", "batch", "kv_heads", "cache_seq", None),
+    "window": ("layers", "batch", "cache_seq", "kv_heads", None),
+}
 # jaxkv.wkvquant parameters of a side: scale/shift [Lc, K, H], clip logits [Lc, K, C, 2].
 _SEGMENT_WKV_AXES = {"scale": ("layers", "kv_heads", None), "shift": ("layers", "kv_heads", None),
                      "clip": ("layers", "kv_heads", None, None)}  # fmt: skip
@@ -491,8 +496,8 @@ _SEGMENT_WKV_AXES = {"scale": ("layers", "kv_heads", None), "shift": ("layers", 
 def _cache_axes(names: list[str], where: str) -> tuple[str | None, ...]:
     if len(names) == 1 and names[0] in _CACHE_AXES:
         return _CACHE_AXES[names[0]]
-    if len(names) == 4 and names[0] == "segments" and names[2] in ("k", "v") and names[3] in _SEGMENT_LEAVES:
-        return _SEGMENT_AXES
+    if len(names) == 4 and names[0] == "segments" and names[2] in ("k", "v") and names[3] in _SEGMENT_AXES:
+        return _SEGMENT_AXES[names[3]]
     if len(names) == 5 and names[0] == "segments" and names[3] == "wkv" and names[4] in _SEGMENT_WKV_AXES:
         return _SEGMENT_WKV_AXES[names[4]]
     raise ShardingError(f"{where}: no sharding rule for cache leaf {'/'.join(names)}")

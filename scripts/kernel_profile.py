@@ -47,13 +47,13 @@ def kv_case(args):
 
     def side(key, spec, scale_shape):
         k1, k2, k3 = jax.random.split(key, 3)
-        codes = jax.random.randint(k1, (B, S, K, H), 0, 2**spec.bits).astype(jnp.uint8)
+        codes = jax.random.randint(k1, (B, K, S, H), 0, 2**spec.bits).astype(jnp.uint8)  # head-major
         scale = jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3).astype(jnp.float8_e4m3fn)
         zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
         return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
 
-    ks = side(keys[1], kspec, (B, S // g, K, H))
-    vs = side(keys[2], vspec, (B, S, K, H // g))
+    ks = side(keys[1], kspec, (B, K, S // g, H))
+    vs = side(keys[2], vspec, (B, K, S, H // g))
     scale = 1.0 / np.sqrt(H)
     interpret = jax.default_backend() != "gpu"
 

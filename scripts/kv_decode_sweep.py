@@ -62,13 +62,13 @@ def main(argv=None) -> int:
 
     def side(key, spec, scale_shape):
         k1, k2, k3 = jax.random.split(key, 3)
-        codes = jax.random.randint(k1, (B, S, K, H), 0, 2**spec.bits).astype(jnp.uint8)
+        codes = jax.random.randint(k1, (B, K, S, H), 0, 2**spec.bits).astype(jnp.uint8)  # head-major
         scale = (jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3)).astype(f8)
         zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
         return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
 
-    kside = side(keys[1], kspec, (B, J, K, H))
-    vside = side(keys[2], vspec, (B, S, K, C))
+    kside = side(keys[1], kspec, (B, K, J, H))
+    vside = side(keys[2], vspec, (B, K, S, C))
     kb = jax.random.normal(keys[3], (B, S, K, H), jnp.bfloat16)
     vb = jax.random.normal(keys[4], (B, S, K, H), jnp.bfloat16)
     scale = 1.0 / np.sqrt(H)

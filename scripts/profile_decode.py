@@ -3,7 +3,9 @@ case, summarised per GPU kernel (name, launches per step, microseconds per step)
 
     python scripts/profile_decode.py --shape llama2-7b --weights int4 --out results/bench/profile_int4_b1
 
-Writes ``OUT.json`` (the summary) and prints the top kernels; the raw trace stays under ``OUT.trace/``
+Writes ``OUT.json`` (the summary), ``OUT.sequence.tsv`` (every kernel of the traced steps in launch
+order: start, microseconds, idle gap before it, name) and prints the top kernels; the raw trace stays
+under ``OUT.trace/``
 (open it in Perfetto), and ``--hlo`` writes the compiled decode loop as ``OUT.hlo.txt`` (XLA's fusion
 names in the trace are its instruction names there).
 """
@@ -43,6 +45,16 @@ def gpu_kernels(path: str) -> list[tuple[float, str, float]]:
 def trace_file(trace_dir) -> str:
     """The newest Perfetto trace ``jax.profiler.trace`` wrote under ``trace_dir``."""
     return sorted(glob.glob(str(Path(trace_dir) / "**" / "*.trace.json.gz"), recursive=True))[-1]
+
+
+def write_sequence(path: str, dest: Path) -> None:
+    """Every GPU kernel of a trace in launch order, with the idle time before it (launch gaps)."""
+    lines, end = ["start_us\tus\tgap_us\tkernel"], None
+    for start, name, dur in gpu_kernels(path):
+        gap = 0.0 if end is None else start - end
+        lines.append(f"{start:.1f}\t{dur:.2f}\t{gap:.2f}\t{name}")
+        end = start + dur
+    dest.write_text("\n".join(lines) + "\n")
 
 
 def summarise(path: str, steps: int) -> list[dict]:
@@ -139,7 +151,9 @@ def main(argv=None) -> int:
     trace_dir = out.with_suffix(".trace")
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         decode(s)
-    rows = summarise(trace_file(trace_dir), args.steps)
+    path = trace_file(trace_dir)
+    write_sequence(path, out.with_suffix(".sequence.tsv"))
+    rows = summarise(path, args.steps)
     cats = categorise(rows)
     out.with_suffix(".json").write_text(
         json.dumps({"args": vars(args), "categories": cats, "kernels": rows}, indent=1)

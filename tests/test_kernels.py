@@ -297,10 +297,14 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
     vs = (rng.random((B, S, K, C)) * 0.3 + 0.01).astype(np.float32)
     vz = rng.integers(-8, min(2**vbits + 8, 128), (B, S, K, C)).astype(np.int8)
     n_read = np.array([0, group * 5, S], np.int32)  # nothing, a chunk or part of one, everything
+
+    def head_major(a):  # the cache's layout: [B, S | J, K, X] -> [B, K, S | J, X]
+        return jnp.swapaxes(jnp.asarray(a), 1, 2)
+
     m, l, o = kvdecode.body_partials(
-        jnp.asarray(q), jnp.asarray(n_read), pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits), jnp.asarray(ks),
-        jnp.asarray(kz), pack_codes(jnp.asarray(vcodes, jnp.uint8), vbits), jnp.asarray(vs), jnp.asarray(vz),
-        kbits=kbits, vbits=vbits, group=group, dtype=dtype, interpret=not ON_GPU,
+        jnp.asarray(q), jnp.asarray(n_read), head_major(pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits)),
+        head_major(ks), head_major(kz), head_major(pack_codes(jnp.asarray(vcodes, jnp.uint8), vbits)),
+        head_major(vs), head_major(vz), kbits=kbits, vbits=vbits, group=group, dtype=dtype, interpret=not ON_GPU,
     )  # fmt: skip
     eps = 2.0**-9 if dtype == "bfloat16" else 2.0**-20  # operand rounding (float32: with slack)
     cs = max(group, min(kvdecode.CHUNK_SLOTS, kvdecode.ROWS // G * group))  # slots per program

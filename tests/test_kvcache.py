@@ -204,7 +204,7 @@ def test_cached_attention_matches_numpy_float64(kv, query_block):
         T = prompt.max()
         valid = np.arange(T)[None] < prompt[:, None]
         pos = np.where(valid, P + np.arange(T)[None], -1)
-        slot = np.where(valid, np.arange(T)[None], kside.data.shape[1])
+        slot = np.where(valid, np.arange(T)[None], kside.data.shape[2])
         n_new = jnp.asarray(prompt, jnp.int32)
         out, kside, vside = fn(q[:, :T], k[:, :T], v[:, :T], pk, pv, kside, vside, pos, n, n_new, slot)
         for b in range(B):
@@ -243,19 +243,19 @@ def test_cache_structure():
     assert cache.k is None and cache.max_len == 24  # rounded up to a multiple of the group
     assert [(s.start, s.stop) for s in cache.segments] == [(0, 2), (2, 3)]
     seg = cache.segments[0]
-    assert seg.k.data.shape == (2, 2, 24, 2, 8) and seg.k.data.dtype == jnp.uint8  # 16 x 4 bits = 8 bytes
-    assert seg.k.scale.shape == (2, 2, 3, 2, 16) and seg.k.scale.dtype == jnp.float8_e4m3fn
-    assert seg.k.zero.shape == (2, 2, 3, 2, 16) and seg.k.zero.dtype == jnp.int8
+    assert seg.k.data.shape == (2, 2, 2, 24, 8) and seg.k.data.dtype == jnp.uint8  # 16 x 4 bits = 8 bytes
+    assert seg.k.scale.shape == (2, 2, 2, 3, 16) and seg.k.scale.dtype == jnp.float8_e4m3fn
+    assert seg.k.zero.shape == (2, 2, 2, 3, 16) and seg.k.zero.dtype == jnp.int8
     assert seg.k.window.shape == (2, 2, 4 + 8 - 1, 2, 16) and seg.k.window.dtype == jnp.bfloat16
-    assert seg.v.data.shape == (2, 2, 24, 2, 4) and seg.v.scale.shape == (2, 2, 24, 2, 2)
+    assert seg.v.data.shape == (2, 2, 2, 24, 4) and seg.v.scale.shape == (2, 2, 2, 24, 2)
     assert seg.v.window.shape == (2, 2, 4, 2, 16)
-    assert cache.segments[1].k.data.shape == (1, 2, 24, 2, 16)
+    assert cache.segments[1].k.data.shape == (1, 2, 2, 24, 16)
     # 16-bit keys and values: the plain full-precision cache.
     plain = init_cache(cfg, 2, 20, kv=KVQuantConfig(16, 16))
     assert plain.k.shape == (3, 2, 20, 2, 16) and not plain.segments and plain.kv is None
     # Mixed: full-precision keys in the body, quantized values.
     mixed = init_cache(cfg, 1, 20, kv=KVQuantConfig(16, 4, group=8))
-    assert mixed.segments[0].k.data.shape == (3, 1, 20, 2, 16) and mixed.segments[0].k.scale is None
+    assert mixed.segments[0].k.data.shape == (3, 1, 2, 20, 16) and mixed.segments[0].k.scale is None
 
 
 def test_kv_bytes_per_token():

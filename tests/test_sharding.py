@@ -265,8 +265,13 @@ def test_cache_shardings_cover_full_precision_and_quantized_caches():
         assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(cache))
         placed = sh.shard_cache(cache, CFG, mesh)
         assert jax.tree.structure(placed) == jax.tree.structure(cache)
-    # the spec each quantized body leaf gets on a wide mesh: B over data+fsdp, K over tensor
-    assert sh.spec_for(sh._SEGMENT_AXES, (2, 8, 16, 4, 4), SIZES, units={3: [(4, "4 KV heads")]}) == (
+    # the spec a quantized body leaf (head-major) and a window get on a wide mesh: B over data+fsdp,
+    # K over tensor
+    body, window = sh._SEGMENT_AXES["data"], sh._SEGMENT_AXES["window"]
+    assert sh.spec_for(body, (2, 8, 4, 16, 4), SIZES, units={2: [(4, "4 KV heads")]}) == (
+        jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor")
+    )
+    assert sh.spec_for(window, (2, 8, 16, 4, 4), SIZES, units={3: [(4, "4 KV heads")]}) == (
         jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor")
     )
 

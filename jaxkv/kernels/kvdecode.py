@@ -4,9 +4,10 @@ place.
 
 Conventions
 -----------
-* The cache layout of ``jaxkv.kvcache``, one layer: keys quantized per channel with groups of ``g``
-  consecutive slots (KIVI), ``data [B, S, K, H*kb/8]``, ``scale``/``zero [B, S/g, K, H]``; values per
-  token with groups of ``g`` channels, ``data [B, S, K, H*vb/8]``, ``scale``/``zero [B, S, K, H/g]``;
+* The head-major cache layout of ``jaxkv.kvcache``, one layer: keys quantized per channel with groups
+  of ``g`` consecutive slots (KIVI), ``data [B, K, S, H*kb/8]``, ``scale``/``zero [B, K, S/g, H]``;
+  values per token with groups of ``g`` channels, ``data [B, K, S, H*vb/8]``, ``scale``/``zero [B, K,
+  S, H/g]``: a program's tiles of codes and scales are contiguous runs of memory;
   ``x = (code - zero) * scale``; codes a little-endian bitstream along H, so with ``b`` bits byte ``m``
   holds channels ``(8/b) m + k`` for ``k < 8/b`` ("plane" ``k``).
 * The kernel covers the body slots a query reads quantized on both sides, ``j < n_read[b]`` (a multiple
@@ -46,10 +47,11 @@ Conventions
   h100_run21_kv_decode_sweep_chunks.md):
   0.99 TB/s of cache read, 35% of the copy bandwidth. What bounds it now is latency: at 512 slots per
   program 168 registers let 3 programs (12 warps) share an SM and 65% of the issue cycles found no
-  warp ready (run 20); fewer slots per program was the fastest change the sweep found. One warp per
-  program measured 3% faster than two (121.7 against 125.3 us, H100 run 27; 120.0 against 124.3,
-  H200 run 25) but was not timed end to end; codes by plain shift/mask/bit-or instead of byte
-  permutes were slower (159.6 against 125.6 us, run 24).
+  warp ready (run 20); fewer slots per program was the fastest change the sweep found. Codes by
+  plain shift/mask/bit-or instead of byte permutes were slower (159.6 against 125.6 us, run 24).
+  The head-major cache (contiguous tiles; before, each slot's 64 bytes of key codes lay a row of
+  all heads apart and its value scales were 4-byte reads) took a layer from 121.2 to 90.5 us at 2
+  warps, and one warp per program to 85.9 (1.45 TB/s; H100, results/bench/h100_run29_kv_layout.txt).
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
@@ -69,7 +71,9 @@ BITS = (2, 4, 8)
 ROWS = 16  # rows of every tensor-core product (Triton's smallest)
 CHUNK_SLOTS = 256  # slots per program (at most ROWS / G key groups)
 SUB_SLOTS = 128  # slots per tile of codes
-NUM_WARPS = 2  # H100 run 21: 125.7 us per layer against 143.1 with 4 (chunk 256, tile 128)
+# H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
+# 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
+NUM_WARPS = 1
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -135,8 +139,8 @@ def _kernel(
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # the channels of key plane k (strided)
             qk = q_ref[b, h, :, cols]  # [G, Wk]
-            ks = ks_ref[b, pl.ds(g0, NG), h, cols].astype(_F32)  # [NG, Wk]
-            kz = kz_ref[b, pl.ds(g0, NG), h, cols].astype(_F32)
+            ks = ks_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)  # [NG, Wk]
+            kz = kz_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)
             a3 = (ks[:, None, :] * qk[None, :, :]).astype(dtype)  # [NG, G, Wk]
             # the bias from the same rounded rows, so that the codes' offset cancels exactly
             bias = bias + jnp.sum(
@@ -153,7 +157,7 @@ def _kernel(
             start = jnp.minimum(s0, S - sub)
             slot = start + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [1, sub]
             valid = (slot >= s0) & (slot < hi)
-            kd = kd_ref[b, pl.ds(start, sub), h, :]  # [sub, Wk] packed bytes
+            kd = kd_ref[b, h, pl.ds(start, sub), :]  # [sub, Wk] packed bytes
             prod = None
             for k in range(kp):
                 codes = code_plane(kd, kbits, k, dtype, interpret)  # [sub, Wk]
@@ -175,12 +179,12 @@ def _kernel(
         for start, valid, s in tiles:
             p = jnp.where(valid, jnp.exp(s - m), 0.0)  # [G, sub]
             l = l + jnp.sum(p, axis=1, keepdims=True)
-            vs = vs_ref[b, pl.ds(start, sub), h, :].astype(_F32)  # [sub, C]
-            vz = vz_ref[b, pl.ds(start, sub), h, :].astype(_F32)
+            vs = vs_ref[b, h, pl.ds(start, sub), :].astype(_F32)  # [sub, C]
+            vz = vz_ref[b, h, pl.ds(start, sub), :].astype(_F32)
             w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [sub, C, G], as multiplied
             zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
             wt = (w.reshape(sub, C * G)[:, :, None] * pad).reshape(sub, Mv).astype(dtype)
-            vd = vd_ref[b, pl.ds(start, sub), h, :]
+            vd = vd_ref[b, h, pl.ds(start, sub), :]
             for k in range(vp):
                 codes = code_plane(vd, vbits, k, dtype, interpret)  # [sub, Wv]
                 D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **dot)
@@ -237,11 +241,11 @@ def body_partials(
     if dtype not in (_BF16, _F32):
         raise ValueError(f"body_partials: operands must be bfloat16 or float32, got {dtype}")
     B, K, G, H = q.shape
-    S = kdata.shape[1]
+    S = kdata.shape[2]
     J = S // group
     NG = ROWS // G  # key groups per chunk: one key row per group and query head
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
-        kscale, kzero = (jnp.pad(a, ((0, 0), (0, NG - J), (0, 0), (0, 0))) for a in (kscale, kzero))
+        kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NG - J), (0, 0))) for a in (kscale, kzero))
     chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
     sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
     if chunk % group or chunk % sub:
