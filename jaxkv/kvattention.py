@@ -192,7 +192,9 @@ def body_values(p: jax.Array, side: QuantSide, cd) -> jax.Array:
         raise NotImplementedError("values are quantized per token")
     if not spec.quantized or _dequantize_first(p.shape[1] * p.shape[3], spec):
         body = dequantize_body(side, cd)
-        return jnp.einsum("BTKGS,BKSH->BTKGH", p.astype(cd), body, preferred_element_type=_F32)
+        # body first: XLA:CPU's dot runtime has no bf16 x bf16 -> f32 for the other operand order of
+        # this product ("UNIMPLEMENTED ... DotThunk"); this order it rewrites into a supported one
+        return jnp.einsum("BKSH,BTKGS->BTKGH", body, p.astype(cd), preferred_element_type=_F32)
     B, K, S, _ = side.data.shape
     g = spec.group
     codes = unpack_codes(side.data, spec.bits).astype(cd)
