@@ -362,17 +362,18 @@ def _read_cached(
         return out.astype(cd).reshape(B, T, N * H)
     if impl not in ("folded", "kernel"):
         raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
-    kernel = impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg)
+    s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
+    if impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg):
+        out = _decode_with_kernel(
+            qg, s_piv, mask[..., :P], pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new
+        )
+        return out.astype(cd).reshape(B, T, N * H)
 
     # One softmax over [pivot P | body S | key window W+T]: every visible slot appears exactly once,
     # in the body when the query reads its quantized key, in the window otherwise. Only
-    # window-sized gathers follow, never one over S. With the kernel, the body's part of the
-    # softmax arrives as per-chunk partials (maximum, exponential sum, weighted values).
-    s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
-    parts, masks = [s_piv], [mask[..., :P]]
-    if not kernel:
-        parts.append(body_scores(qg, kside))
-        masks.append(mask[..., P:] & use_k if kspec.quantized else mask[..., P:])
+    # window-sized gathers follow, never one over S.
+    parts, masks = [s_piv, body_scores(qg, kside)], [mask[..., :P]]
+    masks.append(mask[..., P:] & use_k if kspec.quantized else mask[..., P:])
     if kspec.quantized:
         qk = frontier(i, kspec, kv)
         kslot = kbase[:, None] + jnp.arange(kview.shape[1])  # [B, Wk+T] slot of each window entry
@@ -381,14 +382,8 @@ def _read_cached(
         masks.append(causal_mask(positions, kwin_pos, cfg) & (kslot[:, None, :] >= qk[..., None]))
     scores = jnp.concatenate(parts, axis=-1) * (1.0 / np.sqrt(H))
     scores = jnp.where(jnp.concatenate(masks, axis=-1)[:, :, None, None, :], scores, _MASKED)
-    if kernel:
-        probs, body_out = _softmax_with_body(
-            qg, kside, vside, i, kv, scores, interpret=jax.default_backend() != "gpu"
-        )
-        p_piv, p_body, p_kwin = probs[..., :P], None, probs[..., P:]
-    else:
-        probs = jax.nn.softmax(scores, axis=-1)
-        p_piv, p_body, p_kwin = probs[..., :P], probs[..., P : P + S], probs[..., P + S :]
+    probs = jax.nn.softmax(scores, axis=-1)
+    p_piv, p_body, p_kwin = probs[..., :P], probs[..., P : P + S], probs[..., P + S :]
 
     def win_rows(side: QuantSide, slots):
         """Body rows of ``side`` at window slots [B, W] (clipped), dequantized float32 [B, W, K, H]."""
@@ -417,17 +412,13 @@ def _read_cached(
     else:
         qv = frontier(i, vspec, kv)
         # Quantized values (slot < qv): body slots, and key-window slots the value rule quantizes.
-        if kernel:
-            out += body_out
-        else:
-            out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
+        out += body_values(jnp.where(use_v[:, :, None, None, :], p_body, 0.0), vside, cd)
         if kspec.quantized:
             p_kq = jnp.where((kslot[:, None, :] < qv[..., None])[:, :, None, None, :], p_kwin, 0.0)
             out += jnp.einsum("BTKGW,BWKH->BTKGH", p_kq, win_rows(vside, kslot))
         # Full-precision values (slot >= qv) from the value window, whichever part holds their probability.
         vslot = vbase[:, None] + jnp.arange(vview.shape[1])  # [B, Wv+T]
-        # (the kernel's body slots are all below qv: none of them has a full-precision value)
-        p_vwin = 0.0 if kernel else gather_last(p_body, vslot, (vslot >= 0) & (vslot < S))
+        p_vwin = gather_last(p_body, vslot, (vslot >= 0) & (vslot < S))
         if kspec.quantized:
             w = vslot - kbase[:, None]
             p_vwin += gather_last(p_kwin, w, (w >= 0) & (w < kview.shape[1]))
@@ -439,27 +430,36 @@ def _read_cached(
     return out.astype(cd).reshape(B, T, N * H)
 
 
-def _softmax_with_body(qg, kside: QuantSide, vside: QuantSide, i, kv: KVQuantConfig, scores, interpret: bool):
-    """Softmax over ``scores [B, 1, K, G, X]`` (pivot and windows, already scaled and masked) and the
-    quantized body slots both sides read quantized, whose part the split-K kernel returns as
-    partials. Returns ``(probs [B, 1, K, G, X], body_out [B, 1, K, G, H])``, both normalised by the
-    one denominator."""
+def _decode_with_kernel(qg, s_piv, piv_mask, pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new):
+    """One decode query per sequence through the split-K kernel (``jaxkv.kernels.kvdecode``): its
+    programs return the softmax partials (maximum, exponential sum, weighted values) of the body
+    slots read quantized on both sides (``j < qk``) and of the key window (``qk <= j < n_new``,
+    values quantized below ``qv``), and one softmax merges them with the pivot scores ``s_piv``
+    (``[B, 1, K, G, P]``, unscaled, ``piv_mask [B, 1, P]``). Returns float32 ``[B, 1, K, G, H]``.
+    (``qk <= qv`` always: the key frontier is the value frontier rounded down to a group.)"""
     from jaxkv.kernels import kvdecode
 
     kspec, vspec = kside.spec, vside.spec
+    cd = qg.dtype
     H = qg.shape[-1]
-    n_read = jnp.minimum(frontier(i, kspec, kv), frontier(i, vspec, kv))[:, 0]  # [B], multiple of g
+    qk, qv = frontier(i, kspec, kv)[:, 0], frontier(i, vspec, kv)[:, 0]  # [B]
+    meta = jnp.stack([kbase, qk, qv, n_new], axis=1)
     m, l, o = kvdecode.body_partials(
-        qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H)), n_read, kside.data, kside.scale, kside.zero,
-        vside.data, vside.scale, vside.zero, kbits=kspec.bits, vbits=vspec.bits, group=kspec.group,
-        dtype=jnp.float32 if qg.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret,
+        qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H)), qk, kside.data, kside.scale, kside.zero, vside.data,
+        vside.scale, vside.zero, (kview, vview, meta), kbits=kspec.bits, vbits=vspec.bits, group=kspec.group,
+        dtype=jnp.float32 if cd == jnp.float32 else jnp.bfloat16, interpret=jax.default_backend() != "gpu",
     )  # fmt: skip
-    m_all = jnp.maximum(jnp.max(scores, axis=-1), jnp.max(m, axis=2)[:, None])  # [B, 1, K, G]
-    e = jnp.exp(scores - m_all[..., None])
+    s_piv = jnp.where(piv_mask[:, :, None, None, :], s_piv * (1.0 / np.sqrt(H)), _MASKED)
+    m_all = jnp.maximum(jnp.max(s_piv, axis=-1, initial=_MASKED), jnp.max(m, axis=2)[:, None])  # [B, 1, K, G]
+    e = jnp.exp(s_piv - m_all[..., None])
     w = jnp.exp(m - m_all[:, 0, :, None, :])  # [B, K, NC, G]
     denom = jnp.sum(e, axis=-1) + jnp.sum(l * w, axis=2)[:, None]
-    body = jnp.einsum("BKCG,BKCGH->BKGH", w, o)[:, None] / denom[..., None]
-    return e / denom[..., None], body
+    denom = jnp.where(denom > 0, denom, 1.0)  # a padding query (position -1) without a pivot sees nothing
+    body = jnp.einsum("BKCG,BKCGH->BKGH", w, o)[:, None]
+    piv = jnp.einsum(
+        "BTKGP,PKH->BTKGH", (e / denom[..., None]).astype(cd), pivot_v.astype(cd), preferred_element_type=_F32
+    )
+    return piv + body / denom[..., None]
 
 
 def _slots_fp(view, base, S):

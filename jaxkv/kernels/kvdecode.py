@@ -118,9 +118,12 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
 
 
 def _kernel(
-    q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref,
-    *, kbits, vbits, group, G, H, S, J, NG, chunk, sub, dtype, interpret,
+    q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
+    kbits, vbits, group, G, H, S, J, NG, chunk, sub, NC, W1, W1p, Wv1, dtype, interpret,
 ):  # fmt: skip
+    # refs: (kw_ref, vw_ref, meta_ref,) m_ref, l_ref, o_ref; the first three with a window (W1 > 0)
+    kw_ref, vw_ref, meta_ref = refs[:3] if W1 else (None, None, None)
+    m_ref, l_ref, o_ref = refs[-3:]
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
     Wk, Wv, C = H // kp, H // vp, H // group
@@ -133,8 +136,34 @@ def _kernel(
     first = c * (chunk // group)  # the chunk's first key group
     g0 = jnp.minimum(first, J - NG)  # the first of the NG groups whose scales the key rows carry
     hi = jnp.minimum((c + 1) * chunk, n)  # slots of this chunk: [c * chunk, hi)
+    pad = (jnp.arange(Mv // (C * G), dtype=jnp.int32) == 0)[None, None, :].astype(_F32)  # [1, 1, U]
 
-    @pl.when(first * group < n)
+    def values(p, vs, vz, vd, D, zsum):
+        """Add a tile's quantized values to the value products: W[j, (C, gi)] = p[gi, j] scale[j, C]
+        (zero rows pad it to Mv), one product per plane, the zero points as one float32 sum per (C, gi)."""
+        n_slots = p.shape[1]
+        vs, vz = vs.astype(_F32), vz.astype(_F32)  # [n_slots, C]
+        w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [n_slots, C, G], as multiplied
+        zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
+        wt = (w.reshape(n_slots, C * G)[:, :, None] * pad).reshape(n_slots, Mv).astype(dtype)
+        for k in range(vp):
+            codes = code_plane(vd, vbits, k, dtype, interpret)  # [n_slots, Wv]
+            D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **dot)
+        return D, zsum
+
+    def store(m, l, D, zsum, extra=None):
+        """The program's m, l and o (channel order); ``extra(k)`` adds plane k's [G, Wv] to o."""
+        m_ref[...] = m
+        l_ref[...] = l
+        row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
+        for k in range(vp):
+            # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
+            col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
+            dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
+            o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
+            o_ref[:, pl.ds(k, Wv, vp)] = o if extra is None else o + extra(k)  # channels vp*m + k (strided)
+
+    @pl.when((c < NC) & (first * group < n))
     def _():
         # Key rows (t, gi): q[gi] times group g0 + t's scales, in bf16 for the products; the zero
         # points (and the 128 of the codes) as one float32 bias per row.
@@ -173,40 +202,61 @@ def _kernel(
         for _, _, s in tiles[1:]:
             m = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [G, 1]
 
-        # Values: per tile, W[j, (C, gi)] = p[gi, j] scale[j, C] (zero rows pad it to Mv), one product
-        # per plane accumulated over the tiles, the zero points as one float32 sum per (C, gi).
-        pad = (jnp.arange(Mv // (C * G), dtype=jnp.int32) == 0)[None, None, :].astype(_F32)  # [1, 1, U]
         D = [jnp.zeros((Mv, Wv), _F32) for _ in range(vp)]
         l = jnp.zeros((G, 1), _F32)
         zsum = jnp.zeros((C, G), _F32)
         for start, valid, s in tiles:
             p = jnp.where(valid, jnp.exp(s - m), 0.0)  # [G, sub]
             l = l + jnp.sum(p, axis=1, keepdims=True)
-            vs = vs_ref[b, h, pl.ds(start, sub), :].astype(_F32)  # [sub, C]
-            vz = vz_ref[b, h, pl.ds(start, sub), :].astype(_F32)
-            w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [sub, C, G], as multiplied
-            zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
-            wt = (w.reshape(sub, C * G)[:, :, None] * pad).reshape(sub, Mv).astype(dtype)
-            vd = vd_ref[b, h, pl.ds(start, sub), :]
-            for k in range(vp):
-                codes = code_plane(vd, vbits, k, dtype, interpret)  # [sub, Wv]
-                D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **dot)
+            rows = pl.ds(start, sub)
+            D, zsum = values(p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum)
+        store(m, l, D, zsum)
 
-        m_ref[...] = m
-        l_ref[...] = l
-        row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
-        for k in range(vp):
-            # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
-            col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
-            dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
-            o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
-            o_ref[:, pl.ds(k, Wv, vp)] = o  # channels vp*m + k (strided: the output in channel order)
-
-    @pl.when(first * group >= n)
+    @pl.when((c < NC) & (first * group >= n))
     def _():
         m_ref[...] = jnp.full(m_ref.shape, _MASKED, _F32)
         l_ref[...] = jnp.zeros(l_ref.shape, _F32)
         o_ref[...] = jnp.zeros(o_ref.shape, _F32)
+
+    if not W1:
+        return
+
+    @pl.when(c == NC)
+    def _():
+        # The window program: slots [kbase, kbase + W1) of the full-precision key window (entry w is
+        # slot kbase + w), read where qk <= slot < n_new; their values are quantized below qv (body
+        # rows, as above) and full precision from qv on (value window entry w + Wv1 - W1).
+        kbase, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
+        w = jnp.arange(W1p, dtype=jnp.int32)
+        slot = kbase + w
+        valid = (w < W1) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
+        kw = kw_ref[b, jnp.minimum(w, W1 - 1), h, :].astype(dtype)  # [W1p, H]
+        # ROWS query rows for the tensor cores: the G query heads repeated
+        q16 = q_ref[b, h, jnp.arange(ROWS, dtype=jnp.int32) & (G - 1), :].astype(dtype)  # [ROWS, H]
+        s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
+        s = jnp.where(valid[None, :], s16.reshape(ROWS // G, G, W1p).max(axis=0), _MASKED)  # [G, W1p]
+        m = s.max(axis=1, keepdims=True)
+        p = jnp.where(valid[None, :], jnp.exp(s - m), 0.0)
+        l = jnp.sum(p, axis=1, keepdims=True)
+        quant = (slot < qv)[None, :]
+        body = jnp.clip(slot, 0, S - 1)  # the body rows of the window's slots (masked outside)
+        D = [jnp.zeros((Mv, Wv), _F32) for _ in range(vp)]
+        D, zsum = values(
+            jnp.where(quant, p, 0.0), vs_ref[b, h, body, :], vz_ref[b, h, body, :], vd_ref[b, h, body, :], D,
+            jnp.zeros((C, G), _F32),
+        )  # fmt: skip
+        # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
+        padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
+        pf = jnp.where(quant, 0.0, p)  # [G, W1p]
+        wf = (pf.T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
+        vrow = jnp.clip(w + (Wv1 - W1), 0, Wv1 - 1)
+
+        def full_precision(k):
+            vf = vw_ref[b, vrow, h, pl.ds(k, Wv, vp)].astype(dtype)  # [W1p, Wv] channels vp*m + k
+            f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, Wv]
+            return f.reshape(G, ROWS // G, Wv).sum(axis=1)
+
+        store(m, l, D, zsum, full_precision)
 
 
 def _pow2_floor(n: int) -> int:
@@ -227,18 +277,27 @@ def _pow2_floor(n: int) -> int:
     ),
 )
 def body_partials(
-    q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, dtype=_BF16,
+    q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, window=None, *, kbits, vbits, group, dtype=_BF16,
     chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
 ):  # fmt: skip
-    """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
+    """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``
+    and, with ``window``, over the full-precision key window.
 
     ``q [B, K, G, H]`` (already multiplied by the softmax scale), ``n_read [B]`` int32 (multiples
     of ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
     products (the model's, bf16, or float32); ``chunk_slots``/``sub_slots``/``num_warps`` slots
     per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
-    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program). Returns
-    ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the number
-    of chunks.
+    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program).
+
+    ``window = (kview [B, W1, K, H], vview [B, Wv1, K, H], meta [B, 4] int32)``: key window entry
+    ``w`` holds slot ``kbase + w`` and value window entry ``w`` slot ``kbase + W1 - Wv1 + w``; with
+    ``meta[b] = (kbase, qk, qv, n_new)`` one more program per sequence and KV head attends to the
+    key window's slots ``qk <= slot < n_new``, their values read quantized from the body below
+    ``qv`` and from ``vview`` from ``qv`` on (``jaxkv.kvattention``'s decode: the keys a query
+    reads at full precision, each slot once).
+
+    Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
+    number of chunks (the window's last).
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
@@ -256,15 +315,23 @@ def body_partials(
             f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
         )
     NC = -(-S // chunk)
+    W1 = Wv1 = W1p = 0
+    extra = ()
+    if window is not None:
+        kview, vview, meta = window
+        W1, Wv1 = kview.shape[1], vview.shape[1]
+        W1p = max(ROWS, 1 << (W1 - 1).bit_length())  # a power of two, at least one tensor-core tile
+        extra = (kview, vview, meta.astype(jnp.int32))
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        dtype=dtype, interpret=interpret,
+        NC=NC, W1=W1, W1p=W1p, Wv1=Wv1, dtype=dtype, interpret=interpret,
     )  # fmt: skip
+    NC += window is not None
     full = pl.BlockSpec(memory_space=None)
     m, l, o = pl.pallas_call(
         kernel,
         grid=(B, K, NC),
-        in_specs=[full] * 8,
+        in_specs=[full] * (8 + len(extra)),
         out_specs=[
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
@@ -278,5 +345,5 @@ def body_partials(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
-    )(q.astype(_F32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)
+    )(q.astype(_F32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero, *extra)
     return m[..., 0], l[..., 0], o
