@@ -56,8 +56,9 @@ Conventions
   all heads apart and its value scales were 4-byte reads) took a layer from 121.2 to 90.5 us at 2
   warps, and one warp per program to 85.9 (1.45 TB/s; H100, results/bench/h100_run29_kv_layout.txt;
   1 and 2 warps trade places within 3% between calls, runs 30-31). Issuing the value loads beside
-  the key loads, or every load of the program first, was slower at every tile (113-218 against
-  90-106 us; run 31, results/bench/h100_run31_kv_prefetch_rejected.txt): registers, not latency.
+  the key loads, or every load of the program first, was no faster at any tile and much slower at
+  most (best 97.4 us against 90.4; run 31, results/bench/h100_run31_kv_prefetch_rejected.txt):
+  registers, not latency.
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
