@@ -342,37 +342,32 @@ def _read_cached(
     P = pivot_k.shape[0]
     kspec, vspec = kside.spec, vside.spec
     S = kside.data.shape[2]
-    j = jnp.arange(S)
+    if impl not in ("folded", "kernel", "reference"):
+        raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
     i = positions - P  # query body slots
-    body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
-    mask = jnp.concatenate(
-        [
-            causal_mask(positions, jnp.broadcast_to(jnp.arange(P), (B, P)), cfg),
-            causal_mask(positions, body_pos, cfg),
-        ],
-        axis=-1,
-    )
-    use_k = j[None, None, :] < frontier(i, kspec, kv)[..., None]  # [B,T,S] read the quantized copy
-    use_v = j[None, None, :] < frontier(i, vspec, kv)[..., None]
+    piv_mask = causal_mask(positions, jnp.broadcast_to(jnp.arange(P), (B, P)), cfg)
     cd = q.dtype
     qg = q.reshape(B, T, K, G, H)
-
-    if impl == "reference":
-        out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
-        return out.astype(cd).reshape(B, T, N * H)
-    if impl not in ("folded", "kernel"):
-        raise ValueError(f"impl must be 'folded', 'kernel' or 'reference', got {impl!r}")
     s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
     if impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg):
         out = _decode_with_kernel(
-            qg, s_piv, mask[..., :P], pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new
+            qg, s_piv, piv_mask, pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new
         )
+        return out.astype(cd).reshape(B, T, N * H)
+
+    j = jnp.arange(S)
+    body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
+    mask = jnp.concatenate([piv_mask, causal_mask(positions, body_pos, cfg)], axis=-1)
+    use_k = j[None, None, :] < frontier(i, kspec, kv)[..., None]  # [B,T,S] read the quantized copy
+    use_v = j[None, None, :] < frontier(i, vspec, kv)[..., None]
+    if impl == "reference":
+        out = _reference(qg, pivot_k, pivot_v, kside, vside, kview, kbase, vview, vbase, use_k, use_v, mask)
         return out.astype(cd).reshape(B, T, N * H)
 
     # One softmax over [pivot P | body S | key window W+T]: every visible slot appears exactly once,
     # in the body when the query reads its quantized key, in the window otherwise. Only
     # window-sized gathers follow, never one over S.
-    parts, masks = [s_piv, body_scores(qg, kside)], [mask[..., :P]]
+    parts, masks = [s_piv, body_scores(qg, kside)], [piv_mask]
     masks.append(mask[..., P:] & use_k if kspec.quantized else mask[..., P:])
     if kspec.quantized:
         qk = frontier(i, kspec, kv)

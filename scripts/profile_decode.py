@@ -47,21 +47,21 @@ def trace_file(trace_dir) -> str:
     return sorted(glob.glob(str(Path(trace_dir) / "**" / "*.trace.json.gz"), recursive=True))[-1]
 
 
-def write_sequence(path: str, dest: Path) -> None:
-    """Every GPU kernel of a trace in launch order, with the idle time before it (launch gaps)."""
+def write_sequence(kernels: list[tuple[float, str, float]], dest: Path) -> None:
+    """:func:`gpu_kernels`' list in launch order, with the idle time before each (launch gaps)."""
     lines, end = ["start_us\tus\tgap_us\tkernel"], None
-    for start, name, dur in gpu_kernels(path):
+    for start, name, dur in kernels:
         gap = 0.0 if end is None else start - end
         lines.append(f"{start:.1f}\t{dur:.2f}\t{gap:.2f}\t{name}")
         end = start + dur
     dest.write_text("\n".join(lines) + "\n")
 
 
-def summarise(path: str, steps: int) -> list[dict]:
-    """Per kernel name: launches and microseconds per decode step, from a Perfetto trace."""
+def summarise(kernels: list[tuple[float, str, float]], steps: int) -> list[dict]:
+    """Per kernel name: launches and microseconds per decode step, from :func:`gpu_kernels`' list."""
     total = collections.defaultdict(float)
     count = collections.Counter()
-    for _, name, dur in gpu_kernels(path):
+    for _, name, dur in kernels:
         total[name] += dur
         count[name] += 1
     rows = [
@@ -151,9 +151,9 @@ def main(argv=None) -> int:
     trace_dir = out.with_suffix(".trace")
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         decode(s)
-    path = trace_file(trace_dir)
-    write_sequence(path, out.with_suffix(".sequence.tsv"))
-    rows = summarise(path, args.steps)
+    kernels = gpu_kernels(trace_file(trace_dir))  # the trace is read once
+    write_sequence(kernels, out.with_suffix(".sequence.tsv"))
+    rows = summarise(kernels, args.steps)
     cats = categorise(rows)
     out.with_suffix(".json").write_text(
         json.dumps({"args": vars(args), "categories": cats, "kernels": rows}, indent=1)

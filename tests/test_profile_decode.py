@@ -45,7 +45,7 @@ def test_trace_summary_categories_and_sequence(tmp_path):
         "qmatmul_int4_gemv", "input_reduce_fusion_3", "kv_decode_k4v2", "qmatmul_int4_gemv",
         "input_reduce_fusion_3", "loop_add_fusion",
     ]  # fmt: skip
-    rows = {r["kernel"]: r for r in profile_decode.summarise(path, steps=2)}
+    rows = {r["kernel"]: r for r in profile_decode.summarise(ks, steps=2)}
     assert rows["qmatmul_int4_gemv"] == {
         "kernel": "qmatmul_int4_gemv",
         "launches_per_step": 1.0,
@@ -57,7 +57,7 @@ def test_trace_summary_categories_and_sequence(tmp_path):
     assert cats["decode attention (Pallas)"] == {"us_per_step": 2.5, "launches_per_step": 0.5}
     assert cats["other (elementwise, copies)"]["launches_per_step"] == 0.5
     seq = tmp_path / "s.tsv"
-    profile_decode.write_sequence(path, seq)
+    profile_decode.write_sequence(ks, seq)
     lines = [line.split("\t") for line in seq.read_text().splitlines()]
     assert lines[0] == ["start_us", "us", "gap_us", "kernel"]
     # gaps: end of one kernel to the start of the next (the first has none)
