@@ -260,6 +260,7 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
         and vspec.quantized
         and cfg.sliding_window is None
         and kvdecode.supported(kspec.bits, vspec.bits, kspec.per_channel, kspec.group, H, G)
+        and kvdecode.append_supported(kspec.bits, vspec.bits, kspec.group, H, kspec.scale_dtype)
     )
 
 
@@ -287,6 +288,10 @@ def attend_cached(
     """
     n_tokens = q.shape[1]
     kspec, vspec = kside.spec, vside.spec
+    if impl == "kernel" and _kernel_applies(
+        q.shape[1], q.shape[2] // k.shape[2], q.shape[3], kspec, vspec, cfg
+    ):
+        return _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_old, n_new, kv)
     kview, kbase = window_view(kside, k, n_old) if kspec.quantized else (None, None)
     vview, vbase = window_view(vside, v, n_old) if vspec.quantized else (None, None)
     kside = write_side(kside, k, slot, n_old, n_new, kview, kbase)
@@ -349,12 +354,6 @@ def _read_cached(
     cd = q.dtype
     qg = q.reshape(B, T, K, G, H)
     s_piv = jnp.einsum("BTKGH,PKH->BTKGP", qg, pivot_k.astype(cd), preferred_element_type=_F32)
-    if impl == "kernel" and _kernel_applies(T, G, H, kspec, vspec, cfg):
-        out = _decode_with_kernel(
-            qg, s_piv, piv_mask, pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new
-        )
-        return out.astype(cd).reshape(B, T, N * H)
-
     j = jnp.arange(S)
     body_pos = jnp.where(j[None, :] < n_new[:, None], P + j[None, :], -1)
     mask = jnp.concatenate([piv_mask, causal_mask(positions, body_pos, cfg)], axis=-1)
@@ -425,36 +424,46 @@ def _read_cached(
     return out.astype(cd).reshape(B, T, N * H)
 
 
-def _decode_with_kernel(qg, s_piv, piv_mask, pivot_v, kside, vside, i, kv, kview, kbase, vview, n_new):
-    """One decode query per sequence through the split-K kernel (``jaxkv.kernels.kvdecode``): its
-    programs return the softmax partials (maximum, exponential sum, weighted values) of the body
-    slots read quantized on both sides (``j < qk``) and of the key window (``qk <= j < n_new``,
-    values quantized below ``qv``), and one softmax merges them with the pivot scores ``s_piv``
-    (``[B, 1, K, G, P]``, unscaled, ``piv_mask [B, 1, P]``). Returns float32 ``[B, 1, K, G, H]``.
-    (``qk <= qv`` always: the key frontier is the value frontier rounded down to a group.)"""
+def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_old, n_new, kv):
+    """:func:`attend_cached` for one decode token per sequence, through the Pallas kernels of
+    ``jaxkv.kernels.kvdecode``: ``append`` quantizes the new token into the body (its value, and the
+    key group it completes); ``body_partials``' programs return the softmax partials (maximum,
+    exponential sum, weighted values) of the body slots read quantized on both sides (``j < qk``)
+    and of the full-precision key window (``qk <= j < n_new``: the key ring and the new token,
+    values quantized below ``qv``), then write the new token into the rings; one softmax merges the
+    partials with the pivot scores. (``qk <= qv`` always: the key frontier is the value frontier
+    rounded down to a group.) Returns ``(out [B, 1, N*H], kside, vside)``."""
     from jaxkv.kernels import kvdecode
 
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    P = pivot_k.shape[0]
     kspec, vspec = kside.spec, vside.spec
-    cd = qg.dtype
-    H = qg.shape[-1]
+    cd = q.dtype
+    qg = q.reshape(B, T, K, N // K, H)
+    i = positions - P
     qk, qv = frontier(i, kspec, kv)[:, 0], frontier(i, vspec, kv)[:, 0]  # [B]
-    meta = jnp.stack([kbase, qk, qv, n_new], axis=1)
-    m, l, o = kvdecode.body_partials(
-        qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H)), qk, kside.data, kside.scale, kside.zero, vside.data,
-        vside.scale, vside.zero, (kview, vview, meta), kbits=kspec.bits, vbits=vspec.bits, group=kspec.group,
-        dtype=jnp.float32 if cd == jnp.float32 else jnp.bfloat16, interpret=jax.default_backend() != "gpu",
+    meta = jnp.stack([n_old, qk, qv, n_new], axis=1)
+    knew, vnew = k[:, 0], v[:, 0]
+    interpret = jax.default_backend() != "gpu"
+    bits = dict(kbits=kspec.bits, vbits=vspec.bits, group=kspec.group)
+    kd, ks, kz, vd, vs, vz = kvdecode.append(
+        knew, vnew, kside.window, meta, kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero,
+        **bits, interpret=interpret,
     )  # fmt: skip
-    s_piv = jnp.where(piv_mask[:, :, None, None, :], s_piv * (1.0 / np.sqrt(H)), _MASKED)
-    m_all = jnp.maximum(jnp.max(s_piv, axis=-1, initial=_MASKED), jnp.max(m, axis=2)[:, None])  # [B, 1, K, G]
-    e = jnp.exp(s_piv - m_all[..., None])
-    w = jnp.exp(m - m_all[:, 0, :, None, :])  # [B, K, NC, G]
-    denom = jnp.sum(e, axis=-1) + jnp.sum(l * w, axis=2)[:, None]
-    denom = jnp.where(denom > 0, denom, 1.0)  # a padding query (position -1) without a pivot sees nothing
-    body = jnp.einsum("BKCG,BKCGH->BKGH", w, o)[:, None]
-    piv = jnp.einsum(
-        "BTKGP,PKH->BTKGH", (e / denom[..., None]).astype(cd), pivot_v.astype(cd), preferred_element_type=_F32
+    qs = qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H))  # [B, K, G, H]
+    dtype = jnp.float32 if cd == jnp.float32 else jnp.bfloat16  # the products' operands
+    m, l, o, kring, vring = kvdecode.body_partials(
+        qs, qk, kd, ks, kz, vd, vs, vz, (kside.window, vside.window, knew, vnew, meta), **bits, dtype=dtype,
+        interpret=interpret,
+    )  # fmt: skip
+    kside = kside.replace(data=kd, scale=ks, zero=kz, window=kring)
+    vside = vside.replace(data=vd, scale=vs, zero=vz, window=vring)
+
+    out = kvdecode.merge(
+        qs, positions[:, 0], pivot_k, pivot_v, m, l, o, out_dtype=cd, dtype=dtype, interpret=interpret
     )
-    return piv + body / denom[..., None]
+    return out.reshape(B, T, N * H), kside, vside
 
 
 def _slots_fp(view, base, S):

@@ -267,13 +267,26 @@ def _scale_dtype(name: str):
     return jnp.dtype(name)
 
 
+def scale_range(dtype) -> tuple[float, float]:
+    """The smallest and largest scale stored in ``dtype``. One-byte floats have a narrow range: their
+    subnormals count. For 16-bit ones the smallest normal is plenty small and stays clear of float32
+    denormals (flushed to zero on some backends)."""
+    info = jnp.finfo(dtype)
+    return float(info.smallest_subnormal if info.bits == 8 else info.smallest_normal), float(info.max)
+
+
+def scale_step(mn: jax.Array, mx: jax.Array, bits: int) -> jax.Array:
+    """The float32 grid step of a group with minimum ``mn`` and maximum ``mx``, before storage: the
+    range over the levels, and at least |min| / 127 so that the int8 zero point reaches -min/scale.
+    Multiplied by reciprocals, written out: XLA turns a division by a constant into that anyway, and
+    the Pallas kernel of ``jaxkv.kernels.kvdecode`` computes the same expression."""
+    return jnp.maximum((mx - mn) * np.float32(1 / (2**bits - 1)), jnp.abs(mn) * np.float32(1 / ZERO_MAX))
+
+
 def _store_scale(s: jax.Array, dtype) -> jax.Array:
     """Round positive float32 scales *up* to ``dtype`` (so the grid still covers the range)."""
     info = jnp.finfo(dtype)
-    # One-byte floats have a narrow range: use their subnormals. For 16-bit ones the smallest normal
-    # is plenty small and stays clear of float32 denormals (flushed to zero on some backends).
-    tiny = float(info.smallest_subnormal if info.bits == 8 else info.smallest_normal)
-    s = jnp.clip(s, tiny, float(info.max))
+    s = jnp.clip(s, *scale_range(dtype))
     if jnp.dtype(dtype) == jnp.float32:
         return s
     # The barriers force the value really rounded to ``dtype``: XLA may otherwise fold
@@ -307,8 +320,7 @@ def _grid(x: jax.Array, bits: int, axis: int, scale_dtype: str, clip=None):
     if clip is not None:
         mx, mn = mx * clip[0], mn * clip[1]
         rnd = lambda a: _ste(jnp.round(a), a)  # noqa: E731
-    # The int8 zero point must reach -min/scale: |min| / scale <= 127.
-    s = jnp.maximum((mx - mn) / levels, jnp.abs(mn) / ZERO_MAX)
+    s = scale_step(mn, mx, bits)
     scale = _store_scale(s, _scale_dtype(scale_dtype))
     sf = scale.astype(jnp.float32)
     if clip is not None:

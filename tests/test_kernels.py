@@ -355,3 +355,111 @@ def test_decode_impl_defaults_to_the_kernel_on_a_gpu_only(monkeypatch):
     monkeypatch.setenv("JAXKV_KV_DECODE", "flash")
     with pytest.raises(ValueError, match="JAXKV_KV_DECODE"):
         kvattention.decode_impl()
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float16", "bfloat16"])
+def test_round_up_scale_equals_kvcache(dtype):
+    """The kernel's rounding of scales (next value by exponent arithmetic) against ``jaxkv.kvcache``'s
+    (next bit pattern), eagerly (no compiler to fold the round trip): the same stored scales, on
+    random values over the whole range, on the dtype's own values and just above and below them."""
+    from jaxkv.kernels.kvdecode import round_up_scale
+    from jaxkv.kvcache import _store_scale
+
+    rng = np.random.default_rng(3)
+    info = jnp.finfo(dtype)
+    lo, hi = np.log2(float(info.smallest_subnormal)) - 2, np.log2(float(info.max)) + 1
+    s = 2.0 ** rng.uniform(max(lo, -140), hi, 4000)
+    inside = np.clip(s, float(info.smallest_subnormal), float(info.max))  # no overflow to inf or NaN
+    exact = np.asarray(jnp.asarray(inside, jnp.float32).astype(dtype).astype(jnp.float32))
+    s = np.concatenate([s, exact, np.nextafter(exact, 0), np.nextafter(exact, np.inf)]).astype(np.float32)
+    with jax.disable_jit():
+        got = round_up_scale(jnp.asarray(s), dtype)
+        want = _store_scale(jnp.asarray(s), jnp.dtype(dtype))
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    bad = np.asarray(got, np.float32) < np.minimum(s, float(info.max))
+    assert not bad.any(), (s[bad][:5], np.asarray(got, np.float32)[bad][:5])  # rounded up: covers the range
+
+
+@pytest.mark.parametrize(
+    "kbits,vbits,group,residual,scale_dtype",
+    [
+        (4, 2, 32, 0, "float8_e4m3fn"),  # the default cache: K4V2, key ring of 31, no value ring
+        (2, 4, 16, 3, "bfloat16"),  # value ring of 3
+        (8, 8, 16, 0, "float16"),
+        (4, 4, 8, 2, "float32"),
+    ],
+)
+def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype):
+    """One decode token per sequence written by the kernels (``append`` into the body, the decode
+    kernel into the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
+    rings; rows that complete a key group, that do not, and a padding row that writes nothing."""
+    from jaxkv.kernels import kvdecode
+    from jaxkv.kvattention import window_view, write_side
+    from jaxkv.kvcache import KVQuantConfig, frontier, init_cache
+
+    B, K, H = 3, 2, 64
+    S = 4 * group
+    kv = KVQuantConfig(kbits, vbits, group=group, residual=residual, scale_dtype=scale_dtype)
+    cfg = ModelConfig(vocab_size=8, hidden_size=K * H, intermediate_size=8, num_layers=1, num_heads=K,
+                      num_kv_heads=K, head_dim=H)  # fmt: skip
+    seg = init_cache(cfg, B, S, jnp.bfloat16, kv=kv).segments[0]
+    ks, vs = (jax.tree.map(lambda a: a[0], side) for side in (seg.k, seg.v))
+    rng = np.random.default_rng(kbits + vbits + group)
+    lengths = np.array([group - 1, 2 * group + 5, 3])  # row 0 completes a group on the next token
+
+    def tokens(T):
+        x = rng.standard_normal((B, T, K, H)) + rng.standard_normal((1, 1, K, H)) * 3  # channel offsets
+        return jnp.asarray(x, jnp.bfloat16)
+
+    def write(ks, vs, k, v, slot, n_old, n_new):
+        kview, kbase = window_view(ks, k, n_old)
+        vview, vbase = window_view(vs, v, n_old)
+        return write_side(ks, k, slot, n_old, n_new, kview, kbase), write_side(
+            vs, v, slot, n_old, n_new, vview, vbase
+        )
+
+    # the prompts, written by XLA
+    T = int(lengths.max())
+    slot = np.where(np.arange(T)[None] < lengths[:, None], np.arange(T)[None], S)
+    zero = jnp.zeros((B,), jnp.int32)
+    ks, vs = write(ks, vs, tokens(T), tokens(T), jnp.asarray(slot), zero, jnp.asarray(lengths, jnp.int32))
+    # one decode token; row 2 is padding
+    k, v = tokens(1), tokens(1)
+    real = np.array([1, 1, 0])
+    n_old = jnp.asarray(lengths, jnp.int32)
+    n_new = n_old + jnp.asarray(real, jnp.int32)
+    slot = jnp.asarray(np.where(real, lengths, S)[:, None], jnp.int32)
+    want_k, want_v = write(ks, vs, k, v, slot, n_old, n_new)
+
+    i = n_old[:, None]
+    meta = jnp.stack([n_old, frontier(i, ks.spec, kv)[:, 0], frontier(i, vs.spec, kv)[:, 0], n_new], axis=1)
+    interpret = not ON_GPU
+    bits = dict(kbits=kbits, vbits=vbits, group=group)
+    body = kvdecode.append(
+        k[:, 0], v[:, 0], ks.window, meta, ks.data, ks.scale, ks.zero, vs.data, vs.scale, vs.zero, **bits,
+        interpret=interpret,
+    )  # fmt: skip
+    q = jnp.asarray(rng.standard_normal((B, K, 1, H)), jnp.float32)
+    *_, kring, vring = kvdecode.body_partials(
+        q, meta[:, 1], *body, (ks.window, vs.window, k[:, 0], v[:, 0], meta), **bits, interpret=interpret
+    )
+    got = dict(zip(["kdata", "kscale", "kzero", "vdata", "vscale", "vzero"], body), kring=kring, vring=vring)
+    want = {
+        "kdata": want_k.data, "kscale": want_k.scale, "kzero": want_k.zero, "vdata": want_v.data,
+        "vscale": want_v.scale, "vzero": want_v.zero, "kring": want_k.window, "vring": want_v.window,
+    }  # fmt: skip
+    assert (vring is None) == (residual == 0)
+    for name, w in want.items():
+        if w is None:
+            continue
+        g = got[name]
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        np.testing.assert_array_equal(
+            np.asarray(g.astype(jnp.float32)), np.asarray(w.astype(jnp.float32)), err_msg=name
+        )
+    # the step wrote something: row 0's new key group, rows 0 and 1's values
+    assert not np.array_equal(
+        np.asarray(ks.scale.astype(jnp.float32)), np.asarray(want["kscale"].astype(jnp.float32))
+    )
+    assert not np.array_equal(np.asarray(vs.data), np.asarray(want["vdata"]))

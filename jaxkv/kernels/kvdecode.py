@@ -123,11 +123,19 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
 
 def _kernel(
     q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
-    kbits, vbits, group, G, H, S, J, NG, chunk, sub, NC, W1, W1p, Wv1, dtype, interpret,
+    kbits, vbits, group, G, H, S, J, NG, chunk, sub, NC, window, Rk, Rv, W1p, dtype, interpret,
 ):  # fmt: skip
-    # refs: (kw_ref, vw_ref, meta_ref,) m_ref, l_ref, o_ref; the first three with a window (W1 > 0)
-    kw_ref, vw_ref, meta_ref = refs[:3] if W1 else (None, None, None)
-    m_ref, l_ref, o_ref = refs[-3:]
+    # refs with a window: kring, vring (those of ring length Rk, Rv > 0), knew, vnew, meta (inputs), m, l,
+    # o, then the rings again (outputs aliased to the inputs); without: m, l, o
+    if window:
+        refs = list(refs)
+        kring_ref = refs.pop(0) if Rk else None
+        vring_ref = refs.pop(0) if Rv else None
+        knew_ref, vnew_ref, meta_ref, m_ref, l_ref, o_ref = refs[:6]
+        kring_out = refs[6] if Rk else None
+        vring_out = refs[-1] if Rv else None
+    else:
+        m_ref, l_ref, o_ref = refs
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
     Wk, Wv, C = H // kp, H // vp, H // group
@@ -222,19 +230,24 @@ def _kernel(
         l_ref[...] = jnp.zeros(l_ref.shape, _F32)
         o_ref[...] = jnp.zeros(o_ref.shape, _F32)
 
-    if not W1:
+    if not window:
         return
 
     @pl.when(c == NC)
     def _():
-        # The window program: slots [kbase, kbase + W1) of the full-precision key window (entry w is
-        # slot kbase + w), read where qk <= slot < n_new; their values are quantized below qv (body
-        # rows, as above) and full precision from qv on (value window entry w + Wv1 - W1).
-        kbase, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
+        # The window program: slots [n_old - Rk, n_old] are the Rk ring entries (slot s at index s % Rk)
+        # and the new token; it reads those with qk <= slot < n_new, their values quantized below qv
+        # (body rows, as above) and full precision from qv on (the value ring, or the new token).
+        n_old, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
         w = jnp.arange(W1p, dtype=jnp.int32)
-        slot = kbase + w
-        valid = (w < W1) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
-        kw = kw_ref[b, jnp.minimum(w, W1 - 1), h, :].astype(dtype)  # [W1p, H]
+        slot = n_old - Rk + w  # entry w; w == Rk is the new token
+        valid = (w <= Rk) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
+        new_row = (w == Rk)[:, None]
+        knew = knew_ref[b, h, :].astype(dtype)[None, :]  # [1, H]
+        if Rk:
+            kw = jnp.where(new_row, knew, kring_ref[b, (slot + Rk) % Rk, h, :].astype(dtype))  # [W1p, H]
+        else:
+            kw = jnp.broadcast_to(knew, (W1p, H))
         # ROWS query rows for the tensor cores: the G query heads repeated
         q16 = q_ref[b, h, jnp.arange(ROWS, dtype=jnp.int32) & (G - 1), :].astype(dtype)  # [ROWS, H]
         s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
@@ -253,14 +266,29 @@ def _kernel(
         padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
         pf = jnp.where(quant, 0.0, p)  # [G, W1p]
         wf = (pf.T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
-        vrow = jnp.clip(w + (Wv1 - W1), 0, Wv1 - 1)
 
         def full_precision(k):
-            vf = vw_ref[b, vrow, h, pl.ds(k, Wv, vp)].astype(dtype)  # [W1p, Wv] channels vp*m + k
+            cols = pl.ds(k, Wv, vp)  # channels vp*m + k
+            vf = vnew_ref[b, h, cols].astype(dtype)[None, :]  # [1, Wv]
+            if Rv:  # slots [n_old - Rv, n_old) in the value ring
+                vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
+                vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, cols].astype(dtype))  # [W1p, Wv]
+            else:  # no value ring: only the new token is read at full precision
+                vf = jnp.broadcast_to(vf, (W1p, Wv))
             f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, Wv]
             return f.reshape(G, ROWS // G, Wv).sum(axis=1)
 
         store(m, l, D, zsum, full_precision)
+
+        # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
+        @pl.when(n_new > n_old)
+        def _():
+            if not interpret:
+                pltriton.debug_barrier()
+            if Rk:
+                kring_out[b, n_old % Rk, h, :] = knew_ref[b, h, :].astype(kring_out.dtype)
+            if Rv:
+                vring_out[b, n_old % Rv, h, :] = vnew_ref[b, h, :].astype(vring_out.dtype)
 
 
 def _pow2_floor(n: int) -> int:
@@ -293,15 +321,17 @@ def body_partials(
     per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
     :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program).
 
-    ``window = (kview [B, W1, K, H], vview [B, Wv1, K, H], meta [B, 4] int32)``: key window entry
-    ``w`` holds slot ``kbase + w`` and value window entry ``w`` slot ``kbase + W1 - Wv1 + w``; with
-    ``meta[b] = (kbase, qk, qv, n_new)`` one more program per sequence and KV head attends to the
-    key window's slots ``qk <= slot < n_new``, their values read quantized from the body below
-    ``qv`` and from ``vview`` from ``qv`` on (``jaxkv.kvattention``'s decode: the keys a query
-    reads at full precision, each slot once).
+    ``window = (kring, vring, knew [B, K, H], vnew [B, K, H], meta [B, 4] int32)``, the decode
+    step's full-precision side (``meta[b] = (n_old, qk, qv, n_new)``): the rings ``[B, Rk | Rv, K, H]``
+    (slot ``s`` at entry ``s % R``; None for a ring of length 0) hold slots ``[n_old - R, n_old)`` and
+    ``knew``/``vnew`` the new token at slot ``n_old`` (a padding row has ``n_new == n_old``). One more
+    program per sequence and KV head attends to those key slots ``qk <= slot < n_new``, their values
+    read quantized from the body below ``qv`` and at full precision from ``qv`` on
+    (``jaxkv.kvattention``'s decode: the keys a query reads at full precision, each slot once), and
+    then writes the new token into the rings, in place.
 
     Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
-    number of chunks (the window's last).
+    number of chunks (the window's last), and with ``window`` the updated ``kring`` and ``vring``.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
@@ -319,20 +349,21 @@ def body_partials(
             f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
         )
     NC = -(-S // chunk)
-    W1 = Wv1 = W1p = 0
-    extra = ()
+    Rk = Rv = W1p = 0
+    extra, rings = (), ()
     if window is not None:
-        kview, vview, meta = window
-        W1, Wv1 = kview.shape[1], vview.shape[1]
-        W1p = max(ROWS, 1 << (W1 - 1).bit_length())  # a power of two, at least one tensor-core tile
-        extra = (kview, vview, meta.astype(jnp.int32))
+        kring, vring, knew, vnew, meta = window
+        rings = tuple(r for r in (kring, vring) if r is not None)
+        Rk, Rv = (0 if r is None else r.shape[1] for r in (kring, vring))
+        W1p = max(ROWS, 1 << Rk.bit_length())  # Rk + 1 entries: a power of two, at least one tensor-core tile
+        extra = (*rings, knew, vnew, meta.astype(jnp.int32))
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        NC=NC, W1=W1, W1p=W1p, Wv1=Wv1, dtype=dtype, interpret=interpret,
+        NC=NC, window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, dtype=dtype, interpret=interpret,
     )  # fmt: skip
     NC += window is not None
     full = pl.BlockSpec(memory_space=None)
-    m, l, o = pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=(B, K, NC),
         in_specs=[full] * (8 + len(extra)),
@@ -340,14 +371,254 @@ def body_partials(
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, H), lambda b, h, c: (b, h, c, 0, 0)),
+            *[full] * len(rings),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), _F32),
+            *[jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rings],
         ],
+        # the rings are updated in place: input 8 + i is output 3 + i
+        input_output_aliases={8 + i: 3 + i for i in range(len(rings))},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
     )(q.astype(_F32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero, *extra)
-    return m[..., 0], l[..., 0], o
+    m, l, o = out[0][..., 0], out[1][..., 0], out[2]
+    if window is None:
+        return m, l, o
+    new_rings = iter(out[3:])
+    return m, l, o, *(None if r is None else next(new_rings) for r in window[:2])
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing one decode token into the quantized body
+
+# (mantissa bits, smallest normal exponent) of the scale dtypes rounded in the kernel
+_SCALE_FORMATS = {
+    jnp.dtype(jnp.float8_e4m3fn): (3, -6),
+    jnp.dtype(jnp.float16): (10, -14),
+    jnp.dtype(jnp.bfloat16): (7, -126),
+}
+
+
+def append_supported(kbits: int, vbits: int, group: int, head_dim: int, scale_dtype) -> bool:
+    """True when :func:`append` handles this cache (besides :func:`supported`): every channel group of
+    a value holds whole bytes of codes, and the scales are one of the dtypes it rounds."""
+    sdt = jnp.dtype(scale_dtype)
+    return group % (8 // vbits) == 0 and (sdt == _F32 or sdt in _SCALE_FORMATS) and head_dim % group == 0
+
+
+def _rint(a, interpret: bool):
+    """float32 round half to even (``jnp.round``), which Pallas' Triton lowering lacks."""
+    if interpret:
+        return jnp.round(a)
+    return pltriton.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;", args=[a], constraints="=r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, _F32)],
+    )[0]  # fmt: skip
+
+
+def round_up_scale(s, dtype):
+    """Positive float32 scales rounded *up* to ``dtype`` as ``jaxkv.kvcache`` stores them (clipped to
+    its range, then to nearest, then one step up where that fell below ``s``), with operations the
+    Triton lowering has. The step up from a stored value ``v``: below ``dtype``'s smallest normal
+    ``2^emin`` (subnormals) add ``2^(emin - m)``; above it add one to the lowest of the ``m`` mantissa
+    bits ``dtype`` keeps of float32's 23 (the carry moves the exponent). Returns ``dtype`` values."""
+    from jaxkv.kvcache import scale_range
+
+    dtype = jnp.dtype(dtype)
+    s = jnp.clip(s, *scale_range(dtype))
+    if dtype == _F32:
+        return s
+    mbits, emin = _SCALE_FORMATS[dtype]
+    stored = s.astype(dtype)
+    v = stored.astype(_F32)
+    up = jnp.where(
+        v < 2.0**emin,
+        v + 2.0 ** (emin - mbits),
+        jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.int32) + (1 << (23 - mbits)), _F32),
+    )
+    return jnp.where(v < s, up.astype(dtype), stored)
+
+
+def _grid(mn, mx, bits: int, sdt, interpret: bool):
+    """Stored scale, float32 scale and float32 zero point of ``jaxkv.kvcache.quantize`` from a group's
+    float32 minimum and maximum."""
+    from jaxkv.kvcache import ZERO_MAX, ZERO_MIN, _store_scale, scale_step
+
+    s = scale_step(mn, mx, bits)
+    # The interpreter runs on XLA, whose converts round trip only behind kvcache's barriers.
+    stored = _store_scale(s, sdt) if interpret else round_up_scale(s, sdt)
+    sf = stored.astype(_F32)
+    return stored, sf, jnp.clip(_rint(-mn / sf, interpret), ZERO_MIN, ZERO_MAX)
+
+
+def _codes(x, sf, zero, bits: int, interpret: bool):
+    """int32 codes of float32 ``x`` on the grid ``(sf, zero)`` (``jaxkv.kvcache.quantize``). The
+    division is Triton's (``div.full.f32``, not IEEE), as XLA's on the GPU: of 4.2M random float32
+    quotients XLA rounded 1.2M otherwise than IEEE division, and with ``div.rn`` here 4 of 24,576 key
+    codes came out one step off XLA's (H100, run 36); with the same division every code agrees."""
+    c = jnp.clip(_rint(x / sf, interpret) + zero, 0, 2**bits - 1)
+    return c.astype(jnp.int32)
+
+
+def _append_kernel(
+    meta_ref, knew_ref, vnew_ref, *refs, kbits, vbits, group, H, Rk, sdt, interpret,
+):  # fmt: skip
+    # refs: the key ring (Rk > 0), the six body inputs (aliased, unread), then the six body outputs
+    kring_ref = refs[0] if Rk else None
+    kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = refs[-6:]
+    b, h = pl.program_id(0), pl.program_id(1)
+    n_old, n_new = meta_ref[b, 0], meta_ref[b, 3]
+
+    @pl.when(n_new > n_old)
+    def _():
+        # The value at slot n_old, per token in groups of `group` channels; plane k (channels vp*m + k)
+        # viewed [C, group / vp] has group C's channels in row C.
+        vp = 8 // vbits
+        Wv, C = H // vp, H // group
+        x = vnew_ref[b, h, :].astype(_F32).reshape(C, group)
+        stored, sf, zero = _grid(
+            x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True), vbits, sdt, interpret
+        )
+        packed = 0
+        for k in range(vp):
+            xk = vnew_ref[b, h, pl.ds(k, Wv, vp)].astype(_F32).reshape(C, group // vp)
+            packed = packed | (_codes(xk, sf, zero, vbits, interpret).reshape(Wv) << (vbits * k))
+        vd_ref[b, h, n_old, :] = packed.astype(jnp.uint8)
+        vs_ref[b, h, n_old, :] = stored.reshape(C)
+        vz_ref[b, h, n_old, :] = zero.reshape(C).astype(jnp.int8)
+
+    @pl.when((n_new > n_old) & (n_new % group == 0))
+    def _():
+        # The key group this token completes, per channel: slots [n_new - group, n_new), the older ones
+        # from the ring (slot s at entry s % Rk), read before the decode kernel writes the new token there.
+        kp = 8 // kbits
+        Wk = H // kp
+        first = n_new - group
+        e = jnp.arange(group, dtype=jnp.int32)
+        last = (e == group - 1)[:, None]
+        packed = 0
+        for k in range(kp):
+            cols = pl.ds(k, Wk, kp)  # channels kp*m + k
+            x = knew_ref[b, h, cols].astype(_F32)[None, :]  # [1, Wk]
+            if Rk:
+                x = jnp.where(last, x, kring_ref[b, (first + e) % Rk, h, cols].astype(_F32))  # [group, Wk]
+            stored, sf, zero = _grid(
+                x.min(axis=0, keepdims=True), x.max(axis=0, keepdims=True), kbits, sdt, interpret
+            )
+            packed = packed | (_codes(x, sf, zero, kbits, interpret) << (kbits * k))
+            ks_ref[b, h, first // group, cols] = stored[0]
+            kz_ref[b, h, first // group, cols] = zero[0].astype(jnp.int8)
+        kd_ref[b, h, pl.ds(first, group), :] = packed.astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "interpret"))
+def append(
+    knew, vnew, kring, meta, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, interpret=False
+):  # fmt: skip
+    """Quantize one decode token per sequence into the body, in place: its value at slot ``n_old``
+    (per token), and the key group it completes (per channel, when ``n_new`` is a multiple of
+    ``group``; older slots from the key ring ``kring [B, Rk, K, H]``, None when ``Rk = 0``).
+    ``knew``/``vnew [B, K, H]``, ``meta [B, 4] = (n_old, qk, qv, n_new)`` as :func:`body_partials`
+    takes it (a padding row, ``n_new == n_old``, writes nothing). The body as ``jaxkv.kvcache``
+    lays it out; the codes, scales and zero points are those of ``jaxkv.kvattention.write_side``
+    bit for bit (tests). One launch for what XLA did in a dozen (quantization, packing, seven
+    scatters and their transposes). Returns the six body arrays."""
+    B, K, H = knew.shape
+    body = (kdata, kscale, kzero, vdata, vscale, vzero)
+    rings = () if kring is None else (kring,)
+    kernel = functools.partial(
+        _append_kernel, kbits=kbits, vbits=vbits, group=group, H=H, Rk=0 if kring is None else kring.shape[1],
+        sdt=jnp.dtype(kscale.dtype), interpret=interpret,
+    )  # fmt: skip
+    full = pl.BlockSpec(memory_space=None)
+    first = 3 + len(rings)  # the inputs' index of kdata
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            grid=(B, K),
+            in_specs=[full] * (first + 6),
+            out_specs=[full] * 6,
+            out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body],
+            input_output_aliases={first + i: i for i in range(6)},
+            compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+            interpret=interpret,
+            name=f"kv_append_k{kbits}v{vbits}",
+        )(meta.astype(jnp.int32), knew, vnew, *rings, *body)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging the partials with the pivot segment
+
+
+def _merge_kernel(
+    q_ref, pos_ref, pk_ref, pv_ref, m_ref, l_ref, o_ref, out_ref, *, P, Pp, NC, G, dtype,
+):  # fmt: skip
+    b, h = pl.program_id(0), pl.program_id(1)
+    f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
+    dot = dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
+    m_all = jnp.full((G, 1), _MASKED, _F32)
+    for c in range(NC):
+        m_all = jnp.maximum(m_all, m_ref[b, h, c, :][:, None])
+    if P:
+        # the pivot scores, ROWS query rows for the tensor cores (the G query heads repeated)
+        p = jnp.arange(Pp, dtype=jnp.int32)
+        rows = jnp.minimum(p, P - 1)
+        pk = pk_ref[rows, h, :].astype(dtype)  # [Pp, H]
+        q16 = q_ref[b, h, jnp.arange(ROWS, dtype=jnp.int32) & (G - 1), :].astype(dtype)  # [ROWS, H]
+        s16 = jax.lax.dot_general(q16, pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
+        visible = ((p < P) & (p <= pos_ref[b]))[None, :]  # causal: a padding query (-1) sees none
+        s = jnp.where(visible, s16.reshape(ROWS // G, G, Pp).max(axis=0), _MASKED)  # [G, Pp]
+        m_all = jnp.maximum(m_all, s.max(axis=1, keepdims=True))
+        e = jnp.where(visible, jnp.exp(s - m_all), 0.0)
+        denom = jnp.sum(e, axis=1, keepdims=True)
+    else:
+        denom = jnp.zeros((G, 1), _F32)
+    body = jnp.zeros(out_ref.shape[2:], _F32)  # [G, H]
+    for c in range(NC):
+        w = jnp.exp(m_ref[b, h, c, :][:, None] - m_all)  # [G, 1]
+        denom = denom + l_ref[b, h, c, :][:, None] * w
+        body = body + w * o_ref[b, h, c, :, :]
+    denom = jnp.where(denom > 0, denom, 1.0)  # a padding query without a pivot sees nothing
+    out = body / denom
+    if P:
+        # (e / denom) @ pivot_v as a ROWS-row product: rows (gi, u), u = 0 the real one
+        pad = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, :, None].astype(_F32)
+        a = ((e / denom)[:, None, :] * pad).reshape(ROWS, Pp).astype(dtype)
+        pv = pv_ref[rows, h, :].astype(dtype)  # [Pp, H]
+        piv = jax.lax.dot_general(a, pv, (((1,), (0,)), ((), ())), **dot)  # [ROWS, H]
+        out = out + piv.reshape(G, ROWS // G, piv.shape[-1]).sum(axis=1)
+    out_ref[b, h, :, :] = out.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "dtype", "interpret"))
+def merge(q, positions, pivot_k, pivot_v, m, l, o, *, out_dtype, dtype=_BF16, interpret=False):
+    """The attention output of one decode query per sequence from :func:`body_partials`' partials
+    ``m``/``l``/``o`` and the pivot segment ``pivot_k``/``pivot_v [P, K, H]``: one softmax over all of
+    them, exactly (each chunk's partials rescaled by ``exp(m - max)``), in one launch where XLA took
+    six. ``q [B, K, G, H]`` float32 already multiplied by the softmax scale, as ``body_partials``
+    takes it; ``positions [B]`` the queries' positions (a pivot slot ``p`` is visible from ``p`` on;
+    -1, padding, sees none); ``dtype`` the products' operands as in ``body_partials``. Returns
+    ``[B, K, G, H]`` in ``out_dtype``."""
+    B, K, G, H = q.shape
+    P = pivot_k.shape[0]
+    NC = m.shape[2]
+    Pp = max(ROWS, 1 << max(P - 1, 0).bit_length())  # a power of two, at least one tensor-core tile
+    if not P:  # the refs need an entry; never read
+        pivot_k = pivot_v = jnp.zeros((1, K, H), q.dtype)
+    kernel = functools.partial(_merge_kernel, P=P, Pp=Pp, NC=NC, G=G, dtype=jnp.dtype(dtype))
+    full = pl.BlockSpec(memory_space=None)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, K),
+        in_specs=[full] * 7,
+        out_specs=full,
+        out_shape=jax.ShapeDtypeStruct((B, K, G, H), out_dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="kv_decode_merge",
+    )(q.astype(_F32), positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o)
