@@ -21,11 +21,12 @@ Two implementations of the cached attention, chosen by ``impl``:
   2-core CPU (SmolLM2-135M shape, batch 4, 1,024 tokens): 79 tokens/s folded, 123 dequantizing
   first, 259 with the query blocks, against 270-278 with a bf16 cache (results/bench/cpu_run4_*,
   cpu_run5_*).
-* ``"kernel"``: decode through the tensor-core kernel of ``jaxkv.kernels.kvdecode`` (one query per
-  sequence, per-channel keys, 2/4/8-bit keys and values; other calls take ``"folded"``): the kernel
-  returns each chunk's maximum, exponential sum and weighted value sum over the body slots read
-  quantized on both sides and over the full-precision key window, and one softmax with the pivot
-  scores combines them exactly (:func:`_decode_with_kernel`). The model's default on a GPU
+* ``"kernel"``: decode through the kernels of ``jaxkv.kernels.kvdecode`` (one query per sequence,
+  per-channel keys, 2/4/8-bit keys and values; other calls take ``"folded"``): one writes the new
+  token into the body, the tensor-core kernel returns each chunk's maximum, exponential sum and
+  weighted value sum over the body slots read quantized on both sides and over the full-precision
+  key window (and writes the new token into the rings), and one softmax with the pivot scores
+  combines them exactly (:func:`_decode_with_kernels`). The model's default on a GPU
   (:func:`decode_impl`, ``JAXKV_KV_DECODE``); GPU (Triton), or Pallas' interpreter elsewhere.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.

@@ -1,6 +1,10 @@
-"""Split-K (flash-decoding) attention of one decode query per sequence over the packed, quantized KV-cache
-body, on the tensor cores: a Pallas (Triton) GPU kernel that reads the codes, scales and zero points in
-place.
+"""One decode token per sequence through a quantized KV cache in three Pallas (Triton) GPU kernels:
+:func:`append` quantizes the new token into the packed body, :func:`body_partials` is the split-K
+(flash-decoding) attention over the body and the full-precision window on the tensor cores, reading
+the codes, scales and zero points in place (and it writes the new token into the window rings), and
+:func:`merge` combines its partials with the pivot segment. ``jaxkv.kvattention._decode_with_kernels``
+runs the three; one layer of XLA launches before them was a dozen (K4V2 decode 7.733 -> 6.832 ms per
+Llama-2-7B token at batch 8 and 4096 context, H100, run 37).
 
 Conventions
 -----------
@@ -13,11 +17,11 @@ Conventions
 * The kernel covers the body slots a query reads quantized on both sides, ``j < n_read[b]`` (a multiple
   of ``g``: per-channel key groups are quantized whole), and, given the windows, one more program per
   sequence and KV head covers the full-precision key window (its values quantized from the body or
-  full precision from the value window, as the read rule says). Only the pivot segment stays in XLA
-  (``jaxkv.kvattention.attend_cached``), which merges its scores with the kernel's partial results
-  through their maxima: one softmax over all of it, exactly. The window program took the window's
-  scores, masks, body-row gathers and value products out of XLA's small launches: K4V2 decode 8.130
-  -> 7.796 ms per Llama-2-7B token at batch 8 and 4096 context (H100, runs 32 and 34).
+  full precision from the value ring, as the read rule says). :func:`merge` takes the pivot segment's
+  scores and the partial results through their maxima: one softmax over all of it, exactly. The
+  window program took the window's scores, masks, body-row gathers and value products out of XLA's
+  small launches: K4V2 decode 8.130 -> 7.796 ms per Llama-2-7B token at batch 8 and 4096 context
+  (H100, runs 32 and 34).
 * Grid ``(B, K, chunks)``; a program covers ``chunk_slots`` slots (at most ``NG = ROWS / G`` key
   groups, ``G`` query heads per KV head), read in tiles of ``sub_slots``, and writes per query head
   the chunk's maximum score ``m``, ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32).
