@@ -463,3 +463,50 @@ def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype
         np.asarray(ks.scale.astype(jnp.float32)), np.asarray(want["kscale"].astype(jnp.float32))
     )
     assert not np.array_equal(np.asarray(vs.data), np.asarray(want["vdata"]))
+
+
+@pytest.mark.parametrize(
+    "P,G,dtype", [(0, 1, "bfloat16"), (5, 4, "bfloat16"), (20, 1, "float32"), (3, 2, "float32")]
+)
+def test_kv_merge_matches_float64(P, G, dtype):
+    """``merge``: one softmax over the pivot slots and every chunk's partials against float64 numpy,
+    with pivot counts that pad to 16 and 32 rows, a query that sees only part of the pivot
+    (position 2), a padding query (-1: no pivot, an empty body) and chunks that are empty."""
+    from jaxkv.kernels import kvdecode
+
+    rng = np.random.default_rng(P * 10 + G)
+    B, K, H, NC = 3, 2, 64, 5
+    q = (rng.standard_normal((B, K, G, H)) / 8).astype(np.float32)
+    pk = rng.standard_normal((P, K, H)).astype(np.float32)
+    pv = rng.standard_normal((P, K, H)).astype(np.float32)
+    m = rng.standard_normal((B, K, NC, G)).astype(np.float32)
+    l = (rng.random((B, K, NC, G)) * 4 + 0.5).astype(np.float32)
+    o = (rng.standard_normal((B, K, NC, G, H)) * l[..., None]).astype(np.float32)
+    m[:, :, 3] = -1e30  # an empty chunk
+    l[:, :, 3] = o[:, :, 3] = 0
+    positions = np.array([100, 2, -1], np.int32)
+    m[2], l[2], o[2] = -1e30, 0, 0  # the padding row: nothing in the body either
+    if dtype == "bfloat16":  # the pivot operands enter the products rounded, as the kernel takes them
+        pk, pv = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (pk, pv))
+    out = kvdecode.merge(
+        jnp.asarray(q), jnp.asarray(positions), jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(m), jnp.asarray(l),
+        jnp.asarray(o), out_dtype=jnp.float32, dtype=dtype, interpret=not ON_GPU,
+    )  # fmt: skip
+    assert out.shape == (B, K, G, H) and out.dtype == jnp.float32
+    qd = q.astype(np.float64)
+    if dtype == "bfloat16":
+        qd = np.asarray(jnp.asarray(q, jnp.bfloat16), np.float64)
+    s = np.einsum("BKGH,PKH->BKGP", qd, pk.astype(np.float64))
+    visible = np.arange(P)[None, :] <= positions[:, None]  # [B, P]
+    s = np.where(visible[:, None, None, :], s, -np.inf)
+    mx = np.maximum(s.max(-1, initial=-np.inf), m.max(2).astype(np.float64))  # [B, K, G]
+    e = np.exp(s - mx[..., None])
+    w = np.exp(m - mx[:, :, None, :])
+    denom = e.sum(-1) + (l * w).sum(2)
+    denom = np.where(denom > 0, denom, 1.0)
+    want = (np.einsum("BKGP,PKH->BKGH", e, pv) + np.einsum("BKCG,BKCGH->BKGH", w, o)) / denom[..., None]
+    assert np.all(want[2] == 0)
+    # bf16 products: e / denom rounded to bf16 (2^-9 relative) times |v| summed over the pivot; float32:
+    # summation order
+    tol = 4e-3 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
