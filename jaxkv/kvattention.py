@@ -261,7 +261,6 @@ def _kernel_applies(T: int, G: int, H: int, kspec, vspec, cfg: ModelConfig) -> b
         and vspec.quantized
         and cfg.sliding_window is None
         and kvdecode.supported(kspec.bits, vspec.bits, kspec.per_channel, kspec.group, H, G)
-        and kvdecode.append_supported(kspec.bits, vspec.bits, kspec.group, H, kspec.scale_dtype)
     )
 
 

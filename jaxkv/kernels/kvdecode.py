@@ -94,8 +94,9 @@ def _pow2(n: int) -> bool:
 
 
 def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim: int, q_per_kv: int) -> bool:
-    """True when :func:`body_partials` handles this cache: power-of-two tiles, and at least 16 bytes
-    of codes per row on either side (the contraction and output widths of a tensor-core product)."""
+    """True when the kernels handle this cache: power-of-two tiles, at least 16 bytes of codes per
+    row on either side (the contraction and output widths of a tensor-core product), and for
+    :func:`append` whole bytes of value codes in every channel group."""
     return (
         k_per_channel
         and kbits in BITS
@@ -105,6 +106,7 @@ def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim:
         and _pow2(q_per_kv)
         and q_per_kv <= ROWS
         and head_dim % group == 0
+        and group % (8 // vbits) == 0
         and head_dim * kbits // 8 >= 16
         and head_dim * vbits // 8 >= 16
     )
@@ -399,20 +401,6 @@ def body_partials(
 # ----------------------------------------------------------------------------------------------
 # Writing one decode token into the quantized body
 
-# (mantissa bits, smallest normal exponent) of the scale dtypes rounded in the kernel
-_SCALE_FORMATS = {
-    jnp.dtype(jnp.float8_e4m3fn): (3, -6),
-    jnp.dtype(jnp.float16): (10, -14),
-    jnp.dtype(jnp.bfloat16): (7, -126),
-}
-
-
-def append_supported(kbits: int, vbits: int, group: int, head_dim: int, scale_dtype) -> bool:
-    """True when :func:`append` handles this cache (besides :func:`supported`): every channel group of
-    a value holds whole bytes of codes, and the scales are one of the dtypes it rounds."""
-    sdt = jnp.dtype(scale_dtype)
-    return group % (8 // vbits) == 0 and (sdt == _F32 or sdt in _SCALE_FORMATS) and head_dim % group == 0
-
 
 def _rint(a, interpret: bool):
     """float32 round half to even (``jnp.round``), which Pallas' Triton lowering lacks."""
@@ -436,13 +424,16 @@ def round_up_scale(s, dtype):
     s = jnp.clip(s, *scale_range(dtype))
     if dtype == _F32:
         return s
-    mbits, emin = _SCALE_FORMATS[dtype]
+    info = jnp.finfo(dtype)
+    mbits, emin = info.nmant, info.minexp
     stored = s.astype(dtype)
     v = stored.astype(_F32)
     up = jnp.where(
         v < 2.0**emin,
         v + 2.0 ** (emin - mbits),
-        jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.int32) + (1 << (23 - mbits)), _F32),
+        jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(v, jnp.int32) + (1 << (jnp.finfo(_F32).nmant - mbits)), _F32
+        ),
     )
     return jnp.where(v < s, up.astype(dtype), stored)
 
