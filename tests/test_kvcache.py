@@ -187,7 +187,8 @@ def test_cached_attention_matches_numpy_float64(kv, H, query_block, monkeypatch)
     tokens in one block of queries, or in blocks of 3 with their bands of the windows (the last one
     padded). "folded" reads the body dequantized in the prefill (7 tokens x 2 query heads > group)
     and with the scales folded in decode (1 x 2 <= group): both evaluation orders are checked.
-    "kernel" decodes through the split-K kernel where its tiles fit (64 channels), else as "folded"."""
+    "kernel" decodes through the kernels (append, split-K, merge) where their tiles fit (64 channels),
+    else as "folded"."""
     from jaxkv.kernels import kvdecode
     from jaxkv.kvattention import _dequantize_first
 
