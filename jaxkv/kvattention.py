@@ -436,33 +436,32 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     from jaxkv.kernels import kvdecode
 
     B, T, N, H = q.shape
-    K = k.shape[2]
     P = pivot_k.shape[0]
     kspec, vspec = kside.spec, vside.spec
     cd = q.dtype
-    qg = q.reshape(B, T, K, N // K, H)
     i = positions - P
     qk, qv = frontier(i, kspec, kv)[:, 0], frontier(i, vspec, kv)[:, 0]  # [B]
     meta = jnp.stack([n_old, qk, qv, n_new], axis=1)
-    knew, vnew = k[:, 0], v[:, 0]
+    heads = kvdecode.step_heads(q, k, v)
     interpret = jax.default_backend() != "gpu"
     bits = dict(kbits=kspec.bits, vbits=vspec.bits, group=kspec.group)
     kd, ks, kz, vd, vs, vz = kvdecode.append(
-        knew, vnew, kside.window, meta, kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero,
+        heads, kside.window, meta, kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero,
         **bits, interpret=interpret,
     )  # fmt: skip
-    qs = qg[:, 0].astype(_F32) * (1.0 / np.sqrt(H))  # [B, K, G, H]
+    sm_scale = float(np.float32(1.0 / np.sqrt(H)))
     dtype = jnp.float32 if cd == jnp.float32 else jnp.bfloat16  # the products' operands
     m, l, o, kring, vring = kvdecode.body_partials(
-        qs, qk, kd, ks, kz, vd, vs, vz, (kside.window, vside.window, knew, vnew, meta), **bits, dtype=dtype,
-        interpret=interpret,
+        heads, qk, kd, ks, kz, vd, vs, vz, (kside.window, vside.window, meta), **bits, sm_scale=sm_scale,
+        dtype=dtype, interpret=interpret,
     )  # fmt: skip
     kside = kside.replace(data=kd, scale=ks, zero=kz, window=kring)
     vside = vside.replace(data=vd, scale=vs, zero=vz, window=vring)
 
     out = kvdecode.merge(
-        qs, positions[:, 0], pivot_k, pivot_v, m, l, o, out_dtype=cd, dtype=dtype, interpret=interpret
-    )
+        heads, positions[:, 0], pivot_k, pivot_v, m, l, o, sm_scale=sm_scale, out_dtype=cd, dtype=dtype,
+        interpret=interpret,
+    )  # fmt: skip
     return out.reshape(B, T, N * H), kside, vside
 
 

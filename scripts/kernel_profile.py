@@ -59,10 +59,11 @@ def kv_case(args):
 
     @jax.jit
     def kernel(q, ks, vs):
+        z = jnp.zeros((B, 1, K, H), q.dtype)  # no new key or value (no window)
         m, l, o = kvdecode.body_partials(
-            q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
-            vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            num_warps=args.warps, interpret=interpret,
+            kvdecode.step_heads(q.reshape(B, 1, -1, H), z, z), jnp.full((B,), S, jnp.int32), ks.data, ks.scale,
+            ks.zero, vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
+            sm_scale=scale, num_warps=args.warps, interpret=interpret,
         )  # fmt: skip
         w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
         return (jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None])[:, None]

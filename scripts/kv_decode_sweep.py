@@ -19,7 +19,7 @@ K4V2 at group 32): the attention of one query per sequence over the whole body, 
 Each candidate runs once to compile, then ``--repeats`` times under its own JAX profiler trace; the
 time of a call is the GPU time of all its kernels (no launch gaps). GB/s = cache bytes read / time,
 beside the device's copy bandwidth. Outputs are checked against the ``xla`` candidate (relative
-error). Writes ``OUT.json`` and ``OUT.md``.
+error). Writes ``OUT.json`` (with each candidate's GPU time per kernel) and ``OUT.md``.
 
     python scripts/kv_decode_sweep.py --out results/bench/kv_decode_sweep      # GPU, about a minute
 """
@@ -91,10 +91,12 @@ def main(argv=None) -> int:
         return body_values(p, vs, q.dtype)
 
     def kernel(q, ks, vs, chunk_slots, sub_slots, num_warps):
+        z = jnp.zeros((B, 1, K, H), q.dtype)  # no new key or value (no window)
         m, l, o = kvdecode.body_partials(
-            q[:, 0].astype(jnp.float32) * scale, jnp.full((B,), S, jnp.int32), ks.data, ks.scale, ks.zero,
-            vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            chunk_slots=chunk_slots, sub_slots=sub_slots, num_warps=num_warps, interpret=jax.default_backend() != "gpu",
+            kvdecode.step_heads(q.reshape(B, 1, K * G, H), z, z), jnp.full((B,), S, jnp.int32), ks.data, ks.scale,
+            ks.zero, vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
+            sm_scale=scale, chunk_slots=chunk_slots, sub_slots=sub_slots, num_warps=num_warps,
+            interpret=jax.default_backend() != "gpu",
         )  # fmt: skip
         w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, NC, G]
         out = jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None]
@@ -153,11 +155,16 @@ def main(argv=None) -> int:
             with jax.profiler.trace(tmp):
                 for _ in range(args.repeats):
                     jax.block_until_ready(f(*fargs))
-            us = sum(d for _, _, d in gpu_kernels(trace_file(tmp))) / args.repeats
+            launches = gpu_kernels(trace_file(tmp))
+        kernels = {}  # GPU time per call of each kernel name
+        for _, kname, d in launches:
+            kernels[kname] = kernels.get(kname, 0.0) + d / args.repeats
+        us = sum(kernels.values())
         gbps = nbytes / us / 1e3 if us else 0.0  # no GPU kernels off the GPU
-        row = {"candidate": name, "config": cfg, "us": us, "gbps": gbps, "rel_err": err}
+        row = {"candidate": name, "config": cfg, "us": us, "gbps": gbps, "rel_err": err, "kernels": kernels}
         table.append(row)
-        print(f"  {name} {cfg or ''}: {us:.1f} us, {row['gbps']:.0f} GB/s, err {err}", file=sys.stderr)
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in kernels.items())
+        print(f"  {name} {cfg or ''}: {us:.1f} us ({parts}), {gbps:.0f} GB/s, err {err}", file=sys.stderr)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxkv.config import ModelConfig
+from jaxkv.kernels import kvdecode
 from jaxkv.kernels import qmatmul as qk
 from jaxkv.model import decode_layout, forward, fuse_projections
 from jaxkv.params import init_params
@@ -267,6 +268,13 @@ def test_qmatmul_single_layer_without_offset(M):
     assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 4e-3
 
 
+def _heads(q: np.ndarray) -> jax.Array:
+    """float32 queries ``[B, K, G, H]`` as the kernels' step heads (no new key or value)."""
+    B, K, G, H = q.shape
+    z = jnp.zeros((B, 1, K, H), jnp.float32)
+    return kvdecode.step_heads(jnp.asarray(q).reshape(B, 1, K * G, H), z, z)
+
+
 @pytest.mark.parametrize(
     "kbits,vbits,group,G,H,S,dtype",
     [
@@ -284,7 +292,6 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
     numpy over a random packed cache; chunks past n_read (0, partial, all) are empty. Its products
     take operands in ``dtype`` (q * key scale, p * value scale, as the XLA path does): the
     tolerances follow from their rounding."""
-    from jaxkv.kernels import kvdecode
     from jaxkv.kvcache import pack_codes
 
     rng = np.random.default_rng(kbits * 10 + vbits + G + S)
@@ -302,9 +309,10 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
         return jnp.swapaxes(jnp.asarray(a), 1, 2)
 
     m, l, o = kvdecode.body_partials(
-        jnp.asarray(q), jnp.asarray(n_read), head_major(pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits)),
+        _heads(q), jnp.asarray(n_read), head_major(pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits)),
         head_major(ks), head_major(kz), head_major(pack_codes(jnp.asarray(vcodes, jnp.uint8), vbits)),
-        head_major(vs), head_major(vz), kbits=kbits, vbits=vbits, group=group, dtype=dtype, interpret=not ON_GPU,
+        head_major(vs), head_major(vz), kbits=kbits, vbits=vbits, group=group, sm_scale=1.0, dtype=dtype,
+        interpret=not ON_GPU,
     )  # fmt: skip
     eps = 2.0**-9 if dtype == "bfloat16" else 2.0**-20  # operand rounding (float32: with slack)
     cs = max(group, min(kvdecode.CHUNK_SLOTS, kvdecode.ROWS // G * group))  # slots per program
@@ -394,7 +402,6 @@ def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype
     """One decode token per sequence written by the kernels (``append`` into the body, the decode
     kernel into the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
     rings; rows that complete a key group, that do not, and a padding row that writes nothing."""
-    from jaxkv.kernels import kvdecode
     from jaxkv.kvattention import window_view, write_side
     from jaxkv.kvcache import KVQuantConfig, frontier, init_cache
 
@@ -436,13 +443,14 @@ def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype
     meta = jnp.stack([n_old, frontier(i, ks.spec, kv)[:, 0], frontier(i, vs.spec, kv)[:, 0], n_new], axis=1)
     interpret = not ON_GPU
     bits = dict(kbits=kbits, vbits=vbits, group=group)
+    q = jnp.asarray(rng.standard_normal((B, 1, K, H)), jnp.bfloat16)
+    heads = kvdecode.step_heads(q, k, v)
     body = kvdecode.append(
-        k[:, 0], v[:, 0], ks.window, meta, ks.data, ks.scale, ks.zero, vs.data, vs.scale, vs.zero, **bits,
+        heads, ks.window, meta, ks.data, ks.scale, ks.zero, vs.data, vs.scale, vs.zero, **bits,
         interpret=interpret,
     )  # fmt: skip
-    q = jnp.asarray(rng.standard_normal((B, K, 1, H)), jnp.float32)
     *_, kring, vring = kvdecode.body_partials(
-        q, meta[:, 1], *body, (ks.window, vs.window, k[:, 0], v[:, 0], meta), **bits, interpret=interpret
+        heads, meta[:, 1], *body, (ks.window, vs.window, meta), **bits, sm_scale=1.0, interpret=interpret
     )
     got = dict(zip(["kdata", "kscale", "kzero", "vdata", "vscale", "vzero"], body), kring=kring, vring=vring)
     want = {
@@ -472,7 +480,6 @@ def test_kv_merge_matches_float64(P, G, dtype):
     """``merge``: one softmax over the pivot slots and every chunk's partials against float64 numpy,
     with pivot counts that pad to 16 and 32 rows, a query that sees only part of the pivot
     (position 2), a padding query (-1: no pivot, an empty body) and chunks that are empty."""
-    from jaxkv.kernels import kvdecode
 
     rng = np.random.default_rng(P * 10 + G)
     B, K, H, NC = 3, 2, 64, 5
@@ -489,8 +496,8 @@ def test_kv_merge_matches_float64(P, G, dtype):
     if dtype == "bfloat16":  # the pivot operands enter the products rounded, as the kernel takes them
         pk, pv = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float32) for a in (pk, pv))
     out = kvdecode.merge(
-        jnp.asarray(q), jnp.asarray(positions), jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(m), jnp.asarray(l),
-        jnp.asarray(o), out_dtype=jnp.float32, dtype=dtype, interpret=not ON_GPU,
+        _heads(q), jnp.asarray(positions), jnp.asarray(pk), jnp.asarray(pv), jnp.asarray(m), jnp.asarray(l),
+        jnp.asarray(o), sm_scale=1.0, out_dtype=jnp.float32, dtype=dtype, interpret=not ON_GPU,
     )  # fmt: skip
     assert out.shape == (B, K, G, H) and out.dtype == jnp.float32
     qd = q.astype(np.float64)

@@ -128,21 +128,30 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
 
 
 def _kernel(
-    q_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
-    kbits, vbits, group, G, H, S, J, NG, chunk, sub, NC, window, Rk, Rv, W1p, dtype, interpret,
+    heads_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
+    kbits, vbits, group, G, H, S, J, NG, chunk, sub, window, Rk, Rv, W1p, sm_scale, dtype, interpret,
 ):  # fmt: skip
-    # refs with a window: kring, vring (those of ring length Rk, Rv > 0), knew, vnew, meta (inputs), m, l,
-    # o, then the rings again (outputs aliased to the inputs); without: m, l, o
+    # refs with a window: kring, vring (those of ring length Rk, Rv > 0), meta (inputs), m, l, o, then the
+    # rings again (outputs aliased to the inputs); without: m, l, o
     if window:
         refs = list(refs)
         kring_ref = refs.pop(0) if Rk else None
         vring_ref = refs.pop(0) if Rv else None
-        knew_ref, vnew_ref, meta_ref, m_ref, l_ref, o_ref = refs[:6]
-        kring_out = refs[6] if Rk else None
+        meta_ref, m_ref, l_ref, o_ref = refs[:4]
+        kring_out = refs[4] if Rk else None
         vring_out = refs[-1] if Rv else None
     else:
         m_ref, l_ref, o_ref = refs
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    K = kd_ref.shape[1]
+    kh, vh = K * G + h, (G + 1) * K + h  # the rows of this KV head's new key and value in heads
+
+    def queries(rows, cols=slice(None)):
+        """float32 queries of this KV head's query heads ``rows`` times the softmax scale."""
+        return heads_ref[b, h * G + rows, cols].astype(_F32) * sm_scale
+
+    if window:  # program 0 of each (b, h) is the window's: with c the slowest axis, they run first
+        c = c - 1  # the body chunk (-1: the window program)
     kp, vp = 8 // kbits, 8 // vbits  # planes per byte
     Wk, Wv, C = H // kp, H // vp, H // group
     Mv = max(ROWS, C * G)  # rows of the value products (C * G real ones)
@@ -181,14 +190,14 @@ def _kernel(
             o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
             o_ref[:, pl.ds(k, Wv, vp)] = o if extra is None else o + extra(k)  # channels vp*m + k (strided)
 
-    @pl.when((c < NC) & (first * group < n))
+    @pl.when((c >= 0) & (first * group < n))
     def _():
         # Key rows (t, gi): q[gi] times group g0 + t's scales, in bf16 for the products; the zero
         # points (and the 128 of the codes) as one float32 bias per row.
         A, bias = [], 0.0
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # the channels of key plane k (strided)
-            qk = q_ref[b, h, :, cols]  # [G, Wk]
+            qk = queries(jnp.arange(G, dtype=jnp.int32), cols)  # [G, Wk]
             ks = ks_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)  # [NG, Wk]
             kz = kz_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)
             a3 = (ks[:, None, :] * qk[None, :, :]).astype(dtype)  # [NG, G, Wk]
@@ -230,7 +239,7 @@ def _kernel(
             D, zsum = values(p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum)
         store(m, l, D, zsum)
 
-    @pl.when((c < NC) & (first * group >= n))
+    @pl.when((c >= 0) & (first * group >= n))
     def _():
         m_ref[...] = jnp.full(m_ref.shape, _MASKED, _F32)
         l_ref[...] = jnp.zeros(l_ref.shape, _F32)
@@ -239,7 +248,7 @@ def _kernel(
     if not window:
         return
 
-    @pl.when(c == NC)
+    @pl.when(c < 0)
     def _():
         # The window program: slots [n_old - Rk, n_old] are the Rk ring entries (slot s at index s % Rk)
         # and the new token; it reads those with qk <= slot < n_new, their values quantized below qv
@@ -249,13 +258,13 @@ def _kernel(
         slot = n_old - Rk + w  # entry w; w == Rk is the new token
         valid = (w <= Rk) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
         new_row = (w == Rk)[:, None]
-        knew = knew_ref[b, h, :].astype(dtype)[None, :]  # [1, H]
+        knew = heads_ref[b, kh, :].astype(dtype)[None, :]  # [1, H]
         if Rk:
             kw = jnp.where(new_row, knew, kring_ref[b, (slot + Rk) % Rk, h, :].astype(dtype))  # [W1p, H]
         else:
             kw = jnp.broadcast_to(knew, (W1p, H))
         # ROWS query rows for the tensor cores: the G query heads repeated
-        q16 = q_ref[b, h, jnp.arange(ROWS, dtype=jnp.int32) & (G - 1), :].astype(dtype)  # [ROWS, H]
+        q16 = queries(jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)).astype(dtype)  # [ROWS, H]
         s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
         s = jnp.where(valid[None, :], s16.reshape(ROWS // G, G, W1p).max(axis=0), _MASKED)  # [G, W1p]
         m = s.max(axis=1, keepdims=True)
@@ -275,7 +284,7 @@ def _kernel(
 
         def full_precision(k):
             cols = pl.ds(k, Wv, vp)  # channels vp*m + k
-            vf = vnew_ref[b, h, cols].astype(dtype)[None, :]  # [1, Wv]
+            vf = heads_ref[b, vh, cols].astype(dtype)[None, :]  # [1, Wv]
             if Rv:  # slots [n_old - Rv, n_old) in the value ring
                 vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
                 vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, cols].astype(dtype))  # [W1p, Wv]
@@ -292,9 +301,17 @@ def _kernel(
             if not interpret:
                 pltriton.debug_barrier()
             if Rk:
-                kring_out[b, n_old % Rk, h, :] = knew_ref[b, h, :].astype(kring_out.dtype)
+                kring_out[b, n_old % Rk, h, :] = heads_ref[b, kh, :].astype(kring_out.dtype)
             if Rv:
-                vring_out[b, n_old % Rv, h, :] = vnew_ref[b, h, :].astype(vring_out.dtype)
+                vring_out[b, n_old % Rv, h, :] = heads_ref[b, vh, :].astype(vring_out.dtype)
+
+
+def step_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The decode token's query, key and value heads ``[B, 1, N | K, H]`` as the one array ``[B, N + 2K,
+    H]`` the kernels read (queries first, then keys, then values). One array, so that XLA computes
+    it (RoPE on queries and keys, the split of the fused projection) in one launch: three arrays were
+    three launches per layer."""
+    return jnp.concatenate([q[:, 0], k[:, 0], v[:, 0]], axis=1)
 
 
 def _pow2_floor(n: int) -> int:
@@ -307,6 +324,7 @@ def _pow2_floor(n: int) -> int:
         "kbits",
         "vbits",
         "group",
+        "sm_scale",
         "dtype",
         "chunk_slots",
         "sub_slots",
@@ -315,35 +333,37 @@ def _pow2_floor(n: int) -> int:
     ),
 )
 def body_partials(
-    q, n_read, kdata, kscale, kzero, vdata, vscale, vzero, window=None, *, kbits, vbits, group, dtype=_BF16,
-    chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
+    heads, n_read, kdata, kscale, kzero, vdata, vscale, vzero, window=None, *, kbits, vbits, group, sm_scale,
+    dtype=_BF16, chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
 ):  # fmt: skip
     """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``
     and, with ``window``, over the full-precision key window.
 
-    ``q [B, K, G, H]`` (already multiplied by the softmax scale), ``n_read [B]`` int32 (multiples
-    of ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
+    ``heads [B, N + 2K, H]`` the decode token's heads (:func:`step_heads`): its queries are
+    multiplied by ``sm_scale`` (the softmax scale) in float32; ``n_read [B]`` int32 (multiples of
+    ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
     products (the model's, bf16, or float32); ``chunk_slots``/``sub_slots``/``num_warps`` slots
     per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
     :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program).
 
-    ``window = (kring, vring, knew [B, K, H], vnew [B, K, H], meta [B, 4] int32)``, the decode
-    step's full-precision side (``meta[b] = (n_old, qk, qv, n_new)``): the rings ``[B, Rk | Rv, K, H]``
-    (slot ``s`` at entry ``s % R``; None for a ring of length 0) hold slots ``[n_old - R, n_old)`` and
-    ``knew``/``vnew`` the new token at slot ``n_old`` (a padding row has ``n_new == n_old``). One more
+    ``window = (kring, vring, meta [B, 4] int32)``, the decode step's full-precision side
+    (``meta[b] = (n_old, qk, qv, n_new)``): the rings ``[B, Rk | Rv, K, H]`` (slot ``s`` at entry
+    ``s % R``; None for a ring of length 0) hold slots ``[n_old - R, n_old)`` and the key and value
+    heads of ``heads`` the new token at slot ``n_old`` (a padding row has ``n_new == n_old``). One more
     program per sequence and KV head attends to those key slots ``qk <= slot < n_new``, their values
     read quantized from the body below ``qv`` and at full precision from ``qv`` on
     (``jaxkv.kvattention``'s decode: the keys a query reads at full precision, each slot once), and
     then writes the new token into the rings, in place.
 
     Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
-    number of chunks (the window's last), and with ``window`` the updated ``kring`` and ``vring``.
+    number of chunks (the window's first), and with ``window`` the updated ``kring`` and ``vring``.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
         raise ValueError(f"body_partials: operands must be bfloat16 or float32, got {dtype}")
-    B, K, G, H = q.shape
-    S = kdata.shape[2]
+    B, X, H = heads.shape
+    K, S = kdata.shape[1:3]
+    G = X // K - 2
     J = S // group
     NG = ROWS // G  # key groups per chunk: one key row per group and query head
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
@@ -358,14 +378,14 @@ def body_partials(
     Rk = Rv = W1p = 0
     extra, rings = (), ()
     if window is not None:
-        kring, vring, knew, vnew, meta = window
+        kring, vring, meta = window
         rings = tuple(r for r in (kring, vring) if r is not None)
         Rk, Rv = (0 if r is None else r.shape[1] for r in (kring, vring))
         W1p = max(ROWS, 1 << Rk.bit_length())  # Rk + 1 entries: a power of two, at least one tensor-core tile
-        extra = (*rings, knew, vnew, meta.astype(jnp.int32))
+        extra = (*rings, meta.astype(jnp.int32))
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        NC=NC, window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, dtype=dtype, interpret=interpret,
+        window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, sm_scale=sm_scale, dtype=dtype, interpret=interpret,
     )  # fmt: skip
     NC += window is not None
     full = pl.BlockSpec(memory_space=None)
@@ -390,7 +410,7 @@ def body_partials(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
-    )(q.astype(_F32), n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero, *extra)
+    )(heads, n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero, *extra)
     m, l, o = out[0][..., 0], out[1][..., 0], out[2]
     if window is None:
         return m, l, o
@@ -460,12 +480,15 @@ def _codes(x, sf, zero, bits: int, interpret: bool):
 
 
 def _append_kernel(
-    meta_ref, knew_ref, vnew_ref, *refs, kbits, vbits, group, H, Rk, sdt, interpret,
+    meta_ref, heads_ref, *refs, kbits, vbits, group, H, Rk, sdt, interpret,
 ):  # fmt: skip
     # refs: the key ring (Rk > 0), the six body inputs (aliased, unread), then the six body outputs
     kring_ref = refs[0] if Rk else None
     kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = refs[-6:]
     b, h = pl.program_id(0), pl.program_id(1)
+    K = kd_ref.shape[1]
+    kh = heads_ref.shape[1] - 2 * K + h  # the rows of this KV head's new key and value in heads
+    vh = kh + K
     n_old, n_new = meta_ref[b, 0], meta_ref[b, 3]
 
     @pl.when(n_new > n_old)
@@ -474,13 +497,13 @@ def _append_kernel(
         # viewed [C, group / vp] has group C's channels in row C.
         vp = 8 // vbits
         Wv, C = H // vp, H // group
-        x = vnew_ref[b, h, :].astype(_F32).reshape(C, group)
+        x = heads_ref[b, vh, :].astype(_F32).reshape(C, group)
         stored, sf, zero = _grid(
             x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True), vbits, sdt, interpret
         )
         packed = 0
         for k in range(vp):
-            xk = vnew_ref[b, h, pl.ds(k, Wv, vp)].astype(_F32).reshape(C, group // vp)
+            xk = heads_ref[b, vh, pl.ds(k, Wv, vp)].astype(_F32).reshape(C, group // vp)
             packed = packed | (_codes(xk, sf, zero, vbits, interpret).reshape(Wv) << (vbits * k))
         vd_ref[b, h, n_old, :] = packed.astype(jnp.uint8)
         vs_ref[b, h, n_old, :] = stored.reshape(C)
@@ -498,7 +521,7 @@ def _append_kernel(
         packed = 0
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # channels kp*m + k
-            x = knew_ref[b, h, cols].astype(_F32)[None, :]  # [1, Wk]
+            x = heads_ref[b, kh, cols].astype(_F32)[None, :]  # [1, Wk]
             if Rk:
                 x = jnp.where(last, x, kring_ref[b, (first + e) % Rk, h, cols].astype(_F32))  # [group, Wk]
             stored, sf, zero = _grid(
@@ -512,17 +535,18 @@ def _append_kernel(
 
 @functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "interpret"))
 def append(
-    knew, vnew, kring, meta, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, interpret=False
+    heads, kring, meta, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, interpret=False
 ):  # fmt: skip
     """Quantize one decode token per sequence into the body, in place: its value at slot ``n_old``
     (per token), and the key group it completes (per channel, when ``n_new`` is a multiple of
     ``group``; older slots from the key ring ``kring [B, Rk, K, H]``, None when ``Rk = 0``).
-    ``knew``/``vnew [B, K, H]``, ``meta [B, 4] = (n_old, qk, qv, n_new)`` as :func:`body_partials`
+    ``heads [B, N + 2K, H]`` (:func:`step_heads`), ``meta [B, 4] = (n_old, qk, qv, n_new)`` as :func:`body_partials`
     takes it (a padding row, ``n_new == n_old``, writes nothing). The body as ``jaxkv.kvcache``
     lays it out; the codes, scales and zero points are those of ``jaxkv.kvattention.write_side``
     bit for bit (tests). One launch for what XLA did in a dozen (quantization, packing, seven
     scatters and their transposes). Returns the six body arrays."""
-    B, K, H = knew.shape
+    B, _, H = heads.shape
+    K = kdata.shape[1]
     body = (kdata, kscale, kzero, vdata, vscale, vzero)
     rings = () if kring is None else (kring,)
     kernel = functools.partial(
@@ -530,7 +554,7 @@ def append(
         sdt=jnp.dtype(kscale.dtype), interpret=interpret,
     )  # fmt: skip
     full = pl.BlockSpec(memory_space=None)
-    first = 3 + len(rings)  # the inputs' index of kdata
+    first = 2 + len(rings)  # the inputs' index of kdata
     return tuple(
         pl.pallas_call(
             kernel,
@@ -542,7 +566,7 @@ def append(
             compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
             interpret=interpret,
             name=f"kv_append_k{kbits}v{vbits}",
-        )(meta.astype(jnp.int32), knew, vnew, *rings, *body)
+        )(meta.astype(jnp.int32), heads, *rings, *body)
     )
 
 
@@ -551,7 +575,7 @@ def append(
 
 
 def _merge_kernel(
-    q_ref, pos_ref, pk_ref, pv_ref, m_ref, l_ref, o_ref, out_ref, *, P, Pp, NC, G, dtype,
+    heads_ref, pos_ref, pk_ref, pv_ref, m_ref, l_ref, o_ref, out_ref, *, P, Pp, NC, G, sm_scale, dtype,
 ):  # fmt: skip
     b, h = pl.program_id(0), pl.program_id(1)
     f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
@@ -564,8 +588,8 @@ def _merge_kernel(
         p = jnp.arange(Pp, dtype=jnp.int32)
         rows = jnp.minimum(p, P - 1)
         pk = pk_ref[rows, h, :].astype(dtype)  # [Pp, H]
-        q16 = q_ref[b, h, jnp.arange(ROWS, dtype=jnp.int32) & (G - 1), :].astype(dtype)  # [ROWS, H]
-        s16 = jax.lax.dot_general(q16, pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
+        q16 = heads_ref[b, h * G + (jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)), :].astype(_F32) * sm_scale
+        s16 = jax.lax.dot_general(q16.astype(dtype), pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
         visible = ((p < P) & (p <= pos_ref[b]))[None, :]  # causal: a padding query (-1) sees none
         s = jnp.where(visible, s16.reshape(ROWS // G, G, Pp).max(axis=0), _MASKED)  # [G, Pp]
         m_all = jnp.maximum(m_all, s.max(axis=1, keepdims=True))
@@ -590,22 +614,23 @@ def _merge_kernel(
     out_ref[b, h, :, :] = out.astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "dtype", "interpret"))
-def merge(q, positions, pivot_k, pivot_v, m, l, o, *, out_dtype, dtype=_BF16, interpret=False):
+@functools.partial(jax.jit, static_argnames=("sm_scale", "out_dtype", "dtype", "interpret"))
+def merge(heads, positions, pivot_k, pivot_v, m, l, o, *, sm_scale, out_dtype, dtype=_BF16, interpret=False):
     """The attention output of one decode query per sequence from :func:`body_partials`' partials
     ``m``/``l``/``o`` and the pivot segment ``pivot_k``/``pivot_v [P, K, H]``: one softmax over all of
     them, exactly (each chunk's partials rescaled by ``exp(m - max)``), in one launch where XLA took
-    six. ``q [B, K, G, H]`` float32 already multiplied by the softmax scale, as ``body_partials``
-    takes it; ``positions [B]`` the queries' positions (a pivot slot ``p`` is visible from ``p`` on;
+    six. ``heads [B, N + 2K, H]`` and ``sm_scale`` as ``body_partials`` takes them; ``positions [B]`` the queries' positions (a pivot slot ``p`` is visible from ``p`` on;
     -1, padding, sees none); ``dtype`` the products' operands as in ``body_partials``. Returns
     ``[B, K, G, H]`` in ``out_dtype``."""
-    B, K, G, H = q.shape
+    B, K, NC, G = m.shape
+    H = heads.shape[2]
     P = pivot_k.shape[0]
-    NC = m.shape[2]
     Pp = max(ROWS, 1 << max(P - 1, 0).bit_length())  # a power of two, at least one tensor-core tile
     if not P:  # the refs need an entry; never read
-        pivot_k = pivot_v = jnp.zeros((1, K, H), q.dtype)
-    kernel = functools.partial(_merge_kernel, P=P, Pp=Pp, NC=NC, G=G, dtype=jnp.dtype(dtype))
+        pivot_k = pivot_v = jnp.zeros((1, K, H), heads.dtype)
+    kernel = functools.partial(
+        _merge_kernel, P=P, Pp=Pp, NC=NC, G=G, sm_scale=sm_scale, dtype=jnp.dtype(dtype)
+    )
     full = pl.BlockSpec(memory_space=None)
     return pl.pallas_call(
         kernel,
@@ -616,4 +641,4 @@ def merge(q, positions, pivot_k, pivot_v, m, l, o, *, out_dtype, dtype=_BF16, in
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
-    )(q.astype(_F32), positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o)
+    )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o)
