@@ -1,10 +1,11 @@
-"""One decode token per sequence through a quantized KV cache in three Pallas (Triton) GPU kernels:
-:func:`append` quantizes the new token into the packed body, :func:`body_partials` is the split-K
-(flash-decoding) attention over the body and the full-precision window on the tensor cores, reading
-the codes, scales and zero points in place (and it writes the new token into the window rings), and
+"""One decode token per sequence through a quantized KV cache in two Pallas (Triton) GPU kernels:
+:func:`body_partials` is the split-K (flash-decoding) attention over the body and the full-precision
+window on the tensor cores, reading the codes, scales and zero points in place (its window program
+also writes the new token, quantized into the packed body and as it is into the window rings), and
 :func:`merge` combines its partials with the pivot segment. ``jaxkv.kvattention._decode_with_kernels``
-runs the three; one layer of XLA launches before them was a dozen (K4V2 decode 7.733 -> 6.832 ms per
-Llama-2-7B token at batch 8 and 4096 context, H100, run 37).
+runs the two on the token's heads (:func:`step_heads`); one layer of XLA launches before them was a
+dozen (K4V2 decode 7.733 -> 6.832 ms per Llama-2-7B token at batch 8 and 4096 context, H100, run 37,
+with the body write still a kernel of its own).
 
 Conventions
 -----------
@@ -96,7 +97,7 @@ def _pow2(n: int) -> bool:
 def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim: int, q_per_kv: int) -> bool:
     """True when the kernels handle this cache: power-of-two tiles, at least 16 bytes of codes per
     row on either side (the contraction and output widths of a tensor-core product), and for
-    :func:`append` whole bytes of value codes in every channel group."""
+    :func:`_write_token` whole bytes of value codes in every channel group."""
     return (
         k_per_channel
         and kbits in BITS
@@ -129,17 +130,18 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
 
 def _kernel(
     heads_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
-    kbits, vbits, group, G, H, S, J, NG, chunk, sub, window, Rk, Rv, W1p, sm_scale, dtype, interpret,
+    kbits, vbits, group, G, H, S, J, NG, chunk, sub, window, Rk, Rv, W1p, sm_scale, sdt, dtype, interpret,
 ):  # fmt: skip
     # refs with a window: kring, vring (those of ring length Rk, Rv > 0), meta (inputs), m, l, o, then the
-    # rings again (outputs aliased to the inputs); without: m, l, o
+    # rings and the six body arrays again (outputs aliased to the inputs); without: m, l, o
     if window:
         refs = list(refs)
         kring_ref = refs.pop(0) if Rk else None
         vring_ref = refs.pop(0) if Rv else None
         meta_ref, m_ref, l_ref, o_ref = refs[:4]
         kring_out = refs[4] if Rk else None
-        vring_out = refs[-1] if Rv else None
+        vring_out = refs[4 + bool(Rk)] if Rv else None
+        body_out = refs[-6:]
     else:
         m_ref, l_ref, o_ref = refs
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -295,6 +297,13 @@ def _kernel(
 
         store(m, l, D, zsum, full_precision)
 
+        # The new token into the body. The body programs beside this one read only slots below qk and
+        # scale rows they mask: neither is written here.
+        _write_token(
+            b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_out, kbits=kbits, vbits=vbits, group=group,
+            H=H, Rk=Rk, sdt=sdt, interpret=interpret,
+        )  # fmt: skip
+
         # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
         @pl.when(n_new > n_old)
         def _():
@@ -353,10 +362,12 @@ def body_partials(
     program per sequence and KV head attends to those key slots ``qk <= slot < n_new``, their values
     read quantized from the body below ``qv`` and at full precision from ``qv`` on
     (``jaxkv.kvattention``'s decode: the keys a query reads at full precision, each slot once), and
-    then writes the new token into the rings, in place.
+    then writes the new token in place: quantized into the body (:func:`_write_token`; the codes,
+    scales and zero points of ``jaxkv.kvattention.write_side`` bit for bit) and into the rings.
 
     Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
-    number of chunks (the window's first), and with ``window`` the updated ``kring`` and ``vring``.
+    number of chunks (the window's first), and with ``window`` the updated ``kring`` and ``vring`` and
+    the updated body ``(kdata, kscale, kzero, vdata, vscale, vzero)``.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
@@ -385,9 +396,13 @@ def body_partials(
         extra = (*rings, meta.astype(jnp.int32))
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, sm_scale=sm_scale, dtype=dtype, interpret=interpret,
+        window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, sm_scale=sm_scale, sdt=jnp.dtype(kscale.dtype),
+        dtype=dtype, interpret=interpret,
     )  # fmt: skip
     NC += window is not None
+    body = (kdata, kscale, kzero, vdata, vscale, vzero)
+    updated = (*rings, *body) if window is not None else ()
+    aliased = (*range(8, 8 + len(rings)), *range(2, 8)) if window is not None else ()
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
@@ -397,16 +412,16 @@ def body_partials(
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, H), lambda b, h, c: (b, h, c, 0, 0)),
-            *[full] * len(rings),
+            *[full] * len(updated),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), _F32),
-            *[jax.ShapeDtypeStruct(r.shape, r.dtype) for r in rings],
+            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
         ],
-        # the rings are updated in place: input 8 + i is output 3 + i
-        input_output_aliases={8 + i: 3 + i for i in range(len(rings))},
+        # updated in place: the rings (inputs 8, 9), then the body (inputs 2-7), outputs 3 on
+        input_output_aliases={i: 3 + j for j, i in enumerate(aliased)},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
@@ -414,8 +429,10 @@ def body_partials(
     m, l, o = out[0][..., 0], out[1][..., 0], out[2]
     if window is None:
         return m, l, o
-    new_rings = iter(out[3:])
-    return m, l, o, *(None if r is None else next(new_rings) for r in window[:2])
+    new_rings = iter(out[3 : 3 + len(rings)])
+    kd, ks, kz, vd, vs, vz = out[3 + len(rings) :]
+    ks, kz = ks[:, :, :J], kz[:, :, :J]  # without the padding of a cache shorter than one chunk
+    return m, l, o, *(None if r is None else next(new_rings) for r in window[:2]), (kd, ks, kz, vd, vs, vz)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,17 +496,13 @@ def _codes(x, sf, zero, bits: int, interpret: bool):
     return c.astype(jnp.int32)
 
 
-def _append_kernel(
-    meta_ref, heads_ref, *refs, kbits, vbits, group, H, Rk, sdt, interpret,
-):  # fmt: skip
-    # refs: the key ring (Rk > 0), the six body inputs (aliased, unread), then the six body outputs
-    kring_ref = refs[0] if Rk else None
-    kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = refs[-6:]
-    b, h = pl.program_id(0), pl.program_id(1)
-    K = kd_ref.shape[1]
-    kh = heads_ref.shape[1] - 2 * K + h  # the rows of this KV head's new key and value in heads
-    vh = kh + K
-    n_old, n_new = meta_ref[b, 0], meta_ref[b, 3]
+def _write_token(b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_refs, *, kbits, vbits, group, H, Rk, sdt, interpret):  # fmt: skip
+    """Quantize the new token of sequence ``b``, KV head ``h`` into the body ``body_refs`` (kdata,
+    kscale, kzero, vdata, vscale, vzero), in place: its value at slot ``n_old`` (per token), and the key
+    group it completes (per channel, when ``n_new`` is a multiple of ``group``; the older slots from the
+    key ring, slot ``s`` at entry ``s % Rk``, read before the new token takes its entry). The codes,
+    scales and zero points of ``jaxkv.kvattention.write_side``, bit for bit (tests)."""
+    kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = body_refs
 
     @pl.when(n_new > n_old)
     def _():
@@ -511,8 +524,7 @@ def _append_kernel(
 
     @pl.when((n_new > n_old) & (n_new % group == 0))
     def _():
-        # The key group this token completes, per channel: slots [n_new - group, n_new), the older ones
-        # from the ring (slot s at entry s % Rk), read before the decode kernel writes the new token there.
+        # The key group this token completes, per channel: slots [n_new - group, n_new).
         kp = 8 // kbits
         Wk = H // kp
         first = n_new - group
@@ -531,43 +543,6 @@ def _append_kernel(
             ks_ref[b, h, first // group, cols] = stored[0]
             kz_ref[b, h, first // group, cols] = zero[0].astype(jnp.int8)
         kd_ref[b, h, pl.ds(first, group), :] = packed.astype(jnp.uint8)
-
-
-@functools.partial(jax.jit, static_argnames=("kbits", "vbits", "group", "interpret"))
-def append(
-    heads, kring, meta, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, interpret=False
-):  # fmt: skip
-    """Quantize one decode token per sequence into the body, in place: its value at slot ``n_old``
-    (per token), and the key group it completes (per channel, when ``n_new`` is a multiple of
-    ``group``; older slots from the key ring ``kring [B, Rk, K, H]``, None when ``Rk = 0``).
-    ``heads [B, N + 2K, H]`` (:func:`step_heads`), ``meta [B, 4] = (n_old, qk, qv, n_new)`` as :func:`body_partials`
-    takes it (a padding row, ``n_new == n_old``, writes nothing). The body as ``jaxkv.kvcache``
-    lays it out; the codes, scales and zero points are those of ``jaxkv.kvattention.write_side``
-    bit for bit (tests). One launch for what XLA did in a dozen (quantization, packing, seven
-    scatters and their transposes). Returns the six body arrays."""
-    B, _, H = heads.shape
-    K = kdata.shape[1]
-    body = (kdata, kscale, kzero, vdata, vscale, vzero)
-    rings = () if kring is None else (kring,)
-    kernel = functools.partial(
-        _append_kernel, kbits=kbits, vbits=vbits, group=group, H=H, Rk=0 if kring is None else kring.shape[1],
-        sdt=jnp.dtype(kscale.dtype), interpret=interpret,
-    )  # fmt: skip
-    full = pl.BlockSpec(memory_space=None)
-    first = 2 + len(rings)  # the inputs' index of kdata
-    return tuple(
-        pl.pallas_call(
-            kernel,
-            grid=(B, K),
-            in_specs=[full] * (first + 6),
-            out_specs=[full] * 6,
-            out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in body],
-            input_output_aliases={first + i: i for i in range(6)},
-            compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-            interpret=interpret,
-            name=f"kv_append_k{kbits}v{vbits}",
-        )(meta.astype(jnp.int32), heads, *rings, *body)
-    )
 
 
 # ----------------------------------------------------------------------------------------------
