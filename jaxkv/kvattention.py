@@ -24,9 +24,9 @@ Two implementations of the cached attention, chosen by ``impl``:
 * ``"kernel"``: decode through the kernels of ``jaxkv.kernels.kvdecode`` (one query per sequence,
   per-channel keys, 2/4/8-bit keys and values; other calls take ``"folded"``): the tensor-core
   kernel returns each chunk's maximum, exponential sum and weighted value sum over the body slots
-  read quantized on both sides and over the full-precision key window (and writes the new token
-  into the body and the rings), and one softmax with the pivot scores
-  combines them exactly (:func:`_decode_with_kernels`). The model's default on a GPU
+  read quantized on both sides, and a second one attends to the full-precision key window and the
+  pivot segment, combines it all in one softmax exactly and writes the new token into the body
+  and the rings (:func:`_decode_with_kernels`). The model's default on a GPU
   (:func:`decode_impl`, ``JAXKV_KV_DECODE``); GPU (Triton), or Pallas' interpreter elsewhere.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
@@ -427,12 +427,12 @@ def _read_cached(
 def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_old, n_new, kv):
     """:func:`attend_cached` for one decode token per sequence, through the Pallas kernels of
     ``jaxkv.kernels.kvdecode``: ``body_partials``' programs return the softmax partials (maximum,
-    exponential sum, weighted values) of the body slots read quantized on both sides (``j < qk``)
-    and of the full-precision key window (``qk <= j < n_new``: the key ring and the new token,
-    values quantized below ``qv``), then write the new token into the body (its value, and the key
-    group it completes) and into the rings; one softmax merges the
-    partials with the pivot scores. (``qk <= qv`` always: the key frontier is the value frontier
-    rounded down to a group.) Returns ``(out [B, 1, N*H], kside, vside)``."""
+    exponential sum, weighted values) of the body slots read quantized on both sides (``j < qk``);
+    ``merge`` attends to the full-precision key window (``qk <= j < n_new``: the key ring and the
+    new token, values quantized below ``qv``) and the pivot segment, combines all of it in one
+    softmax, and writes the new token into the body (its value, and the key group it completes) and
+    into the rings. (``qk <= qv`` always: the key frontier is the value frontier rounded down to a
+    group.) Returns ``(out [B, 1, N*H], kside, vside)``."""
     from jaxkv.kernels import kvdecode
 
     B, T, N, H = q.shape
@@ -447,17 +447,16 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     bits = dict(kbits=kspec.bits, vbits=vspec.bits, group=kspec.group)
     sm_scale = float(np.float32(1.0 / np.sqrt(H)))
     dtype = jnp.float32 if cd == jnp.float32 else jnp.bfloat16  # the products' operands
-    m, l, o, kring, vring, (kd, ks, kz, vd, vs, vz) = kvdecode.body_partials(
-        heads, qk, kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero,
-        (kside.window, vside.window, meta), **bits, sm_scale=sm_scale, dtype=dtype, interpret=interpret,
+    body = (kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero)
+    m, l, o = kvdecode.body_partials(
+        heads, qk, *body, **bits, sm_scale=sm_scale, dtype=dtype, interpret=interpret
+    )
+    out, kring, vring, (kd, ks, kz, vd, vs, vz) = kvdecode.merge(
+        heads, positions[:, 0], pivot_k, pivot_v, m, l, o, (kside.window, vside.window, meta, *body), **bits,
+        sm_scale=sm_scale, out_dtype=cd, dtype=dtype, interpret=interpret,
     )  # fmt: skip
     kside = kside.replace(data=kd, scale=ks, zero=kz, window=kring)
     vside = vside.replace(data=vd, scale=vs, zero=vz, window=vring)
-
-    out = kvdecode.merge(
-        heads, positions[:, 0], pivot_k, pivot_v, m, l, o, sm_scale=sm_scale, out_dtype=cd, dtype=dtype,
-        interpret=interpret,
-    )  # fmt: skip
     return out.reshape(B, T, N * H), kside, vside
 
 

@@ -399,8 +399,7 @@ def test_round_up_scale_equals_kvcache(dtype):
     ],
 )
 def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype):
-    """One decode token per sequence written by the decode kernel's window program (into the body
-    and the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
+    """One decode token per sequence written by ``merge`` (into the body and the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
     rings; rows that complete a key group, that do not, and a padding row that writes nothing."""
     from jaxkv.kvattention import window_view, write_side
     from jaxkv.kvcache import KVQuantConfig, frontier, init_cache
@@ -445,9 +444,12 @@ def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype
     bits = dict(kbits=kbits, vbits=vbits, group=group)
     q = jnp.asarray(rng.standard_normal((B, 1, K, H)), jnp.bfloat16)
     heads = kvdecode.step_heads(q, k, v)
-    *_, kring, vring, body = kvdecode.body_partials(
-        heads, meta[:, 1], ks.data, ks.scale, ks.zero, vs.data, vs.scale, vs.zero, (ks.window, vs.window, meta),
-        **bits, sm_scale=1.0, interpret=interpret,
+    body = (ks.data, ks.scale, ks.zero, vs.data, vs.scale, vs.zero)
+    m, l, o = kvdecode.body_partials(heads, meta[:, 1], *body, **bits, sm_scale=1.0, interpret=interpret)
+    pivot = jnp.zeros((0, K, H), jnp.bfloat16)
+    _, kring, vring, body = kvdecode.merge(
+        heads, n_old, pivot, pivot, m, l, o, (ks.window, vs.window, meta, *body), **bits, sm_scale=1.0,
+        out_dtype=jnp.float32, interpret=interpret,
     )  # fmt: skip
     got = dict(zip(["kdata", "kscale", "kzero", "vdata", "vscale", "vzero"], body), kring=kring, vring=vring)
     want = {

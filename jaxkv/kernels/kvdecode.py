@@ -1,11 +1,11 @@
 """One decode token per sequence through a quantized KV cache in two Pallas (Triton) GPU kernels:
-:func:`body_partials` is the split-K (flash-decoding) attention over the body and the full-precision
-window on the tensor cores, reading the codes, scales and zero points in place (its window program
-also writes the new token, quantized into the packed body and as it is into the window rings), and
-:func:`merge` combines its partials with the pivot segment. ``jaxkv.kvattention._decode_with_kernels``
-runs the two on the token's heads (:func:`step_heads`); one layer of XLA launches before them was a
-dozen (K4V2 decode 7.733 -> 6.832 ms per Llama-2-7B token at batch 8 and 4096 context, H100, run 37,
-with the body write still a kernel of its own).
+:func:`body_partials` is the split-K (flash-decoding) attention over the quantized body on the
+tensor cores, reading the codes, scales and zero points in place, and :func:`merge` attends to the
+full-precision window and the pivot segment, combines everything in one softmax, and writes the new
+token, quantized into the packed body and as it is into the window rings.
+``jaxkv.kvattention._decode_with_kernels`` runs the two on the token's heads (:func:`step_heads`);
+one layer of XLA launches before them was a dozen (K4V2 decode 7.733 -> 6.832 ms per Llama-2-7B
+token at batch 8 and 4096 context, H100, run 37, in three kernels then).
 
 Conventions
 -----------
@@ -15,14 +15,13 @@ Conventions
   S, H/g]``: a program's tiles of codes and scales are contiguous runs of memory;
   ``x = (code - zero) * scale``; codes a little-endian bitstream along H, so with ``b`` bits byte ``m``
   holds channels ``(8/b) m + k`` for ``k < 8/b`` ("plane" ``k``).
-* The kernel covers the body slots a query reads quantized on both sides, ``j < n_read[b]`` (a multiple
-  of ``g``: per-channel key groups are quantized whole), and, given the windows, one more program per
-  sequence and KV head covers the full-precision key window (its values quantized from the body or
-  full precision from the value ring, as the read rule says). :func:`merge` takes the pivot segment's
-  scores and the partial results through their maxima: one softmax over all of it, exactly. The
-  window program took the window's scores, masks, body-row gathers and value products out of XLA's
-  small launches: K4V2 decode 8.130 -> 7.796 ms per Llama-2-7B token at batch 8 and 4096 context
-  (H100, runs 32 and 34).
+* :func:`body_partials` covers the body slots a query reads quantized on both sides, ``j < n_read[b]``
+  (a multiple of ``g``: per-channel key groups are quantized whole). :func:`merge`, a program per
+  sequence and KV head, covers the full-precision key window (its values quantized from the body or
+  full precision from the value ring, as the read rule says) and the pivot segment, and takes the
+  partial results through their maxima: one softmax over all of it, exactly. The window in a kernel
+  took its scores, masks, body-row gathers and value products out of XLA's small launches: K4V2
+  decode 8.130 -> 7.796 ms per Llama-2-7B token at batch 8 and 4096 context (H100, runs 32 and 34).
 * Grid ``(B, K, chunks)``; a program covers ``chunk_slots`` slots (at most ``NG = ROWS / G`` key
   groups, ``G`` query heads per KV head), read in tiles of ``sub_slots``, and writes per query head
   the chunk's maximum score ``m``, ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32).
@@ -128,78 +127,78 @@ def code_plane(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) -> 
     return code_plane_16(packed, bits, k, _BF16, interpret)[0].astype(dtype)
 
 
-def _kernel(
-    heads_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, *refs,
-    kbits, vbits, group, G, H, S, J, NG, chunk, sub, window, Rk, Rv, W1p, sm_scale, sdt, dtype, interpret,
-):  # fmt: skip
-    # refs with a window: kring, vring (those of ring length Rk, Rv > 0), meta (inputs), m, l, o, then the
-    # rings and the six body arrays again (outputs aliased to the inputs); without: m, l, o
-    if window:
-        refs = list(refs)
-        kring_ref = refs.pop(0) if Rk else None
-        vring_ref = refs.pop(0) if Rv else None
-        meta_ref, m_ref, l_ref, o_ref = refs[:4]
-        kring_out = refs[4] if Rk else None
-        vring_out = refs[4 + bool(Rk)] if Rv else None
-        body_out = refs[-6:]
-    else:
-        m_ref, l_ref, o_ref = refs
-    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    K = kd_ref.shape[1]
-    kh, vh = K * G + h, (G + 1) * K + h  # the rows of this KV head's new key and value in heads
-
-    def queries(rows, cols=slice(None)):
-        """float32 queries of this KV head's query heads ``rows`` times the softmax scale."""
-        return heads_ref[b, h * G + rows, cols].astype(_F32) * sm_scale
-
-    if window:  # program 0 of each (b, h) is the window's: with c the slowest axis, they run first
-        c = c - 1  # the body chunk (-1: the window program)
-    kp, vp = 8 // kbits, 8 // vbits  # planes per byte
-    Wk, Wv, C = H // kp, H // vp, H // group
-    Mv = max(ROWS, C * G)  # rows of the value products (C * G real ones)
-    log2g = group.bit_length() - 1
-    # float32 operands: full-precision products (not TF32), for float32 models
+def _dot(dtype) -> dict:
+    """Tensor-core product arguments: float32 accumulation; float32 operands multiplied in full
+    precision (not TF32), for float32 models."""
     f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
-    dot = dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
+    return dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
+
+
+def _value_products(p, vs, vz, vd, D, zsum, *, vbits, group, H, dtype, interpret):
+    """Add quantized values to the value products: ``W[j, (C, gi)] = p[gi, j] scale[j, C]`` (zero
+    rows pad it to ``Mv`` rows), one product per code plane ``D[k] [Mv, H*vb/8]``, the zero points as
+    one float32 sum ``zsum [C, G]``. ``p [G, n]`` the slots' weights, ``vs``/``vz [n, C]`` their scales
+    and zero points, ``vd [n, H*vb/8]`` their packed codes."""
+    G, n_slots = p.shape
+    C = H // group
+    Mv = max(ROWS, C * G)  # rows of the value products (C * G real ones)
+    pad = (jnp.arange(Mv // (C * G), dtype=jnp.int32) == 0)[None, None, :].astype(_F32)  # [1, 1, U]
+    vs, vz = vs.astype(_F32), vz.astype(_F32)  # [n_slots, C]
+    w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [n_slots, C, G], as multiplied
+    zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
+    wt = (w.reshape(n_slots, C * G)[:, :, None] * pad).reshape(n_slots, Mv).astype(dtype)
+    for k in range(8 // vbits):
+        codes = code_plane(vd, vbits, k, dtype, interpret)  # [n_slots, Wv]
+        D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **_dot(dtype))
+    return D, zsum
+
+
+def _value_zeros(G: int, *, vbits, group, H):
+    """Empty value products and zero-point sums for :func:`_value_products`."""
+    C, vp = H // group, 8 // vbits
+    return [jnp.zeros((max(ROWS, C * G), H // vp), _F32) for _ in range(vp)], jnp.zeros((C, G), _F32)
+
+
+def _store_values(o_at, D, zsum, *, vbits, group, H, extra=None):
+    """Store the weighted values of the products in channel order: ``o_at(cols)`` is the ref view
+    of the program's ``[G, H]`` output at channels ``cols``; ``extra(k)`` adds plane k's ``[G, Wv]``."""
+    vp = 8 // vbits
+    Wv, C = H // vp, H // group
+    G = zsum.shape[1]
+    Mv = D[0].shape[0]
+    log2g = group.bit_length() - 1
+    row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
+    for k in range(vp):
+        # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
+        col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
+        dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
+        o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
+        o_at(pl.ds(k, Wv, vp), o if extra is None else o + extra(k))  # channels vp*m + k (strided)
+
+
+def _kernel(
+    heads_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref, *,
+    kbits, vbits, group, G, H, S, J, NG, chunk, sub, sm_scale, dtype, interpret,
+):  # fmt: skip
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kp = 8 // kbits  # planes per byte
+    Wk = H // kp
+    log2g = group.bit_length() - 1
+    dot = _dot(dtype)
+    values = dict(vbits=vbits, group=group, H=H)
     n = n_ref[b]
     first = c * (chunk // group)  # the chunk's first key group
     g0 = jnp.minimum(first, J - NG)  # the first of the NG groups whose scales the key rows carry
     hi = jnp.minimum((c + 1) * chunk, n)  # slots of this chunk: [c * chunk, hi)
-    pad = (jnp.arange(Mv // (C * G), dtype=jnp.int32) == 0)[None, None, :].astype(_F32)  # [1, 1, U]
 
-    def values(p, vs, vz, vd, D, zsum):
-        """Add a tile's quantized values to the value products: W[j, (C, gi)] = p[gi, j] scale[j, C]
-        (zero rows pad it to Mv), one product per plane, the zero points as one float32 sum per (C, gi)."""
-        n_slots = p.shape[1]
-        vs, vz = vs.astype(_F32), vz.astype(_F32)  # [n_slots, C]
-        w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [n_slots, C, G], as multiplied
-        zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
-        wt = (w.reshape(n_slots, C * G)[:, :, None] * pad).reshape(n_slots, Mv).astype(dtype)
-        for k in range(vp):
-            codes = code_plane(vd, vbits, k, dtype, interpret)  # [n_slots, Wv]
-            D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **dot)
-        return D, zsum
-
-    def store(m, l, D, zsum, extra=None):
-        """The program's m, l and o (channel order); ``extra(k)`` adds plane k's [G, Wv] to o."""
-        m_ref[...] = m
-        l_ref[...] = l
-        row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
-        for k in range(vp):
-            # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
-            col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
-            dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
-            o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
-            o_ref[:, pl.ds(k, Wv, vp)] = o if extra is None else o + extra(k)  # channels vp*m + k (strided)
-
-    @pl.when((c >= 0) & (first * group < n))
+    @pl.when(first * group < n)
     def _():
         # Key rows (t, gi): q[gi] times group g0 + t's scales, in bf16 for the products; the zero
         # points (and the 128 of the codes) as one float32 bias per row.
         A, bias = [], 0.0
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # the channels of key plane k (strided)
-            qk = queries(jnp.arange(G, dtype=jnp.int32), cols)  # [G, Wk]
+            qk = heads_ref[b, pl.ds(h * G, G), cols].astype(_F32) * sm_scale  # [G, Wk]
             ks = ks_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)  # [NG, Wk]
             kz = kz_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)
             a3 = (ks[:, None, :] * qk[None, :, :]).astype(dtype)  # [NG, G, Wk]
@@ -231,88 +230,29 @@ def _kernel(
         for _, _, s in tiles[1:]:
             m = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [G, 1]
 
-        D = [jnp.zeros((Mv, Wv), _F32) for _ in range(vp)]
+        D, zsum = _value_zeros(G, **values)
         l = jnp.zeros((G, 1), _F32)
-        zsum = jnp.zeros((C, G), _F32)
         for start, valid, s in tiles:
             p = jnp.where(valid, jnp.exp(s - m), 0.0)  # [G, sub]
             l = l + jnp.sum(p, axis=1, keepdims=True)
             rows = pl.ds(start, sub)
-            D, zsum = values(p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum)
-        store(m, l, D, zsum)
+            D, zsum = _value_products(
+                p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum, dtype=dtype,
+                interpret=interpret, **values,
+            )  # fmt: skip
+        m_ref[...] = m
+        l_ref[...] = l
 
-    @pl.when((c >= 0) & (first * group >= n))
+        def o_at(cols, x):
+            o_ref[:, cols] = x
+
+        _store_values(o_at, D, zsum, **values)
+
+    @pl.when(first * group >= n)
     def _():
         m_ref[...] = jnp.full(m_ref.shape, _MASKED, _F32)
         l_ref[...] = jnp.zeros(l_ref.shape, _F32)
         o_ref[...] = jnp.zeros(o_ref.shape, _F32)
-
-    if not window:
-        return
-
-    @pl.when(c < 0)
-    def _():
-        # The window program: slots [n_old - Rk, n_old] are the Rk ring entries (slot s at index s % Rk)
-        # and the new token; it reads those with qk <= slot < n_new, their values quantized below qv
-        # (body rows, as above) and full precision from qv on (the value ring, or the new token).
-        n_old, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
-        w = jnp.arange(W1p, dtype=jnp.int32)
-        slot = n_old - Rk + w  # entry w; w == Rk is the new token
-        valid = (w <= Rk) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
-        new_row = (w == Rk)[:, None]
-        knew = heads_ref[b, kh, :].astype(dtype)[None, :]  # [1, H]
-        if Rk:
-            kw = jnp.where(new_row, knew, kring_ref[b, (slot + Rk) % Rk, h, :].astype(dtype))  # [W1p, H]
-        else:
-            kw = jnp.broadcast_to(knew, (W1p, H))
-        # ROWS query rows for the tensor cores: the G query heads repeated
-        q16 = queries(jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)).astype(dtype)  # [ROWS, H]
-        s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
-        s = jnp.where(valid[None, :], s16.reshape(ROWS // G, G, W1p).max(axis=0), _MASKED)  # [G, W1p]
-        m = s.max(axis=1, keepdims=True)
-        p = jnp.where(valid[None, :], jnp.exp(s - m), 0.0)
-        l = jnp.sum(p, axis=1, keepdims=True)
-        quant = (slot < qv)[None, :]
-        body = jnp.clip(slot, 0, S - 1)  # the body rows of the window's slots (masked outside)
-        D = [jnp.zeros((Mv, Wv), _F32) for _ in range(vp)]
-        D, zsum = values(
-            jnp.where(quant, p, 0.0), vs_ref[b, h, body, :], vz_ref[b, h, body, :], vd_ref[b, h, body, :], D,
-            jnp.zeros((C, G), _F32),
-        )  # fmt: skip
-        # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
-        padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
-        pf = jnp.where(quant, 0.0, p)  # [G, W1p]
-        wf = (pf.T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
-
-        def full_precision(k):
-            cols = pl.ds(k, Wv, vp)  # channels vp*m + k
-            vf = heads_ref[b, vh, cols].astype(dtype)[None, :]  # [1, Wv]
-            if Rv:  # slots [n_old - Rv, n_old) in the value ring
-                vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
-                vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, cols].astype(dtype))  # [W1p, Wv]
-            else:  # no value ring: only the new token is read at full precision
-                vf = jnp.broadcast_to(vf, (W1p, Wv))
-            f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, Wv]
-            return f.reshape(G, ROWS // G, Wv).sum(axis=1)
-
-        store(m, l, D, zsum, full_precision)
-
-        # The new token into the body. The body programs beside this one read only slots below qk and
-        # scale rows they mask: neither is written here.
-        _write_token(
-            b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_out, kbits=kbits, vbits=vbits, group=group,
-            H=H, Rk=Rk, sdt=sdt, interpret=interpret,
-        )  # fmt: skip
-
-        # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
-        @pl.when(n_new > n_old)
-        def _():
-            if not interpret:
-                pltriton.debug_barrier()
-            if Rk:
-                kring_out[b, n_old % Rk, h, :] = heads_ref[b, kh, :].astype(kring_out.dtype)
-            if Rv:
-                vring_out[b, n_old % Rv, h, :] = heads_ref[b, vh, :].astype(vring_out.dtype)
 
 
 def step_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -325,6 +265,18 @@ def step_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
+
+
+def _chunking(S: int, G: int, group: int, chunk_slots=None, sub_slots=None) -> tuple[int, int, int]:
+    """Slots per program, slots per tile and the number of chunks of :func:`body_partials`."""
+    NG = ROWS // G  # key groups per chunk: one key row per group and query head
+    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
+    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
+    if chunk % group or chunk % sub:
+        raise ValueError(
+            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
+        )
+    return chunk, sub, -(-S // chunk)
 
 
 @functools.partial(
@@ -342,11 +294,10 @@ def _pow2_floor(n: int) -> int:
     ),
 )
 def body_partials(
-    heads, n_read, kdata, kscale, kzero, vdata, vscale, vzero, window=None, *, kbits, vbits, group, sm_scale,
-    dtype=_BF16, chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
+    heads, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, sm_scale, dtype=_BF16,
+    chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
 ):  # fmt: skip
-    """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``
-    and, with ``window``, over the full-precision key window.
+    """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
 
     ``heads [B, N + 2K, H]`` the decode token's heads (:func:`step_heads`): its queries are
     multiplied by ``sm_scale`` (the softmax scale) in float32; ``n_read [B]`` int32 (multiples of
@@ -355,19 +306,8 @@ def body_partials(
     per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
     :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program).
 
-    ``window = (kring, vring, meta [B, 4] int32)``, the decode step's full-precision side
-    (``meta[b] = (n_old, qk, qv, n_new)``): the rings ``[B, Rk | Rv, K, H]`` (slot ``s`` at entry
-    ``s % R``; None for a ring of length 0) hold slots ``[n_old - R, n_old)`` and the key and value
-    heads of ``heads`` the new token at slot ``n_old`` (a padding row has ``n_new == n_old``). One more
-    program per sequence and KV head attends to those key slots ``qk <= slot < n_new``, their values
-    read quantized from the body below ``qv`` and at full precision from ``qv`` on
-    (``jaxkv.kvattention``'s decode: the keys a query reads at full precision, each slot once), and
-    then writes the new token in place: quantized into the body (:func:`_write_token`; the codes,
-    scales and zero points of ``jaxkv.kvattention.write_side`` bit for bit) and into the rings.
-
     Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
-    number of chunks (the window's first), and with ``window`` the updated ``kring`` and ``vring`` and
-    the updated body ``(kdata, kscale, kzero, vdata, vscale, vzero)``.
+    number of chunks.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
@@ -376,63 +316,34 @@ def body_partials(
     K, S = kdata.shape[1:3]
     G = X // K - 2
     J = S // group
-    NG = ROWS // G  # key groups per chunk: one key row per group and query head
+    NG = ROWS // G
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
         kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NG - J), (0, 0))) for a in (kscale, kzero))
-    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
-    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
-    if chunk % group or chunk % sub:
-        raise ValueError(
-            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
-        )
-    NC = -(-S // chunk)
-    Rk = Rv = W1p = 0
-    extra, rings = (), ()
-    if window is not None:
-        kring, vring, meta = window
-        rings = tuple(r for r in (kring, vring) if r is not None)
-        Rk, Rv = (0 if r is None else r.shape[1] for r in (kring, vring))
-        W1p = max(ROWS, 1 << Rk.bit_length())  # Rk + 1 entries: a power of two, at least one tensor-core tile
-        extra = (*rings, meta.astype(jnp.int32))
+    chunk, sub, NC = _chunking(S, G, group, chunk_slots, sub_slots)
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        window=window is not None, Rk=Rk, Rv=Rv, W1p=W1p, sm_scale=sm_scale, sdt=jnp.dtype(kscale.dtype),
-        dtype=dtype, interpret=interpret,
+        sm_scale=sm_scale, dtype=dtype, interpret=interpret,
     )  # fmt: skip
-    NC += window is not None
-    body = (kdata, kscale, kzero, vdata, vscale, vzero)
-    updated = (*rings, *body) if window is not None else ()
-    aliased = (*range(8, 8 + len(rings)), *range(2, 8)) if window is not None else ()
     full = pl.BlockSpec(memory_space=None)
-    out = pl.pallas_call(
+    m, l, o = pl.pallas_call(
         kernel,
         grid=(B, K, NC),
-        in_specs=[full] * (8 + len(extra)),
+        in_specs=[full] * 8,
         out_specs=[
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, 1), lambda b, h, c: (b, h, c, 0, 0)),
             pl.BlockSpec((None, None, None, G, H), lambda b, h, c: (b, h, c, 0, 0)),
-            *[full] * len(updated),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), _F32),
-            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
         ],
-        # updated in place: the rings (inputs 8, 9), then the body (inputs 2-7), outputs 3 on
-        input_output_aliases={i: 3 + j for j, i in enumerate(aliased)},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
-    )(heads, n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero, *extra)
-    m, l, o = out[0][..., 0], out[1][..., 0], out[2]
-    if window is None:
-        return m, l, o
-    new_rings = iter(out[3 : 3 + len(rings)])
-    kd, ks, kz, vd, vs, vz = out[3 + len(rings) :]
-    ks, kz = ks[:, :, :J], kz[:, :, :J]  # without the padding of a cache shorter than one chunk
-    return m, l, o, *(None if r is None else next(new_rings) for r in window[:2]), (kd, ks, kz, vd, vs, vz)
+    )(heads, n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)
+    return m[..., 0], l[..., 0], o
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,74 +457,219 @@ def _write_token(b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_refs, *,
 
 
 # ----------------------------------------------------------------------------------------------
-# Merging the partials with the pivot segment
+# The full-precision window, the pivot segment and the merge of all partials
 
 
 def _merge_kernel(
-    heads_ref, pos_ref, pk_ref, pv_ref, m_ref, l_ref, o_ref, out_ref, *, P, Pp, NC, G, sm_scale, dtype,
+    heads_ref, pos_ref, pk_ref, pv_ref, m_ref, l_ref, o_ref, *refs, P, Pp, NC, G, H, sm_scale, dtype, window,
+    kbits, vbits, group, S, Rk, Rv, W1p, sdt, interpret,
 ):  # fmt: skip
+    # refs with a window: kring, vring (those of ring length Rk, Rv > 0), meta and the six body arrays
+    # (inputs), the output, the window's weighted values (scratch), then the rings and the body again
+    # (outputs aliased to the inputs); without: the output
+    refs = list(refs)
+    if window:
+        kring_ref = refs.pop(0) if Rk else None
+        vring_ref = refs.pop(0) if Rv else None
+        meta_ref = refs.pop(0)
+        vd_ref, vs_ref, vz_ref = refs[3:6]
+        out_ref, ow_ref = refs[6:8]
+        kring_out = refs[8] if Rk else None
+        vring_out = refs[8 + bool(Rk)] if Rv else None
+        body_out = refs[-6:]
+    else:
+        (out_ref,) = refs
     b, h = pl.program_id(0), pl.program_id(1)
-    f32_dot = jax.lax.DotAlgorithmPreset.F32_F32_F32
-    dot = dict(preferred_element_type=_F32, precision=f32_dot if dtype == _F32 else None)
+    K = m_ref.shape[1]
+    kh, vh = K * G + h, (G + 1) * K + h  # the rows of this KV head's new key and value in heads
+    dot = _dot(dtype)
+    # ROWS query rows for the tensor cores: the G query heads repeated
+    q16 = heads_ref[b, h * G + (jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)), :].astype(_F32) * sm_scale
+    q16 = q16.astype(dtype)  # [ROWS, H]
     m_all = jnp.full((G, 1), _MASKED, _F32)
     for c in range(NC):
         m_all = jnp.maximum(m_all, m_ref[b, h, c, :][:, None])
+
+    if window:
+        # The window: slots [n_old - Rk, n_old] are the Rk ring entries (slot s at index s % Rk) and the
+        # new token; it reads those with qk <= slot < n_new, their values quantized below qv (body rows)
+        # and full precision from qv on (the value ring, or the new token).
+        n_old, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
+        w = jnp.arange(W1p, dtype=jnp.int32)
+        slot = n_old - Rk + w  # entry w; w == Rk is the new token
+        valid = (w <= Rk) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
+        new_row = (w == Rk)[:, None]
+        knew = heads_ref[b, kh, :].astype(dtype)[None, :]  # [1, H]
+        if Rk:
+            kw = jnp.where(new_row, knew, kring_ref[b, (slot + Rk) % Rk, h, :].astype(dtype))  # [W1p, H]
+        else:
+            kw = jnp.broadcast_to(knew, (W1p, H))
+        s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
+        s = jnp.where(valid[None, :], s16.reshape(ROWS // G, G, W1p).max(axis=0), _MASKED)  # [G, W1p]
+        m_win = s.max(axis=1, keepdims=True)
+        p = jnp.where(valid[None, :], jnp.exp(s - m_win), 0.0)
+        l_win = jnp.sum(p, axis=1, keepdims=True)
+        quant = (slot < qv)[None, :]
+        rows = jnp.clip(slot, 0, S - 1)  # the body rows of the window's slots (masked outside)
+        values = dict(vbits=vbits, group=group, H=H)
+        D, zsum = _value_products(
+            jnp.where(quant, p, 0.0), vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :],
+            *_value_zeros(G, **values), dtype=dtype, interpret=interpret, **values,
+        )  # fmt: skip
+        # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
+        vp = 8 // vbits
+        Wv = H // vp
+        padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
+        pf = jnp.where(quant, 0.0, p)  # [G, W1p]
+        wf = (pf.T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
+
+        def full_precision(k):
+            cols = pl.ds(k, Wv, vp)  # channels vp*m + k
+            vf = heads_ref[b, vh, cols].astype(dtype)[None, :]  # [1, Wv]
+            if Rv:  # slots [n_old - Rv, n_old) in the value ring
+                vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
+                vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, cols].astype(dtype))  # [W1p, Wv]
+            else:  # no value ring: only the new token is read at full precision
+                vf = jnp.broadcast_to(vf, (W1p, Wv))
+            f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, Wv]
+            return f.reshape(G, ROWS // G, Wv).sum(axis=1)
+
+        def ow_at(cols, x):
+            ow_ref[b, h, :, cols] = x
+
+        # The window's weighted values in channel order go through memory (the planes' columns interleave)
+        _store_values(ow_at, D, zsum, extra=full_precision, **values)
+        m_all = jnp.maximum(m_all, m_win)
+
     if P:
-        # the pivot scores, ROWS query rows for the tensor cores (the G query heads repeated)
-        p = jnp.arange(Pp, dtype=jnp.int32)
-        rows = jnp.minimum(p, P - 1)
-        pk = pk_ref[rows, h, :].astype(dtype)  # [Pp, H]
-        q16 = heads_ref[b, h * G + (jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)), :].astype(_F32) * sm_scale
-        s16 = jax.lax.dot_general(q16.astype(dtype), pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
-        visible = ((p < P) & (p <= pos_ref[b]))[None, :]  # causal: a padding query (-1) sees none
+        p_ = jnp.arange(Pp, dtype=jnp.int32)
+        prow = jnp.minimum(p_, P - 1)
+        pk = pk_ref[prow, h, :].astype(dtype)  # [Pp, H]
+        s16 = jax.lax.dot_general(q16, pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
+        visible = ((p_ < P) & (p_ <= pos_ref[b]))[None, :]  # causal: a padding query (-1) sees none
         s = jnp.where(visible, s16.reshape(ROWS // G, G, Pp).max(axis=0), _MASKED)  # [G, Pp]
         m_all = jnp.maximum(m_all, s.max(axis=1, keepdims=True))
         e = jnp.where(visible, jnp.exp(s - m_all), 0.0)
         denom = jnp.sum(e, axis=1, keepdims=True)
     else:
         denom = jnp.zeros((G, 1), _F32)
-    body = jnp.zeros(out_ref.shape[2:], _F32)  # [G, H]
+    body = jnp.zeros((G, H), _F32)
     for c in range(NC):
-        w = jnp.exp(m_ref[b, h, c, :][:, None] - m_all)  # [G, 1]
-        denom = denom + l_ref[b, h, c, :][:, None] * w
-        body = body + w * o_ref[b, h, c, :, :]
+        wc = jnp.exp(m_ref[b, h, c, :][:, None] - m_all)  # [G, 1]
+        denom = denom + l_ref[b, h, c, :][:, None] * wc
+        body = body + wc * o_ref[b, h, c, :, :]
+    if window:
+        if not interpret:
+            pltriton.debug_barrier()  # the window's values stored by every lane
+        wc = jnp.exp(m_win - m_all)
+        denom = denom + l_win * wc
+        body = body + wc * ow_ref[b, h, :, :]
     denom = jnp.where(denom > 0, denom, 1.0)  # a padding query without a pivot sees nothing
     out = body / denom
     if P:
         # (e / denom) @ pivot_v as a ROWS-row product: rows (gi, u), u = 0 the real one
         pad = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, :, None].astype(_F32)
         a = ((e / denom)[:, None, :] * pad).reshape(ROWS, Pp).astype(dtype)
-        pv = pv_ref[rows, h, :].astype(dtype)  # [Pp, H]
+        pv = pv_ref[prow, h, :].astype(dtype)  # [Pp, H]
         piv = jax.lax.dot_general(a, pv, (((1,), (0,)), ((), ())), **dot)  # [ROWS, H]
-        out = out + piv.reshape(G, ROWS // G, piv.shape[-1]).sum(axis=1)
+        out = out + piv.reshape(G, ROWS // G, H).sum(axis=1)
     out_ref[b, h, :, :] = out.astype(out_ref.dtype)
 
+    if window:
+        # The new token into the body: nothing above read its slot or its key group.
+        _write_token(
+            b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_out, kbits=kbits, vbits=vbits, group=group,
+            H=H, Rk=Rk, sdt=sdt, interpret=interpret,
+        )  # fmt: skip
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "out_dtype", "dtype", "interpret"))
-def merge(heads, positions, pivot_k, pivot_v, m, l, o, *, sm_scale, out_dtype, dtype=_BF16, interpret=False):
+        # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
+        @pl.when(n_new > n_old)
+        def _():
+            if not interpret:
+                pltriton.debug_barrier()
+            if Rk:
+                kring_out[b, n_old % Rk, h, :] = heads_ref[b, kh, :].astype(kring_out.dtype)
+            if Rv:
+                vring_out[b, n_old % Rv, h, :] = heads_ref[b, vh, :].astype(vring_out.dtype)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("kbits", "vbits", "group", "sm_scale", "out_dtype", "dtype", "interpret")
+)
+def merge(
+    heads, positions, pivot_k, pivot_v, m, l, o, window=None, *, kbits=None, vbits=None, group=None, sm_scale,
+    out_dtype, dtype=_BF16, interpret=False,
+):  # fmt: skip
     """The attention output of one decode query per sequence from :func:`body_partials`' partials
-    ``m``/``l``/``o`` and the pivot segment ``pivot_k``/``pivot_v [P, K, H]``: one softmax over all of
-    them, exactly (each chunk's partials rescaled by ``exp(m - max)``), in one launch where XLA took
-    six. ``heads [B, N + 2K, H]`` and ``sm_scale`` as ``body_partials`` takes them; ``positions [B]`` the queries' positions (a pivot slot ``p`` is visible from ``p`` on;
-    -1, padding, sees none); ``dtype`` the products' operands as in ``body_partials``. Returns
-    ``[B, K, G, H]`` in ``out_dtype``."""
+    ``m``/``l``/``o``, the pivot segment ``pivot_k``/``pivot_v [P, K, H]`` and, with ``window``, the
+    full-precision key window: one softmax over all of them, exactly (each part's partials rescaled
+    by ``exp(m - max)``), in one launch of a program per sequence and KV head. ``heads [B, N + 2K,
+    H]`` and ``sm_scale`` as ``body_partials`` takes them; ``positions [B]`` the queries' positions
+    (a pivot slot ``p`` is visible from ``p`` on; -1, padding, sees none); ``dtype`` the products'
+    operands as in ``body_partials``.
+
+    ``window = (kring, vring, meta [B, 4] int32, kdata, kscale, kzero, vdata, vscale, vzero)``, the
+    decode step's full-precision side and the body (``kbits``, ``vbits``, ``group`` its codes):
+    ``meta[b] = (n_old, qk, qv, n_new)``; the rings ``[B, Rk | Rv, K, H]`` (slot ``s`` at entry
+    ``s % R``; None for a ring of length 0) hold slots ``[n_old - R, n_old)``, and the key and value
+    heads of ``heads`` are the new token at slot ``n_old`` (a padding row has ``n_new == n_old``). The
+    query attends to the key slots ``qk <= slot < n_new`` there, their values read quantized from the
+    body below ``qv`` and at full precision from ``qv`` on (``jaxkv.kvattention``'s decode: the keys a
+    query reads at full precision, each slot once). Then the program writes the new token in place:
+    quantized into the body (:func:`_write_token`; the codes, scales and zero points of
+    ``jaxkv.kvattention.write_side`` bit for bit) and as it is into the rings.
+
+    The window was first the last program of each sequence and KV head in :func:`body_partials`'
+    grid, then the first; either way it made every program of that launch slower (H100, one
+    Llama-2-7B layer at batch 8 and 4352 slots: 97.0 us with it against 84.9 without,
+    results/bench/h100_run39_sweep_fold.md), here it costs the merge a few microseconds.
+
+    Returns ``[B, K, G, H]`` in ``out_dtype``, and with ``window`` also the updated ``kring``, ``vring``
+    and body ``(kdata, kscale, kzero, vdata, vscale, vzero)``.
+    """
     B, K, NC, G = m.shape
     H = heads.shape[2]
     P = pivot_k.shape[0]
     Pp = max(ROWS, 1 << max(P - 1, 0).bit_length())  # a power of two, at least one tensor-core tile
     if not P:  # the refs need an entry; never read
         pivot_k = pivot_v = jnp.zeros((1, K, H), heads.dtype)
+    Rk = Rv = W1p = S = 0
+    sdt = None
+    extra, rings, body = (), (), ()
+    if window is not None:
+        kring, vring, meta, *body = window
+        rings = tuple(r for r in (kring, vring) if r is not None)
+        Rk, Rv = (0 if r is None else r.shape[1] for r in (kring, vring))
+        W1p = max(ROWS, 1 << Rk.bit_length())  # Rk + 1 entries: a power of two, at least one tensor-core tile
+        S, sdt = body[0].shape[2], jnp.dtype(body[1].dtype)
+        extra = (*rings, meta.astype(jnp.int32), *body)
     kernel = functools.partial(
-        _merge_kernel, P=P, Pp=Pp, NC=NC, G=G, sm_scale=sm_scale, dtype=jnp.dtype(dtype)
-    )
+        _merge_kernel, P=P, Pp=Pp, NC=NC, G=G, H=H, sm_scale=sm_scale, dtype=jnp.dtype(dtype),
+        window=window is not None, kbits=kbits, vbits=vbits, group=group, S=S, Rk=Rk, Rv=Rv, W1p=W1p, sdt=sdt,
+        interpret=interpret,
+    )  # fmt: skip
     full = pl.BlockSpec(memory_space=None)
-    return pl.pallas_call(
+    n_in = 7 + len(extra)
+    updated = (*rings, *body)
+    scratch = [jax.ShapeDtypeStruct((B, K, G, H), _F32)] if window is not None else []
+    # in place: the rings (inputs 7, 8) and the body (the last six inputs), outputs 2 on
+    aliased = (*range(7, 7 + len(rings)), *range(n_in - len(body), n_in))
+    out = pl.pallas_call(
         kernel,
         grid=(B, K),
-        in_specs=[full] * 7,
-        out_specs=full,
-        out_shape=jax.ShapeDtypeStruct((B, K, G, H), out_dtype),
+        in_specs=[full] * n_in,
+        out_specs=[full] * (1 + len(scratch) + len(updated)),
+        out_shape=[
+            jax.ShapeDtypeStruct((B, K, G, H), out_dtype),
+            *scratch,
+            *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
+        ],
+        input_output_aliases={i: 2 + j for j, i in enumerate(aliased)},
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
-    )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o)
+    )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o, *extra)
+    if window is None:
+        return out[0]
+    new_rings = iter(out[2 : 2 + len(rings)])
+    return out[0], *(None if r is None else next(new_rings) for r in window[:2]), tuple(out[2 + len(rings) :])
