@@ -85,6 +85,9 @@ SUB_SLOTS = 128  # slots per tile of codes
 # H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
 # 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
 NUM_WARPS = 1
+# merge: one program per sequence and KV head (256 at batch 8 with 32 KV heads, two per SM of an H100),
+# so its latency-bound window and pivot work gets more warps than the body's many programs
+MERGE_WARPS = 4
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -665,7 +668,7 @@ def merge(
             *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
         ],
         input_output_aliases={i: 2 + j for j, i in enumerate(aliased)},
-        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
     )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o, *extra)
