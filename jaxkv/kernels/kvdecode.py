@@ -85,9 +85,6 @@ SUB_SLOTS = 128  # slots per tile of codes
 # H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
 # 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
 NUM_WARPS = 1
-# merge: one program per sequence and KV head (256 at batch 8 with 32 KV heads, two per SM of an H100),
-# so its latency-bound window and pivot work gets more warps than the body's many programs
-MERGE_WARPS = 4
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -622,10 +619,12 @@ def merge(
     quantized into the body (:func:`_write_token`; the codes, scales and zero points of
     ``jaxkv.kvattention.write_side`` bit for bit) and as it is into the rings.
 
-    The window was first the last program of each sequence and KV head in :func:`body_partials`'
-    grid, then the first; either way it made every program of that launch slower (H100, one
-    Llama-2-7B layer at batch 8 and 4352 slots: 97.0 us with it against 84.9 without,
-    results/bench/h100_run39_sweep_fold.md), here it costs the merge a few microseconds.
+    The window was first one more program per sequence and KV head in :func:`body_partials`' grid
+    (with the token write, a kernel of its own before it). Here, the body kernel compiles without it;
+    in one layer's decode step (H100, batch 8, 4352 slots, ``scripts/kv_decode_sweep.py``) the body
+    kernel took 95.7 us against 97.0 with the window program and the merge 9.0 against 5.0
+    (results/bench/h100_run40_sweep_merge.md, h100_run39_sweep_fold.md), and the model's K4V2 step
+    6.600-6.624 ms against 6.688 (runs 39-41, separate calls: within their noise).
 
     Returns ``[B, K, G, H]`` in ``out_dtype``, and with ``window`` also the updated ``kring``, ``vring``
     and body ``(kdata, kscale, kzero, vdata, vscale, vzero)``.
@@ -668,7 +667,9 @@ def merge(
             *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
         ],
         input_output_aliases={i: 2 + j for j, i in enumerate(aliased)},
-        compiler_params=pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
+        # one warp: with 4, K4V2 decode took 6.650 against 6.600 ms per Llama-2-7B token at batch 8 and
+        # 4096 context (H100, run 41, results/bench/h100_run41_*)
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
     )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o, *extra)
