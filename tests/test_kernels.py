@@ -398,7 +398,7 @@ def test_round_up_scale_equals_kvcache(dtype):
         (4, 4, 8, 2, "float32"),
     ],
 )
-def test_kv_append_matches_write_side(kbits, vbits, group, residual, scale_dtype):
+def test_kv_token_write_matches_write_side(kbits, vbits, group, residual, scale_dtype):
     """One decode token per sequence written by ``merge`` (into the body and the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
     rings; rows that complete a key group, that do not, and a padding row that writes nothing."""
     from jaxkv.kvattention import window_view, write_side
