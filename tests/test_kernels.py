@@ -399,8 +399,9 @@ def test_round_up_scale_equals_kvcache(dtype):
     ],
 )
 def test_kv_token_write_matches_write_side(kbits, vbits, group, residual, scale_dtype):
-    """One decode token per sequence written by ``merge`` (into the body and the rings) against ``write_side`` (XLA), bit for bit: codes, scales, zero points and
-    rings; rows that complete a key group, that do not, and a padding row that writes nothing."""
+    """One decode token per sequence written by ``merge`` (into the body and the rings) against
+    ``write_side`` (XLA), bit for bit: codes, scales, zero points and rings; rows that complete a key
+    group, that do not, and a padding row that writes nothing."""
     from jaxkv.kvattention import window_view, write_side
     from jaxkv.kvcache import KVQuantConfig, frontier, init_cache
 
@@ -479,7 +480,6 @@ def test_kv_merge_matches_float64(P, G, dtype):
     """``merge``: one softmax over the pivot slots and every chunk's partials against float64 numpy,
     with pivot counts that pad to 16 and 32 rows, a query that sees only part of the pivot
     (position 2), a padding query (-1: no pivot, an empty body) and chunks that are empty."""
-
     rng = np.random.default_rng(P * 10 + G)
     B, K, H, NC = 3, 2, 64, 5
     q = (rng.standard_normal((B, K, G, H)) / 8).astype(np.float32)

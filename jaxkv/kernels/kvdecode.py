@@ -267,18 +267,6 @@ def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def _chunking(S: int, G: int, group: int, chunk_slots=None, sub_slots=None) -> tuple[int, int, int]:
-    """Slots per program, slots per tile and the number of chunks of :func:`body_partials`."""
-    NG = ROWS // G  # key groups per chunk: one key row per group and query head
-    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
-    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
-    if chunk % group or chunk % sub:
-        raise ValueError(
-            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
-        )
-    return chunk, sub, -(-S // chunk)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -316,10 +304,16 @@ def body_partials(
     K, S = kdata.shape[1:3]
     G = X // K - 2
     J = S // group
-    NG = ROWS // G
+    NG = ROWS // G  # key groups per chunk: one key row per group and query head
     if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
         kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NG - J), (0, 0))) for a in (kscale, kzero))
-    chunk, sub, NC = _chunking(S, G, group, chunk_slots, sub_slots)
+    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
+    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
+    if chunk % group or chunk % sub:
+        raise ValueError(
+            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
+        )
+    NC = -(-S // chunk)
     kernel = functools.partial(
         _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
         sm_scale=sm_scale, dtype=dtype, interpret=interpret,
