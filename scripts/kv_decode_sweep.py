@@ -47,6 +47,11 @@ def main(argv=None) -> int:
         default="128:128:4,128:64:2,256:128:2,256:128:4,256:64:4,512:128:4,512:256:2",
         help="kernel tiles to time, chunk_slots:sub_slots:num_warps, comma-separated",
     )
+    p.add_argument(
+        "--candidates",
+        default="bf16,xla,step-xla,step-kernel,kernel",
+        help="which candidates to time, comma-separated (step-kernel is checked against step-xla, which runs regardless)",
+    )
     p.add_argument("--out", default="results/bench/kv_decode_sweep")
     args = p.parse_args(argv)
 
@@ -139,6 +144,8 @@ def main(argv=None) -> int:
         cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}
         cases.append(("kernel", cfg, f, (q, kside, vside), qbytes))
 
+    wanted = set(args.candidates.split(","))
+    cases = [case for case in cases if case[0] in wanted]
     ref = np.asarray(jax.jit(xla)(q, kside, vside), np.float64)
     step_ref = np.asarray(steps["folded"](q), np.float64)  # rewrites the same token: calls stay equal
     copy_gbps = copy_bandwidth()

@@ -85,6 +85,7 @@ SUB_SLOTS = 128  # slots per tile of codes
 # H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
 # 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
 NUM_WARPS = 1
+MERGE_WARPS = 1  # warps per merge program
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -159,21 +160,31 @@ def _value_zeros(G: int, *, vbits, group, H):
     return [jnp.zeros((max(ROWS, C * G), H // vp), _F32) for _ in range(vp)], jnp.zeros((C, G), _F32)
 
 
-def _store_values(o_at, D, zsum, *, vbits, group, H, extra=None):
-    """Store the weighted values of the products in channel order: ``o_at(cols)`` is the ref view
-    of the program's ``[G, H]`` output at channels ``cols``; ``extra(k)`` adds plane k's ``[G, Wv]``."""
+def _plane_values(D, zsum, *, vbits, group, H) -> list:
+    """The weighted values of the products per code plane: plane ``k`` ``[G, H*vb/8]`` holds channels
+    ``(8/vb) m + k``."""
     vp = 8 // vbits
     Wv, C = H // vp, H // group
     G = zsum.shape[1]
     Mv = D[0].shape[0]
     log2g = group.bit_length() - 1
     row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
+    planes = []
     for k in range(vp):
         # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
         col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
         dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
-        o = jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
-        o_at(pl.ds(k, Wv, vp), o if extra is None else o + extra(k))  # channels vp*m + k (strided)
+        planes.append(jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0))  # [G, Wv]
+    return planes
+
+
+def _interleave(planes: list) -> jax.Array:
+    """``[..., W]`` planes -> ``[..., W * len(planes)]`` with plane ``k``'s column ``m`` at ``len * m + k``
+    (channel order), in registers: pairs of interleaved halves joined (Triton joins two at a time)."""
+    if len(planes) == 1:
+        return planes[0]
+    even, odd = _interleave(planes[0::2]), _interleave(planes[1::2])
+    return jnp.stack([even, odd], axis=-1).reshape(*even.shape[:-1], 2 * even.shape[-1])
 
 
 def _kernel(
@@ -243,10 +254,8 @@ def _kernel(
         m_ref[...] = m
         l_ref[...] = l
 
-        def o_at(cols, x):
-            o_ref[:, cols] = x
-
-        _store_values(o_at, D, zsum, **values)
+        for k, o_k in enumerate(_plane_values(D, zsum, **values)):
+            o_ref[:, pl.ds(k, H * vbits // 8, 8 // vbits)] = o_k  # channels (8/vb) m + k (strided)
 
     @pl.when(first * group >= n)
     def _():
@@ -265,6 +274,10 @@ def step_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _pow2_floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.partial(
@@ -401,12 +414,14 @@ def _codes(x, sf, zero, bits: int, interpret: bool):
     return c.astype(jnp.int32)
 
 
-def _write_token(b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_refs, *, kbits, vbits, group, H, Rk, sdt, interpret):  # fmt: skip
+def _write_token(b, h, n_old, n_new, knew, vnew, kring_ref, body_refs, *, kbits, vbits, group, H, Rk, sdt, interpret):  # fmt: skip
     """Quantize the new token of sequence ``b``, KV head ``h`` into the body ``body_refs`` (kdata,
     kscale, kzero, vdata, vscale, vzero), in place: its value at slot ``n_old`` (per token), and the key
     group it completes (per channel, when ``n_new`` is a multiple of ``group``; the older slots from the
-    key ring, slot ``s`` at entry ``s % Rk``, read before the new token takes its entry). The codes,
-    scales and zero points of ``jaxkv.kvattention.write_side``, bit for bit (tests)."""
+    key ring, slot ``s`` at entry ``s % Rk``, read before the new token takes its entry). ``knew(k)``
+    and ``vnew(k)`` are the new key's and value's channels ``(8/b) m + k`` (code plane ``k``), ``vnew(None)``
+    all the value's channels, as float32 loaded before anything was stored. The codes, scales and zero
+    points of ``jaxkv.kvattention.write_side``, bit for bit (tests)."""
     kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = body_refs
 
     @pl.when(n_new > n_old)
@@ -415,13 +430,13 @@ def _write_token(b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_refs, *,
         # viewed [C, group / vp] has group C's channels in row C.
         vp = 8 // vbits
         Wv, C = H // vp, H // group
-        x = heads_ref[b, vh, :].astype(_F32).reshape(C, group)
+        x = vnew(None).reshape(C, group)
         stored, sf, zero = _grid(
             x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True), vbits, sdt, interpret
         )
         packed = 0
         for k in range(vp):
-            xk = heads_ref[b, vh, pl.ds(k, Wv, vp)].astype(_F32).reshape(C, group // vp)
+            xk = vnew(k).reshape(C, group // vp)
             packed = packed | (_codes(xk, sf, zero, vbits, interpret).reshape(Wv) << (vbits * k))
         vd_ref[b, h, n_old, :] = packed.astype(jnp.uint8)
         vs_ref[b, h, n_old, :] = stored.reshape(C)
@@ -438,7 +453,7 @@ def _write_token(b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_refs, *,
         packed = 0
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # channels kp*m + k
-            x = heads_ref[b, kh, cols].astype(_F32)[None, :]  # [1, Wk]
+            x = knew(k)[None, :]  # [1, Wk]
             if Rk:
                 x = jnp.where(last, x, kring_ref[b, (first + e) % Rk, h, cols].astype(_F32))  # [group, Wk]
             stored, sf, zero = _grid(
@@ -459,17 +474,17 @@ def _merge_kernel(
     kbits, vbits, group, S, Rk, Rv, W1p, sdt, interpret,
 ):  # fmt: skip
     # refs with a window: kring, vring (those of ring length Rk, Rv > 0), meta and the six body arrays
-    # (inputs), the output, the window's weighted values (scratch), then the rings and the body again
-    # (outputs aliased to the inputs); without: the output
+    # (inputs), the output, then the rings and the body again (outputs aliased to the inputs); without:
+    # the output
     refs = list(refs)
     if window:
         kring_ref = refs.pop(0) if Rk else None
         vring_ref = refs.pop(0) if Rv else None
         meta_ref = refs.pop(0)
         vd_ref, vs_ref, vz_ref = refs[3:6]
-        out_ref, ow_ref = refs[6:8]
-        kring_out = refs[8] if Rk else None
-        vring_out = refs[8 + bool(Rk)] if Rv else None
+        out_ref = refs[6]
+        kring_out = refs[7] if Rk else None
+        vring_out = refs[7 + bool(Rk)] if Rv else None
         body_out = refs[-6:]
     else:
         (out_ref,) = refs
@@ -477,18 +492,36 @@ def _merge_kernel(
     K = m_ref.shape[1]
     kh, vh = K * G + h, (G + 1) * K + h  # the rows of this KV head's new key and value in heads
     dot = _dot(dtype)
+    # Every load comes before the first store: the compiler cannot move a load above a store to memory
+    # it does not know apart, so a load issued after one waits its own round trip.
     # ROWS query rows for the tensor cores: the G query heads repeated
     q16 = heads_ref[b, h * G + (jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)), :].astype(_F32) * sm_scale
     q16 = q16.astype(dtype)  # [ROWS, H]
-    m_all = jnp.full((G, 1), _MASKED, _F32)
-    for c in range(NC):
-        m_all = jnp.maximum(m_all, m_ref[b, h, c, :][:, None])
+    # The chunks' partials as one load each (a power of two of chunks, the last one re-read and masked):
+    # a load per chunk waited for the layout change of the one before it.
+    NCp = max(2, _pow2_ceil(NC))
+    live = (jnp.arange(NCp, dtype=jnp.int32) < NC)[:, None]  # [NCp, 1]
+    chunk = jnp.minimum(jnp.arange(NCp, dtype=jnp.int32), NC - 1)
+    m_parts = jnp.where(live, m_ref[b, h, chunk, :], _MASKED)  # [NCp, G]
+    l_parts = jnp.where(live, l_ref[b, h, chunk, :], 0.0)
+    m_all = m_parts.max(axis=0)[:, None]  # [G, 1]
+    if P:
+        p_ = jnp.arange(Pp, dtype=jnp.int32)
+        prow = jnp.minimum(p_, P - 1)
+        pk = pk_ref[prow, h, :].astype(dtype)  # [Pp, H]
+        pv = pv_ref[prow, h, :].astype(dtype)
+        pos = pos_ref[b]
 
     if window:
         # The window: slots [n_old - Rk, n_old] are the Rk ring entries (slot s at index s % Rk) and the
         # new token; it reads those with qk <= slot < n_new, their values quantized below qv (body rows)
         # and full precision from qv on (the value ring, or the new token).
         n_old, qk, qv, n_new = (meta_ref[b, t] for t in range(4))
+        kp, vp = 8 // kbits, 8 // vbits
+        Wk, Wv = H // kp, H // vp
+        vnew_f32 = heads_ref[b, vh, :].astype(_F32)  # [H]
+        knew_planes = [heads_ref[b, kh, pl.ds(k, Wk, kp)].astype(_F32) for k in range(kp)]
+        vnew_planes = [heads_ref[b, vh, pl.ds(k, Wv, vp)].astype(_F32) for k in range(vp)]
         w = jnp.arange(W1p, dtype=jnp.int32)
         slot = n_old - Rk + w  # entry w; w == Rk is the new token
         valid = (w <= Rk) & (slot >= jnp.maximum(qk, 0)) & (slot < n_new)  # [W1p]
@@ -498,73 +531,59 @@ def _merge_kernel(
             kw = jnp.where(new_row, knew, kring_ref[b, (slot + Rk) % Rk, h, :].astype(dtype))  # [W1p, H]
         else:
             kw = jnp.broadcast_to(knew, (W1p, H))
+        vf = vnew_f32.astype(dtype)[None, :]  # [1, H]
+        if Rv:  # slots [n_old - Rv, n_old) in the value ring
+            vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
+            vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, :].astype(dtype))  # [W1p, H]
+        else:  # no value ring: only the new token is read at full precision
+            vf = jnp.broadcast_to(vf, (W1p, H))
+        rows = jnp.clip(slot, 0, S - 1)  # the body rows of the window's slots (masked outside)
+        vs_w, vz_w, vd_w = (r[b, h, rows, :] for r in (vs_ref, vz_ref, vd_ref))  # [W1p, C | Wv]
+
         s16 = jax.lax.dot_general(q16, kw, (((1,), (1,)), ((), ())), **dot)  # [ROWS, W1p]
         s = jnp.where(valid[None, :], s16.reshape(ROWS // G, G, W1p).max(axis=0), _MASKED)  # [G, W1p]
         m_win = s.max(axis=1, keepdims=True)
         p = jnp.where(valid[None, :], jnp.exp(s - m_win), 0.0)
         l_win = jnp.sum(p, axis=1, keepdims=True)
         quant = (slot < qv)[None, :]
-        rows = jnp.clip(slot, 0, S - 1)  # the body rows of the window's slots (masked outside)
+        # Quantized values as the body kernel weighs them, their code planes interleaved into channel
+        # order in registers
         values = dict(vbits=vbits, group=group, H=H)
         D, zsum = _value_products(
-            jnp.where(quant, p, 0.0), vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :],
-            *_value_zeros(G, **values), dtype=dtype, interpret=interpret, **values,
+            jnp.where(quant, p, 0.0), vs_w, vz_w, vd_w, *_value_zeros(G, **values), dtype=dtype,
+            interpret=interpret, **values,
         )  # fmt: skip
+        o_win = _interleave(_plane_values(D, zsum, **values))  # [G, H]
         # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
-        vp = 8 // vbits
-        Wv = H // vp
         padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
-        pf = jnp.where(quant, 0.0, p)  # [G, W1p]
-        wf = (pf.T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
-
-        def full_precision(k):
-            cols = pl.ds(k, Wv, vp)  # channels vp*m + k
-            vf = heads_ref[b, vh, cols].astype(dtype)[None, :]  # [1, Wv]
-            if Rv:  # slots [n_old - Rv, n_old) in the value ring
-                vrow = (jnp.maximum(slot, n_old - Rv) + Rv) % Rv  # >= 0 (slots below the ring: masked)
-                vf = jnp.where(new_row, vf, vring_ref[b, vrow, h, cols].astype(dtype))  # [W1p, Wv]
-            else:  # no value ring: only the new token is read at full precision
-                vf = jnp.broadcast_to(vf, (W1p, Wv))
-            f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, Wv]
-            return f.reshape(G, ROWS // G, Wv).sum(axis=1)
-
-        def ow_at(cols, x):
-            ow_ref[b, h, :, cols] = x
-
-        # The window's weighted values in channel order go through memory (the planes' columns interleave)
-        _store_values(ow_at, D, zsum, extra=full_precision, **values)
+        wf = (jnp.where(quant, 0.0, p).T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
+        f = jax.lax.dot_general(wf, vf, (((0,), (0,)), ((), ())), **dot)  # [ROWS, H]
+        o_win = o_win + f.reshape(G, ROWS // G, H).sum(axis=1)
         m_all = jnp.maximum(m_all, m_win)
 
     if P:
-        p_ = jnp.arange(Pp, dtype=jnp.int32)
-        prow = jnp.minimum(p_, P - 1)
-        pk = pk_ref[prow, h, :].astype(dtype)  # [Pp, H]
         s16 = jax.lax.dot_general(q16, pk, (((1,), (1,)), ((), ())), **dot)  # [ROWS, Pp]
-        visible = ((p_ < P) & (p_ <= pos_ref[b]))[None, :]  # causal: a padding query (-1) sees none
+        visible = ((p_ < P) & (p_ <= pos))[None, :]  # causal: a padding query (-1) sees none
         s = jnp.where(visible, s16.reshape(ROWS // G, G, Pp).max(axis=0), _MASKED)  # [G, Pp]
         m_all = jnp.maximum(m_all, s.max(axis=1, keepdims=True))
         e = jnp.where(visible, jnp.exp(s - m_all), 0.0)
         denom = jnp.sum(e, axis=1, keepdims=True)
     else:
         denom = jnp.zeros((G, 1), _F32)
-    body = jnp.zeros((G, H), _F32)
-    for c in range(NC):
-        wc = jnp.exp(m_ref[b, h, c, :][:, None] - m_all)  # [G, 1]
-        denom = denom + l_ref[b, h, c, :][:, None] * wc
-        body = body + wc * o_ref[b, h, c, :, :]
+    o_parts = o_ref[b, h, chunk, :, :]  # [NCp, G, H] (loaded here: registers)
+    wc = jnp.where(live, jnp.exp(m_parts - m_all[:, 0][None, :]), 0.0)  # [NCp, G]
+    denom = denom + jnp.sum(l_parts * wc, axis=0)[:, None]
+    body = jnp.sum(wc[:, :, None] * o_parts, axis=0)  # [G, H]
     if window:
-        if not interpret:
-            pltriton.debug_barrier()  # the window's values stored by every lane
         wc = jnp.exp(m_win - m_all)
         denom = denom + l_win * wc
-        body = body + wc * ow_ref[b, h, :, :]
+        body = body + wc * o_win
     denom = jnp.where(denom > 0, denom, 1.0)  # a padding query without a pivot sees nothing
     out = body / denom
     if P:
         # (e / denom) @ pivot_v as a ROWS-row product: rows (gi, u), u = 0 the real one
         pad = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, :, None].astype(_F32)
         a = ((e / denom)[:, None, :] * pad).reshape(ROWS, Pp).astype(dtype)
-        pv = pv_ref[prow, h, :].astype(dtype)  # [Pp, H]
         piv = jax.lax.dot_general(a, pv, (((1,), (0,)), ((), ())), **dot)  # [ROWS, H]
         out = out + piv.reshape(G, ROWS // G, H).sum(axis=1)
     out_ref[b, h, :, :] = out.astype(out_ref.dtype)
@@ -572,8 +591,8 @@ def _merge_kernel(
     if window:
         # The new token into the body: nothing above read its slot or its key group.
         _write_token(
-            b, h, n_old, n_new, heads_ref, kh, vh, kring_ref, body_out, kbits=kbits, vbits=vbits, group=group,
-            H=H, Rk=Rk, sdt=sdt, interpret=interpret,
+            b, h, n_old, n_new, knew_planes.__getitem__, lambda k: vnew_f32 if k is None else vnew_planes[k],
+            kring_ref, body_out, kbits=kbits, vbits=vbits, group=group, H=H, Rk=Rk, sdt=sdt, interpret=interpret,
         )  # fmt: skip
 
         # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
@@ -582,9 +601,9 @@ def _merge_kernel(
             if not interpret:
                 pltriton.debug_barrier()
             if Rk:
-                kring_out[b, n_old % Rk, h, :] = heads_ref[b, kh, :].astype(kring_out.dtype)
+                kring_out[b, n_old % Rk, h, :] = knew[0].astype(kring_out.dtype)
             if Rv:
-                vring_out[b, n_old % Rv, h, :] = heads_ref[b, vh, :].astype(vring_out.dtype)
+                vring_out[b, n_old % Rv, h, :] = vnew_f32.astype(vring_out.dtype)
 
 
 @functools.partial(
@@ -626,7 +645,7 @@ def merge(
     B, K, NC, G = m.shape
     H = heads.shape[2]
     P = pivot_k.shape[0]
-    Pp = max(ROWS, 1 << max(P - 1, 0).bit_length())  # a power of two, at least one tensor-core tile
+    Pp = max(ROWS, _pow2_ceil(P))  # a power of two, at least one tensor-core tile
     if not P:  # the refs need an entry; never read
         pivot_k = pivot_v = jnp.zeros((1, K, H), heads.dtype)
     Rk = Rv = W1p = S = 0
@@ -636,7 +655,7 @@ def merge(
         kring, vring, meta, *body = window
         rings = tuple(r for r in (kring, vring) if r is not None)
         Rk, Rv = (0 if r is None else r.shape[1] for r in (kring, vring))
-        W1p = max(ROWS, 1 << Rk.bit_length())  # Rk + 1 entries: a power of two, at least one tensor-core tile
+        W1p = max(ROWS, _pow2_ceil(Rk + 1))  # Rk + 1 entries: a power of two, at least one tensor-core tile
         S, sdt = body[0].shape[2], jnp.dtype(body[1].dtype)
         extra = (*rings, meta.astype(jnp.int32), *body)
     kernel = functools.partial(
@@ -647,27 +666,25 @@ def merge(
     full = pl.BlockSpec(memory_space=None)
     n_in = 7 + len(extra)
     updated = (*rings, *body)
-    scratch = [jax.ShapeDtypeStruct((B, K, G, H), _F32)] if window is not None else []
-    # in place: the rings (inputs 7, 8) and the body (the last six inputs), outputs 2 on
+    # in place: the rings (inputs 7, 8) and the body (the last six inputs), outputs 1 on
     aliased = (*range(7, 7 + len(rings)), *range(n_in - len(body), n_in))
     out = pl.pallas_call(
         kernel,
         grid=(B, K),
         in_specs=[full] * n_in,
-        out_specs=[full] * (1 + len(scratch) + len(updated)),
+        out_specs=[full] * (1 + len(updated)),
         out_shape=[
             jax.ShapeDtypeStruct((B, K, G, H), out_dtype),
-            *scratch,
             *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in updated],
         ],
-        input_output_aliases={i: 2 + j for j, i in enumerate(aliased)},
+        input_output_aliases={i: 1 + j for j, i in enumerate(aliased)},
         # one warp: with 4, K4V2 decode took 6.650 against 6.600 ms per Llama-2-7B token at batch 8 and
         # 4096 context (H100, run 41, results/bench/h100_run41_*)
-        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
     )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o, *extra)
     if window is None:
         return out[0]
-    new_rings = iter(out[2 : 2 + len(rings)])
-    return out[0], *(None if r is None else next(new_rings) for r in window[:2]), tuple(out[2 + len(rings) :])
+    new_rings = iter(out[1 : 1 + len(rings)])
+    return out[0], *(None if r is None else next(new_rings) for r in window[:2]), tuple(out[1 + len(rings) :])
