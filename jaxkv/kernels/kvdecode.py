@@ -85,7 +85,9 @@ SUB_SLOTS = 128  # slots per tile of codes
 # H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
 # 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
 NUM_WARPS = 1
-MERGE_WARPS = 1  # warps per merge program
+# Warps per merge program. In one layer's step (H100, run 43) merge took 8.0 us with 1, 7.7 with 2 and
+# 7.8 with 4; 1 stays until the GPU tests have run through at 2 (that call ran out of time).
+MERGE_WARPS = 1
 _MASKED = -1e30  # the maximum of an empty chunk: exp(_MASKED - m) is 0 against any real score
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -160,22 +162,21 @@ def _value_zeros(G: int, *, vbits, group, H):
     return [jnp.zeros((max(ROWS, C * G), H // vp), _F32) for _ in range(vp)], jnp.zeros((C, G), _F32)
 
 
-def _plane_values(D, zsum, *, vbits, group, H) -> list:
-    """The weighted values of the products per code plane: plane ``k`` ``[G, H*vb/8]`` holds channels
-    ``(8/vb) m + k``."""
+def _plane_values(D, zsum, *, vbits, group, H):
+    """The weighted values of the products per code plane, in plane order (a generator, so that a
+    caller storing each plane as it comes keeps one plane live): plane ``k`` ``[G, H*vb/8]`` holds
+    channels ``(8/vb) m + k``."""
     vp = 8 // vbits
     Wv, C = H // vp, H // group
     G = zsum.shape[1]
     Mv = D[0].shape[0]
     log2g = group.bit_length() - 1
     row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
-    planes = []
     for k in range(vp):
         # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
         col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
         dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
-        planes.append(jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0))  # [G, Wv]
-    return planes
+        yield jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
 
 
 def _interleave(planes: list) -> jax.Array:
@@ -553,7 +554,7 @@ def _merge_kernel(
             jnp.where(quant, p, 0.0), vs_w, vz_w, vd_w, *_value_zeros(G, **values), dtype=dtype,
             interpret=interpret, **values,
         )  # fmt: skip
-        o_win = _interleave(_plane_values(D, zsum, **values))  # [G, H]
+        o_win = _interleave(list(_plane_values(D, zsum, **values)))  # [G, H]
         # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
         padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
         wf = (jnp.where(quant, 0.0, p).T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
@@ -607,11 +608,12 @@ def _merge_kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("kbits", "vbits", "group", "sm_scale", "out_dtype", "dtype", "interpret")
+    jax.jit,
+    static_argnames=("kbits", "vbits", "group", "sm_scale", "out_dtype", "dtype", "num_warps", "interpret"),
 )
 def merge(
     heads, positions, pivot_k, pivot_v, m, l, o, window=None, *, kbits=None, vbits=None, group=None, sm_scale,
-    out_dtype, dtype=_BF16, interpret=False,
+    out_dtype, dtype=_BF16, num_warps=None, interpret=False,
 ):  # fmt: skip
     """The attention output of one decode query per sequence from :func:`body_partials`' partials
     ``m``/``l``/``o``, the pivot segment ``pivot_k``/``pivot_v [P, K, H]`` and, with ``window``, the
@@ -619,7 +621,7 @@ def merge(
     by ``exp(m - max)``), in one launch of a program per sequence and KV head. ``heads [B, N + 2K,
     H]`` and ``sm_scale`` as ``body_partials`` takes them; ``positions [B]`` the queries' positions
     (a pivot slot ``p`` is visible from ``p`` on; -1, padding, sees none); ``dtype`` the products'
-    operands as in ``body_partials``.
+    operands as in ``body_partials``; ``num_warps`` per program (default :data:`MERGE_WARPS`).
 
     ``window = (kring, vring, meta [B, 4] int32, kdata, kscale, kzero, vdata, vscale, vzero)``, the
     decode step's full-precision side and the body (``kbits``, ``vbits``, ``group`` its codes):
@@ -638,6 +640,14 @@ def merge(
     kernel took 95.7 us against 97.0 with the window program and the merge 9.0 against 5.0
     (results/bench/h100_run40_sweep_merge.md, h100_run39_sweep_fold.md), and the model's K4V2 step
     6.600-6.624 ms against 6.688 (runs 39-41, separate calls: within their noise).
+
+    Every load of a program comes first (the compiler cannot move a load above a store it cannot tell
+    apart from it), the chunks' partials are one load each instead of a load, a layout change and a
+    barrier per chunk, and the window's value planes are interleaved into channel order in registers
+    (no scratch output through memory, no barrier): merge 8.9 -> 8.0 us per layer at 1 warp (H100, run
+    43, ``kv_decode_sweep.py --candidates step-kernel``; 7,856 -> 7,224 SASS instructions,
+    ``scripts/kernel_sass.py merge``). The model's K4V2 step did not move beyond its noise (6.621
+    against 6.603 ms, run 43, with 2 warps).
 
     Returns ``[B, K, G, H]`` in ``out_dtype``, and with ``window`` also the updated ``kring``, ``vring``
     and body ``(kdata, kscale, kzero, vdata, vscale, vzero)``.
@@ -680,7 +690,7 @@ def merge(
         input_output_aliases={i: 1 + j for j, i in enumerate(aliased)},
         # one warp: with 4, K4V2 decode took 6.650 against 6.600 ms per Llama-2-7B token at batch 8 and
         # 4096 context (H100, run 41, results/bench/h100_run41_*)
-        compiler_params=pltriton.CompilerParams(num_warps=MERGE_WARPS, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps or MERGE_WARPS, num_stages=1),
         interpret=interpret,
         name="kv_decode_merge",
     )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, m, l, o, *extra)
