@@ -162,21 +162,22 @@ def _value_zeros(G: int, *, vbits, group, H):
     return [jnp.zeros((max(ROWS, C * G), H // vp), _F32) for _ in range(vp)], jnp.zeros((C, G), _F32)
 
 
-def _plane_values(D, zsum, *, vbits, group, H):
-    """The weighted values of the products per code plane, in plane order (a generator, so that a
-    caller storing each plane as it comes keeps one plane live): plane ``k`` ``[G, H*vb/8]`` holds
-    channels ``(8/vb) m + k``."""
+def _plane_values(D, zsum, *, vbits, group, H) -> list:
+    """The weighted values of the products per code plane: plane ``k`` ``[G, H*vb/8]`` holds channels
+    ``(8/vb) m + k``."""
     vp = 8 // vbits
     Wv, C = H // vp, H // group
     G = zsum.shape[1]
     Mv = D[0].shape[0]
     log2g = group.bit_length() - 1
     row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
+    planes = []
     for k in range(vp):
         # byte column m of plane k is channel vp*m + k, of group (vp*m + k) // group
         col_c = ((vp * jnp.arange(Wv, dtype=jnp.int32) + k) >> log2g)[None, None, :]  # [1, 1, Wv]
         dk = D[k].reshape(C, G, Mv // (C * G), Wv).sum(axis=2)  # [C, G, Wv]
-        yield jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0)  # [G, Wv]
+        planes.append(jnp.sum(jnp.where(row_c == col_c, dk - zsum[:, :, None], 0.0), axis=0))  # [G, Wv]
+    return planes
 
 
 def _interleave(planes: list) -> jax.Array:
@@ -415,14 +416,14 @@ def _codes(x, sf, zero, bits: int, interpret: bool):
     return c.astype(jnp.int32)
 
 
-def _write_token(b, h, n_old, n_new, knew, vnew, kring_ref, body_refs, *, kbits, vbits, group, H, Rk, sdt, interpret):  # fmt: skip
+def _write_token(b, h, n_old, n_new, knew_planes, vnew, vnew_planes, kring_ref, body_refs, *, kbits, vbits, group, H, Rk, sdt, interpret):  # fmt: skip
     """Quantize the new token of sequence ``b``, KV head ``h`` into the body ``body_refs`` (kdata,
     kscale, kzero, vdata, vscale, vzero), in place: its value at slot ``n_old`` (per token), and the key
     group it completes (per channel, when ``n_new`` is a multiple of ``group``; the older slots from the
-    key ring, slot ``s`` at entry ``s % Rk``, read before the new token takes its entry). ``knew(k)``
-    and ``vnew(k)`` are the new key's and value's channels ``(8/b) m + k`` (code plane ``k``), ``vnew(None)``
-    all the value's channels, as float32 loaded before anything was stored. The codes, scales and zero
-    points of ``jaxkv.kvattention.write_side``, bit for bit (tests)."""
+    key ring, slot ``s`` at entry ``s % Rk``, read before the new token takes its entry). The new token
+    as float32, loaded before anything was stored: ``vnew [H]`` its value, ``knew_planes[k]`` and
+    ``vnew_planes[k]`` its key's and value's channels ``(8/b) m + k`` (code plane ``k``). The codes,
+    scales and zero points of ``jaxkv.kvattention.write_side``, bit for bit (tests)."""
     kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref = body_refs
 
     @pl.when(n_new > n_old)
@@ -431,13 +432,13 @@ def _write_token(b, h, n_old, n_new, knew, vnew, kring_ref, body_refs, *, kbits,
         # viewed [C, group / vp] has group C's channels in row C.
         vp = 8 // vbits
         Wv, C = H // vp, H // group
-        x = vnew(None).reshape(C, group)
+        x = vnew.reshape(C, group)
         stored, sf, zero = _grid(
             x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True), vbits, sdt, interpret
         )
         packed = 0
         for k in range(vp):
-            xk = vnew(k).reshape(C, group // vp)
+            xk = vnew_planes[k].reshape(C, group // vp)
             packed = packed | (_codes(xk, sf, zero, vbits, interpret).reshape(Wv) << (vbits * k))
         vd_ref[b, h, n_old, :] = packed.astype(jnp.uint8)
         vs_ref[b, h, n_old, :] = stored.reshape(C)
@@ -454,7 +455,7 @@ def _write_token(b, h, n_old, n_new, knew, vnew, kring_ref, body_refs, *, kbits,
         packed = 0
         for k in range(kp):
             cols = pl.ds(k, Wk, kp)  # channels kp*m + k
-            x = knew(k)[None, :]  # [1, Wk]
+            x = knew_planes[k][None, :]  # [1, Wk]
             if Rk:
                 x = jnp.where(last, x, kring_ref[b, (first + e) % Rk, h, cols].astype(_F32))  # [group, Wk]
             stored, sf, zero = _grid(
@@ -554,7 +555,7 @@ def _merge_kernel(
             jnp.where(quant, p, 0.0), vs_w, vz_w, vd_w, *_value_zeros(G, **values), dtype=dtype,
             interpret=interpret, **values,
         )  # fmt: skip
-        o_win = _interleave(list(_plane_values(D, zsum, **values)))  # [G, H]
+        o_win = _interleave(_plane_values(D, zsum, **values))  # [G, H]
         # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
         padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
         wf = (jnp.where(quant, 0.0, p).T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
@@ -590,10 +591,11 @@ def _merge_kernel(
     out_ref[b, h, :, :] = out.astype(out_ref.dtype)
 
     if window:
-        # The new token into the body: nothing above read its slot or its key group.
+        # The new token into the body: above, its slot's value row was read only under a zero weight,
+        # its key group not at all.
         _write_token(
-            b, h, n_old, n_new, knew_planes.__getitem__, lambda k: vnew_f32 if k is None else vnew_planes[k],
-            kring_ref, body_out, kbits=kbits, vbits=vbits, group=group, H=H, Rk=Rk, sdt=sdt, interpret=interpret,
+            b, h, n_old, n_new, knew_planes, vnew_f32, vnew_planes, kring_ref, body_out, kbits=kbits, vbits=vbits,
+            group=group, H=H, Rk=Rk, sdt=sdt, interpret=interpret,
         )  # fmt: skip
 
         # Then the rings take the new token (entry n_old % Rk), after every lane has read the old one.
