@@ -8,8 +8,9 @@ Conventions
   ``bf16`` or a quantized spec such as ``K4V2`` (``jaxkv.kvcache``, per-channel keys, group 32).
   Every case runs in its own Python process, so peak device memory is the case's own and the
   matmul path (``JAXKV_QMATMUL``) is fixed per process.
-* Weights are in :func:`jaxkv.model.decode_layout` (fused projections unless ``--no-fuse``, one
-  buffer per layer), as ``jaxkv generate`` uses them.
+* Weights are in :func:`jaxkv.model.decode_layout` for the case's batch (fused projections unless
+  ``--no-fuse``, one buffer per layer, 4-bit codes in the packing of the batch's GPU kernel), as
+  ``jaxkv generate`` uses them.
 * Timing: the jitted prefill and the jitted decode loop of ``jaxkv.generate`` (one ``while_loop``,
   cache donated, no host round trip per token) are each timed between device synchronisations,
   after a warm-up run that compiles them (the prompt is prefilled in chunks of ``prefill_chunk``
@@ -178,7 +179,7 @@ def run_case(case: Case) -> dict:
     cfg = shape_config(case.shape)
     kv = parse_kv(case.kv)
     params = random_model(cfg, case.weights, case.group)
-    params = decode_layout(params, fuse=case.fuse)
+    params = decode_layout(params, fuse=case.fuse, batch=case.batch)
     B, T, N = case.batch, case.prompt, case.new_tokens
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)

@@ -253,9 +253,12 @@ def _over_layers(body, x, xs, layers, start: int):
     return x, (stacked, *rest[len(rest) - n_upd :])
 
 
-def decode_layout(params: dict, fuse: bool = True) -> dict:
-    """Parameters laid out for fast single-device generation: Q/K/V and gate/up fused
-    (:func:`fuse_projections`) and the stacked layers split into a tuple of per-layer dicts.
+def decode_layout(params: dict, fuse: bool = True, batch: int = 1) -> dict:
+    """Parameters laid out for fast single-device generation of ``batch`` sequences: Q/K/V and
+    gate/up fused (:func:`fuse_projections`), the stacked layers split into a tuple of per-layer
+    dicts, and each quantized weight in the packing its decode matmul reads fastest at ``batch``
+    rows (:func:`jaxkv.quant.qarray.decode_layout_for`: on a GPU, 4-bit codes packed along the inputs
+    for 2-64 rows; unchanged otherwise). Any batch runs on any of these layouts; only speed differs.
 
     Measured on an H100 (``jaxkv bench``): under ``lax.scan`` XLA copies each layer's slice of the
     stacked weights before its matmuls, so a memory-bound decode step reads the weights about three
@@ -265,6 +268,11 @@ def decode_layout(params: dict, fuse: bool = True) -> dict:
     stacked layout (decode on a mesh splits after sharding: ``jaxkv.sharding.shard_decode_params``).
     The stacked leaves are released as they are split.
     """
+    from jaxkv.quant.qarray import QArray, decode_layout_for, to_layout
+
+    def relayout(w):
+        return to_layout(w, decode_layout_for(w, batch)) if isinstance(w, QArray) else w
+
     if fuse:
         params = fuse_projections(params)
     stacked = dict(params["layers"])
@@ -273,9 +281,10 @@ def decode_layout(params: dict, fuse: bool = True) -> dict:
     for name in list(stacked):
         w = stacked.pop(name)  # drop our reference as soon as the pieces exist
         for i in range(L):
-            per_layer[i][name] = w[i]
+            per_layer[i][name] = relayout(w[i])
         del w
-    return {**params, "layers": tuple(per_layer)}
+    rest = {k: relayout(v) for k, v in params.items() if k != "layers"}
+    return {**rest, "layers": tuple(per_layer)}
 
 
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
@@ -290,6 +299,10 @@ def fuse_projections(params: dict) -> dict:
     from jaxkv.quant.qarray import QArray
 
     layers = dict(params["layers"])
+    if any(isinstance(w, QArray) and w.layout != "io" for w in layers.values()):
+        raise ValueError(
+            "fuse_projections needs the canonical QArray layout (fuse before decode_layout's repacking)"
+        )
     for fused, names in FUSED.items():
         ws = [layers[n] for n in names]
         if isinstance(ws[0], QArray):

@@ -408,6 +408,10 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, params=None, rules: ShardingRu
         if tuple(leaf.shape) != info.shape:
             raise ShardingError(f"param {name}: shape {tuple(leaf.shape)}, the config implies {info.shape}")
         if _is_qarray(leaf):
+            if leaf.layout != "io":
+                raise ShardingError(
+                    f"param {name}: shard the canonical QArray packing, not decode_layout's {leaf.layout!r}"
+                )
             sh = NamedSharding(mesh, qarray_spec(leaf, info, cfg, mesh, rules, f"param {name}"))
             return leaf.replace(packed=sh, scale=sh, zero=None if leaf.zero is None else sh)
         return NamedSharding(mesh, _dense_spec(info, cfg, mesh, rules, f"param {name}"))

@@ -13,7 +13,7 @@ from jaxkv.kernels import kvdecode
 from jaxkv.kernels import qmatmul as qk
 from jaxkv.model import decode_layout, forward, fuse_projections
 from jaxkv.params import init_params
-from jaxkv.quant.qarray import QArray, pack, quantize_tensor
+from jaxkv.quant.qarray import QArray, pack, quantize_tensor, to_layout
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -142,7 +142,8 @@ def test_fused_projections_equal_separate():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled kernel runs on a GPU only")
-def test_decode_with_kernel_matches_xla_path(monkeypatch):
+@pytest.mark.parametrize("layout", ["io", "oi"])
+def test_decode_with_kernel_matches_xla_path(monkeypatch, layout):
     """Greedy decode logits of an int4 model: the Pallas kernel path (the tensor-core kernel for the
     prefill's 2 x 11 rows and the decode step's 2 rows) against the portable XLA one."""
     from jaxkv.kvcache import init_cache
@@ -154,6 +155,8 @@ def test_decode_with_kernel_matches_xla_path(monkeypatch):
     params = init_params(cfg, jax.random.key(1), jnp.bfloat16)
     layers = {k: (quantize_tensor(v, 4, 64) if v.ndim == 3 else v) for k, v in params["layers"].items()}
     params = fuse_projections({**params, "layers": layers})
+    params = jax.tree.map(lambda w: to_layout(w, layout) if isinstance(w, QArray) else w, params,
+                          is_leaf=lambda w: isinstance(w, QArray))  # fmt: skip
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
 
@@ -243,6 +246,65 @@ def test_decode_layout_generates_the_same_tokens(kv, pivot):
     kw = dict(max_new_tokens=12, kv=parse_kv(kv) if kv else None, stop_at_eos=False)
     ra, rb = generate(a, prefix, prompts, **kw), generate(b, prefix, prompts, **kw)
     assert ra.tokens == rb.tokens and len(ra.tokens[0]) == 12
+
+
+@pytest.mark.parametrize(
+    "M,group,config,sym",
+    [
+        (8, 32, qk.KernelConfig(128, 1, 4, 3), False),  # the batch-8 tile, one split
+        (2, 64, qk.KernelConfig(64, 3, 4, 2), True),  # 4 groups over 3 splits: the last is short
+        (1, 128, None, False),  # one row in this layout takes the tensor-core kernel
+        (33, 32, None, False),  # rows padded to 64
+        (5, 256, None, True),  # one group spans the inputs
+    ],
+)
+def test_qmatmul_decode_layout_matches_float64(M, group, config, sym):
+    """The kernel over 4-bit codes packed along the inputs (``layout="oi"``) against float64 numpy,
+    on the stacked weight with a layer offset."""
+    rng = np.random.default_rng(M * 10 + group)
+    L, I, O = 3, 256, 256
+    q, codes, scale, zero = _random_q(rng, L, I, O, 4, group, sym)
+    oi = to_layout(q, "oi")
+    x = jnp.asarray(rng.standard_normal((M, I)), jnp.bfloat16)
+    y = qk.qmatmul(
+        x, oi.packed, oi.scale, qk.zero_points(oi), jnp.int32(2), bits=4, group=group, layout="oi",
+        config=config, interpret=not ON_GPU,
+    )  # fmt: skip
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[2], scale[2], zero[2], group)
+    assert y.shape == (M, O) and y.dtype == jnp.bfloat16
+    assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 4e-3
+    other = qk.reference(np.asarray(x.astype(jnp.float32)), codes[1], scale[1], zero[1], group)
+    assert np.linalg.norm(np.asarray(y, np.float64) - other) / np.linalg.norm(other) > 0.1
+
+
+def test_decode_layout_packs_4bit_weights_for_the_batch(monkeypatch):
+    """``decode_layout(batch=8)`` repacks the 4-bit weights where the GPU kernel would take them
+    (simulated here) and leaves other weights and one-row decode alone; the repacked model generates
+    the same tokens (here through the XLA path, which reads either packing)."""
+    from jaxkv.generate import generate
+    from jaxkv.quant import qarray as qa
+
+    class M:
+        pass
+
+    cfg = _tiny_cfg()
+    params = init_params(cfg, jax.random.key(3), jnp.bfloat16)  # the kernel takes 16-bit x
+    layers = {k: (quantize_tensor(v, 8 if k == "w_down" else 4, 32) if v.ndim == 3 else v)
+              for k, v in params["layers"].items()}  # fmt: skip
+    a, b = M(), M()
+    a.cfg = b.cfg = cfg
+    a.params = decode_layout({**params, "layers": layers}, batch=8)
+    assert {w.layout for w in a.params["layers"][0].values() if isinstance(w, QArray)} == {"io"}  # no GPU
+    with monkeypatch.context() as m:
+        m.setattr(qa, "_kernels_enabled", lambda: True)
+        assert decode_layout({**params, "layers": layers}, batch=1)["layers"][0]["wqkv"].layout == "io"
+        b.params = decode_layout({**params, "layers": layers}, batch=8)
+    lp = b.params["layers"][1]
+    assert lp["wqkv"].layout == lp["w_gate_up"].layout == lp["wo"].layout == "oi"
+    assert lp["w_down"].layout == "io"  # 8-bit: the canonical bytes
+    prompts = [[1, 5, 9, 2, 7], [3, 4]]
+    kw = dict(max_new_tokens=8, stop_at_eos=False)
+    assert generate(a, None, prompts, **kw).tokens == generate(b, None, prompts, **kw).tokens
 
 
 @pytest.mark.parametrize("bits,M", [(4, 8), (8, 8), (4, 1)])

@@ -81,6 +81,21 @@ def test_save_restore_bitwise_identical_logits(tmp_path, recipe):
     assert isinstance(lm.params["layers"]["w_down"], QArray)
 
 
+def test_save_writes_the_canonical_packing_of_decode_layout_weights(tmp_path):
+    """Weights repacked for the decode kernel (``"oi"``) are saved in the canonical packing: the
+    checkpoint equals that of the unrepacked model, byte for byte."""
+    qm = quantize(tiny_model(), QuantRecipe(bits=4, group=32))
+    oi = dataclasses.replace(
+        qm, params=jax.tree.map(lambda w: qa.to_layout(w, "oi") if isinstance(w, QArray) else w, qm.params,
+                                is_leaf=lambda w: isinstance(w, QArray))
+    )  # fmt: skip
+    assert oi.params["layers"]["wq"].layout == "oi"
+    save_quantized(tmp_path / "oi", oi)
+    ck = restore_quantized(tmp_path / "oi")
+    assert ck.params["layers"]["wq"].layout == "io"
+    assert_trees_identical(ck.params, qm.params)
+
+
 def test_restore_detects_corruption(tmp_path):
     qm = quantize(tiny_model(), QuantRecipe(bits=4, group=32))
     save_quantized(tmp_path / "q", qm)

@@ -193,3 +193,46 @@ def test_nbytes_storage_counts_real_bytes():
         assert q.nbytes_storage() == expect
         assert qa.weight_bytes({"w": q}) == expect
         assert qa.weight_bytes_fp16({"w": q}) == 2 * 2 * 576 * 1536
+
+
+def np_oi_bytes(codes: np.ndarray, group: int) -> np.ndarray:
+    """The decode layout from its definition, byte by byte: packed[o, g*group/2 + j] holds input
+    g*group + j (low nibble) and g*group + group/2 + j (high nibble) of column o."""
+    I, O = codes.shape
+    half = group // 2
+    out = np.zeros((O, I // 2), np.uint8)
+    for o in range(O):
+        for g in range(I // group):
+            for j in range(half):
+                out[o, g * half + j] = codes[g * group + j, o] | (codes[g * group + half + j, o] << 4)
+    return out
+
+
+@pytest.mark.parametrize("group,sym", [(32, False), (64, True), (-1, False)])
+def test_decode_layout_oi_is_the_same_weight(group, sym):
+    """``to_layout(q, "oi")``: bytes as defined, the same logical shape, codes and dequantized values
+    (so the XLA matmul agrees too), indexable on the stacked axis, and back to identical bytes."""
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.standard_normal((2, 128, 48)), jnp.float32)
+    q = qa.quantize_tensor(w, 4, group, sym=sym)
+    oi = qa.to_layout(q, "oi")
+    g = 128 if group == -1 else group
+    assert oi.layout == "oi" and oi.packed.shape == (2, 48, 64) and oi.shape == q.shape == (2, 128, 48)
+    np.testing.assert_array_equal(np.asarray(oi.packed[1]), np_oi_bytes(np.asarray(qa.codes_of(q)[1]), g))
+    np.testing.assert_array_equal(np.asarray(qa.codes_of(oi)), np.asarray(qa.codes_of(q)))
+    np.testing.assert_array_equal(np.asarray(qa.dequantize(oi)), np.asarray(qa.dequantize(q)))
+    assert oi[1].shape == (128, 48) and "layout=oi" in repr(oi)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(qa.matmul(x, oi[0])), np.asarray(qa.matmul(x, q[0])))
+    back = qa.to_layout(oi, "io")
+    assert back.layout == "io"
+    np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q.packed))
+
+
+def test_decode_layout_oi_rejects_other_bit_widths():
+    q = qa.quantize_tensor(jnp.ones((64, 32), jnp.float32), 8, 32)
+    with pytest.raises(ValueError, match="4-bit"):
+        qa.to_layout(q, "oi")
+    with pytest.raises(ValueError, match="unknown QArray layout"):
+        qa.to_layout(q, "cols")
+    assert qa.decode_layout_for(q, 8) == "io"  # no GPU kernel here (CPU) and not 4-bit

@@ -5,6 +5,13 @@ Conventions
 * ``y [M, O] = x [M, I] @ w`` for a 4- or 8-bit :class:`~jaxkv.quant.qarray.QArray` ``w`` stored as
   in ``jaxkv.quant.qarray``: codes bit-packed along I (two 4-bit codes per byte, low nibble = even
   row), one scale and one uint8 zero point per (group of ``group`` input rows, output column).
+* In the decode layout ``"oi"`` (``jaxkv.quant.qarray``; 4-bit only) the codes come as
+  ``[L, O, I/2]``: a group's bytes load as ``[block_n, group/2]`` rows and enter the product
+  transposed, so the tensor-core operand is read from shared memory in words rather than gathered a
+  byte at a time (SASS of the 8-row Q/K/V kernel: 616 instructions and no one-byte shared loads,
+  against 880 with 64; ``scripts/kernel_sass.py qmm8``), and the low and high nibbles of byte ``j``
+  meet inputs ``j`` and ``j + group/2`` (two contiguous loads of ``x``, not strided ones). One row in
+  this layout takes the tensor-core kernel too.
 * The weight may carry a leading stacked-layer axis ``[L, ...]`` with ``layer`` the (traced) index
   of the layer to use: the kernel reads that layer's bytes in place. Slicing the stacked weight
   first (what ``lax.scan`` over layers does) would make XLA copy the slice before the custom call,
@@ -160,7 +167,7 @@ def code_plane_16(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) 
 
 
 def _kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, oi, interpret
 ):  # fmt: skip
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
@@ -177,7 +184,11 @@ def _kernel(
 
     def load(g):
         """Group g's packed bytes [rows, block_n] and its x columns."""
-        p = p_ref[(*lead, pl.ds(pl.multiple_of(g * rows, rows), rows), cols)]
+        group_rows = pl.ds(pl.multiple_of(g * rows, rows), rows)
+        if oi:  # [block_n, rows] as stored; low nibbles meet the group's first half of x, high the second
+            p = p_ref[(*lead, cols, group_rows)].T
+            return p, (x_ref[x_rows, pl.ds(g * group, rows)], x_ref[x_rows, pl.ds(g * group + rows, rows)])
+        p = p_ref[(*lead, group_rows, cols)]
         if bits == 4:  # even input rows meet the low nibbles, odd rows the high ones (strided loads)
             return p, (
                 x_ref[x_rows, pl.ds(g * group, group // 2, 2)],
@@ -333,7 +344,7 @@ def _gemv4_kernel(
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -343,19 +354,24 @@ def qmatmul(
     *,
     bits: int,
     group: int,
+    layout: str = "io",
     config: KernelConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
 
-    ``packed [L, I*bits/8, O]`` uint8, ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric
-    weights pass their implicit zero point as an array), ``layer`` an int32 scalar, or None when
-    ``L == 1`` (the kernel then needs no layer offset).
+    ``packed [L, I*bits/8, O]`` uint8 (layout ``"io"``) or ``[L, O, I/2]`` (``"oi"``, 4-bit; module
+    docstring), ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric weights pass their
+    implicit zero point as an array), ``layer`` an int32 scalar, or None when ``L == 1`` (the kernel
+    then needs no layer offset).
     """
     M, I = x.shape
-    L, _, O = packed.shape
-    cfg = config or default_config(I, O, group, M, bits)
-    gemv = bits == 4 and M == 1
+    oi = layout == "oi"
+    if oi and bits != 4:
+        raise ValueError(f'the "oi" layout holds 4-bit codes, got bits={bits}')
+    O = packed.shape[1 if oi else 2]
+    cfg = config or default_config(I, O, group, M if not oi else max(M, 2), bits)
+    gemv = bits == 4 and M == 1 and not oi
     # Triton block shapes are powers of two; the tensor-core tile has at least 16 rows.
     Mp = 1 if gemv else max(16, 1 << (M - 1).bit_length())
     groups = I // group
@@ -371,7 +387,7 @@ def qmatmul(
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
-        kernel = functools.partial(_kernel, bits=bits, interpret=interpret, **tiling)
+        kernel = functools.partial(_kernel, bits=bits, oi=oi, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)
     out = pl.pallas_call(
         kernel,
@@ -381,7 +397,7 @@ def qmatmul(
         out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else ""),
+        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)

@@ -45,7 +45,7 @@ from jaxkv import __version__, checkpoint
 from jaxkv.config import ModelConfig, from_hf_config
 from jaxkv.errors import CheckpointError, JaxkvError
 from jaxkv.params import param_infos
-from jaxkv.quant.qarray import QArray, quantized_bytes, weight_bytes, weight_bytes_fp16
+from jaxkv.quant.qarray import QArray, quantized_bytes, to_layout, weight_bytes, weight_bytes_fp16
 from jaxkv.quant.recipe import LINEARS, QuantRecipe
 
 FORMAT = "jaxkv-quantized/1"
@@ -61,6 +61,7 @@ def _flatten(params, prefix="") -> tuple[dict, dict]:
     for k, v in params.items():
         name = f"{prefix}{k}"
         if isinstance(v, QArray):
+            v = to_layout(v, "io")  # checkpoints hold the canonical packing
             d = {"packed": v.packed, "scale": v.scale}
             if v.zero is not None:
                 d["zero"] = v.zero
@@ -355,6 +356,7 @@ def _hf_config_dict(cfg: ModelConfig, torch_dtype: str) -> dict:
 
 
 def _export_linear(q: QArray, fmt: str, prefix: str, tensors: dict, checkpoint_format: str) -> None:
+    q = to_layout(q, "io")
     codes = _unpack_np(np.asarray(q.packed), q.bits)  # [I, O]
     zero = (
         np.asarray(jax.device_get(q.zero))

@@ -22,7 +22,17 @@ Conventions
   dequant-matmul (0.85 ms vs 2.5 ms; equal at 512 tokens), Orbax/tensorstore rejects ``uint4`` (so
   int4 would need a signed offset), and one byte layout serves 2, 3, 4 and 8 bits alike. ``nbytes``
   of a ``jnp.int4`` array reports a byte per element; :meth:`QArray.nbytes_storage` counts real bytes.
-* Metadata (``bits``, ``group``, ``sym``, compute ``dtype``) is static (not a pytree leaf). The
+* A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, 4-bit, made by
+  :func:`to_layout` from ``jaxkv.model.decode_layout``): ``packed [..., O, I/2]``, each output
+  column's codes contiguous, and byte ``j`` of a group holds the codes of inputs ``j`` (low nibble)
+  and ``j + group/2`` (high nibble) of that group. The tensor cores then get each thread's operand
+  bytes in whole words instead of one byte at a time, and each nibble plane meets a contiguous half
+  of the group's inputs: the kernels of the four Llama-2-7B decode matmuls at 8 rows took 76.0 us
+  instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``). One row keeps
+  the canonical layout: a one-row kernel over this one, the best of 14 tiles per shape, took 1.2-1.6x
+  as long (each thread's few bytes of a column need as many ``x`` values as weights). Checkpoints, sharding and the Hugging Face
+  layouts use the canonical layout; :func:`codes_of` and :func:`dequantize` read both.
+* Metadata (``bits``, ``group``, ``sym``, compute ``dtype``, ``layout``) is static (not a pytree leaf). The
   logical shape is derived from the leaves, so slicing every leaf along a leading axis (what
   ``jax.lax.scan`` over L does) yields a consistent QArray.
 * ``zero`` is stored as uint8 codes (``0 <= zero < 2**bits``, integers in llm-awq's formula), scales
@@ -41,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+LAYOUTS = ("io", "oi")  # canonical [..., I*bits/8, O]; the decode kernels' [..., O, I/2] (4-bit)
 
 
 def chunk_shape(bits: int) -> tuple[int, int]:
@@ -88,12 +99,14 @@ class QArray:
     """A group-wise quantized weight ``[..., I, O]``; ``w ≈ (q - zero) * scale`` per input group.
 
     Leaves (all share the leading axes, so ``lax.scan`` can slice them):
-      ``packed``  uint8 ``[..., I*bits/8, O]``: the codes, bit-packed along I (module docstring).
+      ``packed``  uint8 ``[..., I*bits/8, O]``: the codes, bit-packed along I (module docstring);
+                  ``[..., O, I/2]`` in the ``"oi"`` layout.
       ``scale``   ``[..., I/group, O]`` in bf16, fp16 or fp32.
       ``zero``    uint8 ``[..., I/group, O]`` integer zero points, or None when symmetric (implicit
                   zero ``2**(bits-1)``).
     Static: ``bits`` (2, 3, 4, 8), ``group`` (rows per group; ``group == I`` is per-channel),
-    ``dtype`` (the compute dtype that :func:`dequantize` and :func:`matmul` produce).
+    ``dtype`` (the compute dtype that :func:`dequantize` and :func:`matmul` produce), ``layout``
+    (``"io"``, or the decode kernels' ``"oi"``: see the module docstring and :func:`to_layout`).
     """
 
     packed: jax.Array
@@ -102,6 +115,7 @@ class QArray:
     bits: int = flax.struct.field(pytree_node=False)
     group: int = flax.struct.field(pytree_node=False)
     dtype: np.dtype = flax.struct.field(pytree_node=False)
+    layout: str = flax.struct.field(pytree_node=False, default="io")
 
     @property
     def sym(self) -> bool:
@@ -109,7 +123,10 @@ class QArray:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        *lead, R, O = self.packed.shape
+        if self.layout == "oi":
+            *lead, O, R = self.packed.shape
+        else:
+            *lead, R, O = self.packed.shape
         return (*lead, R * 8 // self.bits, O)
 
     @property
@@ -138,9 +155,10 @@ class QArray:
 
     def __repr__(self) -> str:
         kind = "sym" if self.sym else "asym"
+        layout = "" if self.layout == "io" else f", layout={self.layout}"
         return (
             f"QArray(shape={self.shape}, bits={self.bits}, group={self.group}, {kind}, "
-            f"scale={np.dtype(self.scale.dtype).name}, dtype={np.dtype(self.dtype).name})"
+            f"scale={np.dtype(self.scale.dtype).name}, dtype={np.dtype(self.dtype).name}{layout})"
         )
 
 
@@ -280,8 +298,31 @@ def from_codes(codes, scale, zero, bits: int, group: int, dtype) -> QArray:
 
 
 def codes_of(q: QArray) -> jax.Array:
-    """The unpacked uint8 codes ``[..., I, O]``."""
+    """The unpacked uint8 codes ``[..., I, O]`` (of either layout)."""
+    if q.layout == "oi":
+        *lead, O, R = q.packed.shape
+        b = jnp.swapaxes(q.packed, -1, -2).reshape(*lead, R // (q.group // 2), 1, q.group // 2, O)
+        halves = jnp.concatenate([b & 0xF, b >> 4], axis=-3)  # [..., G, 2, group/2, O]
+        return halves.reshape(*lead, 2 * R, O)
     return unpack(q.packed, q.bits)
+
+
+def to_layout(q: QArray, layout: str) -> QArray:
+    """``q`` with its codes in ``layout`` (``"io"`` or ``"oi"``, module docstring); scales, zero
+    points and values are unchanged. The ``"oi"`` layout holds 4-bit codes only."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown QArray layout {layout!r} (known: {LAYOUTS})")
+    if q.layout == layout:
+        return q
+    codes = codes_of(q)
+    if layout == "io":
+        return q.replace(packed=pack(codes, q.bits), layout="io")
+    if q.bits != 4:
+        raise ValueError(f'the "oi" layout holds 4-bit codes, this weight has {q.bits}-bit ones')
+    *lead, I, O = codes.shape
+    halves = codes.reshape(*lead, I // q.group, 2, q.group // 2, O)
+    b = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)  # [..., G, group/2, O]
+    return q.replace(packed=jnp.swapaxes(b.reshape(*lead, I // 2, O), -1, -2), layout="oi")
 
 
 def zero_of(q: QArray, dtype=jnp.float32) -> jax.Array:
@@ -327,12 +368,33 @@ def _use_kernel(x: jax.Array, w: QArray) -> bool:
     """
     from jaxkv.kernels import qmatmul as qk
 
-    if os.environ.get("JAXKV_QMATMUL", "auto") == "xla" or jax.default_backend() != "gpu":
+    if not _kernels_enabled() or x.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    if x.dtype not in (jnp.bfloat16, jnp.float16) or not jax.sharding.get_abstract_mesh().empty:
+    if not jax.sharding.get_abstract_mesh().empty:
         return False
     I, O = w.shape[-2:]
     return qk.supported(int(np.prod(x.shape[:-1])), I, O, w.bits, w.group)
+
+
+def _kernels_enabled() -> bool:
+    return os.environ.get("JAXKV_QMATMUL", "auto") != "xla" and jax.default_backend() == "gpu"
+
+
+def decode_layout_for(w: QArray, rows: int) -> str:
+    """The layout in which :func:`matmul` of ``rows`` rows by ``w`` is fastest: ``"oi"`` where the
+    GPU kernel's tensor-core path reads 4-bit codes (2 to 64 rows of a 16-bit ``x``; module
+    docstring), ``"io"`` everywhere else (one row, CPU, TPU, other bit widths)."""
+    from jaxkv.kernels import qmatmul as qk
+
+    I, O = w.shape[-2:]
+    fast = (
+        _kernels_enabled()
+        and w.bits == 4
+        and rows >= 2
+        and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
+        and qk.supported(rows, I, O, w.bits, w.group)
+    )
+    return "oi" if fast else "io"
 
 
 def matmul(x: jax.Array, w) -> jax.Array:
@@ -362,7 +424,9 @@ def matmul(x: jax.Array, w) -> jax.Array:
             stacked, index = jax.tree.map(lambda a: a[None], q), None
         x2 = x.reshape(-1, I)
         zero = qk.zero_points(stacked)
-        y = qk.qmatmul(x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group)
+        y = qk.qmatmul(
+            x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group, layout=q.layout
+        )
         return y.reshape(*x.shape[:-1], O)
     if isinstance(w, LayerOf):
         w = w.get()
