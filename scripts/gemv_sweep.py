@@ -4,7 +4,8 @@ For each decode weight shape [I, O] (Llama-2-7B: fused Q/K/V, O, fused gate/up, 
 ``--rows`` rows of bf16 ``x`` (the decode batch), group ``--group``: the bf16 matmul (what bf16 decode
 reads) and the int4 kernel's default tile; at one row also a sweep of the one-row kernel's tiles
 (block_n, sub_rows, split_k, warps), at several rows of the tensor-core kernel's (stages, split_k,
-warps). Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
+warps); and the default tile over the decode layout (``"oi"``: codes packed along the inputs,
+``jaxkv.quant.qarray.to_layout``), labelled ``default oi``. Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
 ``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
 trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
 efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
@@ -65,7 +66,7 @@ def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool
     import numpy as np
 
     from jaxkv.kernels import qmatmul as qk
-    from jaxkv.quant.qarray import QArray, dequantize, pack
+    from jaxkv.quant.qarray import QArray, dequantize, pack, to_layout
 
     k1, k2, k3, k4 = jax.random.split(jax.random.key(I * 7 + O), 4)
     x = jax.random.normal(k1, (rows, I), jnp.bfloat16)
@@ -93,6 +94,12 @@ def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool
             )
         )
         cases.append((label, cfg, f, singles, qbytes))
+    oi = [to_layout(w, "oi") for w in singles]
+    d = qk.default_config(I, O, group, max(rows, 2), 4)  # the tile qmatmul takes for this layout
+    f = over_copies(
+        lambda x, w: qk.qmatmul(x, w.packed, w.scale, w.zero, None, bits=4, group=group, layout="oi")
+    )
+    cases.append(("default oi", d, f, oi, qbytes))
     ok = []
     for label, cfg, f, ws, nbytes in cases:  # compile and check outside the traces
         try:
@@ -169,8 +176,9 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
     ]
     for r in table:
         c = r["config"] or {}
-        kind = "" if not c else "one-row (FMA)" if r["rows"] == 1 else "tensor cores"
-        kind += f", {c['num_stages']} stages" if c and r["rows"] != 1 else ""
+        one_row = r["rows"] == 1 and not r["candidate"].endswith(" oi")
+        kind = "" if not c else "one-row (FMA)" if one_row else "tensor cores"
+        kind += f", {c['num_stages']} stages" if c and not one_row else ""
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
             f"({100 * r['gbps'] / copy_gbps:.0f}%) | {r['sum_us']:.1f} | {r['rel_err']:.1e} | "
