@@ -224,6 +224,10 @@ def test_decode_layout_oi_is_the_same_weight(group, sym):
     assert oi[1].shape == (128, 48) and "layout=oi" in repr(oi)
     x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(qa.matmul(x, oi[0])), np.asarray(qa.matmul(x, q[0])))
+    x = jnp.asarray(rng.standard_normal((64, 128)), jnp.float32)  # many rows: dequantize, one matmul
+    np.testing.assert_allclose(
+        np.asarray(qa.matmul(x, oi[1])), np.asarray(qa.matmul(x, q[1])), rtol=1e-5, atol=1e-5
+    )
     back = qa.to_layout(oi, "io")
     assert back.layout == "io"
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q.packed))

@@ -345,6 +345,18 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
     return w.reshape(*lead, I, O).astype(dtype)
 
 
+def _dequantize_rows(q: QArray, dtype) -> jax.Array:
+    """A ``"oi"`` QArray dequantized as it is stored, ``[..., O, I]`` (no transpose of the codes; the
+    matmul takes the weight transposed)."""
+    cd = jnp.promote_types(q.scale.dtype, jnp.float32)
+    *lead, O, R = q.packed.shape
+    b = q.packed.reshape(*lead, O, R // (q.group // 2), 1, q.group // 2)
+    codes = jnp.concatenate([b & 0xF, b >> 4], axis=-2).astype(cd)  # [..., O, G, 2, group/2]
+    zero = jnp.swapaxes(zero_of(q, cd), -1, -2)[..., None, None]
+    scale = jnp.swapaxes(q.scale.astype(cd), -1, -2)[..., None, None]
+    return ((codes - zero) * scale).reshape(*lead, O, 2 * R).astype(dtype)
+
+
 @flax.struct.dataclass
 class LayerOf:
     """Layer ``index`` (traced) of a stacked weight ``[L, ...]``, not yet sliced.
@@ -409,7 +421,8 @@ def matmul(x: jax.Array, w) -> jax.Array:
       bf16) with float32 accumulation.
     * many rows (prefill, perplexity): dequantize this one weight to ``x.dtype`` inside the jitted
       computation and use one matmul; the temporary lives for one layer of the scan and is cheaper
-      than ``rows * I/group * O`` partial sums.
+      than ``rows * I/group * O`` partial sums. A ``"oi"`` weight is dequantized as stored,
+      ``[O, I]``, and enters the matmul transposed (no transpose of its codes).
     """
     q = w.stacked if isinstance(w, LayerOf) else w
     if q.ndim != (3 if isinstance(w, LayerOf) else 2):
@@ -442,6 +455,8 @@ def matmul(x: jax.Array, w) -> jax.Array:
         scale = w.scale.astype(jnp.float32)
         acc = (acc - xsum * zero_of(w, jnp.float32)) * scale
         return jnp.sum(acc, axis=-2).astype(x.dtype)
+    if w.layout == "oi":
+        return jnp.einsum("...i,oi->...o", x, _dequantize_rows(w, x.dtype))
     return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
 
 
