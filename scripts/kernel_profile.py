@@ -29,15 +29,49 @@ import sys
 import time
 
 
+def random_side(key, spec, shape, scale_shape):
+    """One random quantized side of a cache layer: codes of ``shape`` ``[B, K, S, H]`` (head-major),
+    float8 scales and int8 zero points of ``scale_shape`` (``spec`` says bits and group)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.kvcache import QuantSide, pack_codes
+
+    k1, k2, k3 = jax.random.split(key, 3)
+    codes = jax.random.randint(k1, shape, 0, 2**spec.bits).astype(jnp.uint8)
+    scale = jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3).astype(jnp.float8_e4m3fn)
+    zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
+    return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
+
+
+def body_attention(q, ks, vs, slots: int, group: int, sm_scale: float, **tile):
+    """One query per sequence ``q [B, 1, K, G, H]`` over the whole quantized body of ``slots`` slots
+    (no new token, no window, no pivot): the decode kernel's per-chunk partials
+    (``kvdecode.body_partials``, tile keywords passed on) and their softmax merge."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.kernels import kvdecode
+
+    B, _, K, _, H = q.shape
+    z = jnp.zeros((B, 1, K, H), q.dtype)
+    m, l, o = kvdecode.body_partials(
+        kvdecode.step_heads(q.reshape(B, 1, -1, H), z, z), jnp.full((B,), slots, jnp.int32), ks.data, ks.scale,
+        ks.zero, vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=group,
+        sm_scale=sm_scale, interpret=jax.default_backend() != "gpu", **tile,
+    )  # fmt: skip
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, NC, G]
+    return (jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None])[:, None]
+
+
 def kv_case(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from jaxkv.bench import parse_kv
-    from jaxkv.kernels import kvdecode
     from jaxkv.kvattention import body_scores, body_values
-    from jaxkv.kvcache import QuantSide, pack_codes, side_specs
+    from jaxkv.kvcache import side_specs
 
     kv = parse_kv(args.kv)
     kspec, vspec = side_specs(kv, kv.kbits, kv.vbits)
@@ -45,28 +79,10 @@ def kv_case(args):
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (B, 1, K, G, H), jnp.bfloat16)
 
-    def side(key, spec, scale_shape):
-        k1, k2, k3 = jax.random.split(key, 3)
-        codes = jax.random.randint(k1, (B, K, S, H), 0, 2**spec.bits).astype(jnp.uint8)  # head-major
-        scale = jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3).astype(jnp.float8_e4m3fn)
-        zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
-        return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
-
-    ks = side(keys[1], kspec, (B, K, S // g, H))
-    vs = side(keys[2], vspec, (B, K, S, H // g))
+    ks = random_side(keys[1], kspec, (B, K, S, H), (B, K, S // g, H))
+    vs = random_side(keys[2], vspec, (B, K, S, H), (B, K, S, H // g))
     scale = 1.0 / np.sqrt(H)
-    interpret = jax.default_backend() != "gpu"
-
-    @jax.jit
-    def kernel(q, ks, vs):
-        z = jnp.zeros((B, 1, K, H), q.dtype)  # no new key or value (no window)
-        m, l, o = kvdecode.body_partials(
-            kvdecode.step_heads(q.reshape(B, 1, -1, H), z, z), jnp.full((B,), S, jnp.int32), ks.data, ks.scale,
-            ks.zero, vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            sm_scale=scale, num_warps=args.warps, interpret=interpret,
-        )  # fmt: skip
-        w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
-        return (jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None])[:, None]
+    kernel = jax.jit(lambda q, ks, vs: body_attention(q, ks, vs, S, g, scale, num_warps=args.warps))
 
     @jax.jit
     def xla(q, ks, vs):

@@ -33,6 +33,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
+from kernel_profile import body_attention, random_side
 from profile_decode import gpu_kernels, trace_file
 
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     from jaxkv.config import ModelConfig
     from jaxkv.kernels import kvdecode
     from jaxkv.kvattention import attend_cached, body_scores, body_values
-    from jaxkv.kvcache import QuantSide, pack_codes, side_specs
+    from jaxkv.kvcache import side_specs
 
     kv = parse_kv(args.kv)
     kspec, vspec = side_specs(kv, kv.kbits, kv.vbits)
@@ -71,17 +72,9 @@ def main(argv=None) -> int:
     J, C = S // g, H // g
     keys = jax.random.split(jax.random.key(0), 8)
     q = jax.random.normal(keys[0], (B, 1, K, G, H), jnp.bfloat16)
-    f8 = jnp.float8_e4m3fn
 
-    def side(key, spec, scale_shape):
-        k1, k2, k3 = jax.random.split(key, 3)
-        codes = jax.random.randint(k1, (B, K, S, H), 0, 2**spec.bits).astype(jnp.uint8)  # head-major
-        scale = (jax.random.uniform(k2, scale_shape, jnp.float32, 0.01, 0.3)).astype(f8)
-        zero = jax.random.randint(k3, scale_shape, -4, 2**spec.bits + 4).astype(jnp.int8)
-        return QuantSide(pack_codes(codes, spec.bits), scale, zero, None, spec)
-
-    kside = side(keys[1], kspec, (B, K, J, H))
-    vside = side(keys[2], vspec, (B, K, S, C))
+    kside = random_side(keys[1], kspec, (B, K, S, H), (B, K, J, H))
+    vside = random_side(keys[2], vspec, (B, K, S, H), (B, K, S, C))
     kb = jax.random.normal(keys[3], (B, S, K, H), jnp.bfloat16)
     vb = jax.random.normal(keys[4], (B, S, K, H), jnp.bfloat16)
     scale = 1.0 / np.sqrt(H)
@@ -94,18 +87,6 @@ def main(argv=None) -> int:
     def xla(q, ks, vs):
         p = jax.nn.softmax(body_scores(q, ks) * scale, axis=-1)
         return body_values(p, vs, q.dtype)
-
-    def kernel(q, ks, vs, chunk_slots, sub_slots, num_warps):
-        z = jnp.zeros((B, 1, K, H), q.dtype)  # no new key or value (no window)
-        m, l, o = kvdecode.body_partials(
-            kvdecode.step_heads(q.reshape(B, 1, K * G, H), z, z), jnp.full((B,), S, jnp.int32), ks.data, ks.scale,
-            ks.zero, vs.data, vs.scale, vs.zero, kbits=ks.spec.bits, vbits=vs.spec.bits, group=g,
-            sm_scale=scale, chunk_slots=chunk_slots, sub_slots=sub_slots, num_warps=num_warps,
-            interpret=jax.default_backend() != "gpu",
-        )  # fmt: skip
-        w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))  # [B, K, NC, G]
-        out = jnp.einsum("BKCG,BKCGH->BKGH", w, o) / jnp.sum(l * w, axis=2)[..., None]
-        return out[:, None]
 
     # The whole step: the cache with its rings, state carried from call to call (donated, updated in place)
     cfg = ModelConfig(vocab_size=8, hidden_size=K * H, intermediate_size=8, num_layers=1, num_heads=K * G,
@@ -140,7 +121,11 @@ def main(argv=None) -> int:
     cases.append(("step-kernel", None, steps["kernel"], (q,), qbytes))
     tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
     for chunk, sub, nw in tiles:
-        f = jax.jit(lambda q, ks, vs, c=chunk, s=sub, w=nw: kernel(q, ks, vs, c, s, w))
+        f = jax.jit(
+            lambda q, ks, vs, c=chunk, s=sub, w=nw: body_attention(
+                q, ks, vs, S, g, scale, chunk_slots=c, sub_slots=s, num_warps=w
+            )
+        )
         cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}
         cases.append(("kernel", cfg, f, (q, kside, vside), qbytes))
 
