@@ -13,12 +13,13 @@ compiles the same IR with its own build of Triton, so counts can differ a little
 compare versions of a kernel with each other here, not with numbers measured there.
 
     pip install triton                   # not a jaxkv dependency: only this script needs it
-    python scripts/kernel_sass.py merge kv qmm8 gemv --out /tmp/sass
+    python scripts/kernel_sass.py merge kv qmm8 qmm8oi gemv --out /tmp/sass
 
 Kernels (Llama-2-7B shapes; decode at batch 8 and 4352 cache slots, K4V2 at group 32):
 ``kv`` (``kvdecode.body_partials``), ``merge`` (``kvdecode.merge`` with the key window and 4 pivot
 slots), ``qmmN`` (``qmatmul`` with N rows on the 4096 x 12288 Q/K/V weight, group 128; N = 1 is the
-one-row kernel), ``gemv`` (= ``qmm1``). ``--warps`` overrides the kernels' warps per program.
+one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs),
+``gemv`` (= ``qmm1``). ``--warps`` overrides the kernels' warps per program.
 """
 
 from __future__ import annotations
@@ -87,20 +88,24 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         part = S((B, K, NC, 1), jnp.float32)
         args = (heads, S((B,), jnp.int32), S((P, K, H), jnp.bfloat16), S((P, K, H), jnp.bfloat16), part, part,
                 S((B, K, NC, 1, H), jnp.float32), S((B, g - 1, K, H), jnp.bfloat16), S((B, 4), jnp.int32), *body)  # fmt: skip
-    elif name == "gemv" or re.fullmatch(r"qmm\d+", name):
+    elif name == "gemv" or re.fullmatch(r"qmm\d+(oi)?", name):
         from jaxkv.kernels import qmatmul
 
-        rows = 1 if name == "gemv" else int(name[3:])
+        layout = "oi" if name.endswith("oi") else "io"
+        rows = 1 if name == "gemv" else int(name[3:].removesuffix("oi"))
         I, O, group = 4096, 12288, 128
-        cfg = qmatmul.default_config(I, O, group, rows, 4)
+        cfg = qmatmul.default_config(I, O, group, max(rows, 2) if layout == "oi" else rows, 4)
         if warps:
             cfg = qmatmul.KernelConfig(**{**cfg.__dict__, "num_warps": warps})
         warps, stages = cfg.num_warps, cfg.num_stages
-        fn = lambda x, p, s, z, layer: qmatmul.qmatmul(x, p, s, z, layer, bits=4, group=group, config=cfg)  # noqa: E731
-        args = (S((rows, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
+        fn = lambda x, p, s, z, layer: qmatmul.qmatmul(  # noqa: E731
+            x, p, s, z, layer, bits=4, group=group, layout=layout, config=cfg
+        )
+        packed = (1, O, I // 2) if layout == "oi" else (1, I // 2, O)
+        args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN, gemv")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN, qmmNoi, gemv")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -160,7 +165,7 @@ def byte_shared_loads(sass: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("kernels", nargs="+", help="kv, merge, qmmN (N rows), gemv")
+    p.add_argument("kernels", nargs="+", help="kv, merge, qmmN (N rows), qmmNoi (decode layout), gemv")
     p.add_argument("--warps", type=int, default=None, help="warps per program (default: the kernel's own)")
     p.add_argument("--out", default="/tmp/jaxkv_sass", help="folder for the IR, PTX, cubin and SASS")
     p.add_argument(

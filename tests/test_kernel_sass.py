@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import kernel_sass  # noqa: E402
 
 
-@pytest.mark.parametrize("name,warps", [("merge", None), ("qmm8", 2)])
+@pytest.mark.parametrize("name,warps", [("merge", None), ("qmm8", 2), ("qmm8oi", 2)])
 def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     launch = kernel_sass.lower(name, tmp_path, warps)
     ir = (tmp_path / f"{name}.ttir").read_text()

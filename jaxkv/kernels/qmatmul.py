@@ -9,7 +9,7 @@ Conventions
   ``[L, O, I/2]``: a group's bytes load as ``[block_n, group/2]`` rows and enter the product
   transposed, so the tensor-core operand is read from shared memory in words rather than gathered a
   byte at a time (SASS of the 8-row Q/K/V kernel: 616 instructions and no one-byte shared loads,
-  against 880 with 64; ``scripts/kernel_sass.py qmm8``), and the low and high nibbles of byte ``j``
+  against 880 with 64; ``scripts/kernel_sass.py qmm8 qmm8oi``), and the low and high nibbles of byte ``j``
   meet inputs ``j`` and ``j + group/2`` (two contiguous loads of ``x``, not strided ones). One row in
   this layout takes the tensor-core kernel too.
 * The weight may carry a leading stacked-layer axis ``[L, ...]`` with ``layer`` the (traced) index
