@@ -18,8 +18,8 @@ compare versions of a kernel with each other here, not with numbers measured the
 Kernels (Llama-2-7B shapes; decode at batch 8 and 4352 cache slots, K4V2 at group 32):
 ``kv`` (``kvdecode.body_partials``), ``merge`` (``kvdecode.merge`` with the key window and 4 pivot
 slots), ``qmmN`` (``qmatmul`` with N rows on the 4096 x 12288 Q/K/V weight, group 128; N = 1 is the
-one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs),
-``gemv`` (= ``qmm1``). ``--warps`` overrides the kernels' warps per program.
+one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs), either
+with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``). ``--warps`` overrides the kernels' warps per program.
 """
 
 from __future__ import annotations
@@ -88,24 +88,25 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         part = S((B, K, NC, 1), jnp.float32)
         args = (heads, S((B,), jnp.int32), S((P, K, H), jnp.bfloat16), S((P, K, H), jnp.bfloat16), part, part,
                 S((B, K, NC, 1, H), jnp.float32), S((B, g - 1, K, H), jnp.bfloat16), S((B, 4), jnp.int32), *body)  # fmt: skip
-    elif name == "gemv" or re.fullmatch(r"qmm\d+(oi)?", name):
+    elif name == "gemv" or re.fullmatch(r"qmm\d+(oi)?(-int8)?", name):
         from jaxkv.kernels import qmatmul
 
-        layout = "oi" if name.endswith("oi") else "io"
-        rows = 1 if name == "gemv" else int(name[3:].removesuffix("oi"))
+        m = re.fullmatch(r"qmm(\d+)(oi)?(-int8)?", name)
+        layout, bits = "oi" if m and m.group(2) else "io", 8 if m and m.group(3) else 4
+        rows = int(m.group(1)) if m else 1
         I, O, group = 4096, 12288, 128
-        cfg = qmatmul.default_config(I, O, group, max(rows, 2) if layout == "oi" else rows, 4)
+        cfg = qmatmul.default_config(I, O, group, max(rows, 2) if layout == "oi" else rows, bits)
         if warps:
             cfg = qmatmul.KernelConfig(**{**cfg.__dict__, "num_warps": warps})
         warps, stages = cfg.num_warps, cfg.num_stages
         fn = lambda x, p, s, z, layer: qmatmul.qmatmul(  # noqa: E731
-            x, p, s, z, layer, bits=4, group=group, layout=layout, config=cfg
+            x, p, s, z, layer, bits=bits, group=group, layout=layout, config=cfg
         )
-        packed = (1, O, I // 2) if layout == "oi" else (1, I // 2, O)
+        packed = (1, O, I * bits // 8) if layout == "oi" else (1, I * bits // 8, O)
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN, qmmNoi, gemv")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -165,7 +166,9 @@ def byte_shared_loads(sass: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("kernels", nargs="+", help="kv, merge, qmmN (N rows), qmmNoi (decode layout), gemv")
+    p.add_argument(
+        "kernels", nargs="+", help="kv, merge, qmmN (N rows), qmmNoi (decode layout), either + -int8, gemv"
+    )
     p.add_argument("--warps", type=int, default=None, help="warps per program (default: the kernel's own)")
     p.add_argument("--out", default="/tmp/jaxkv_sass", help="folder for the IR, PTX, cubin and SASS")
     p.add_argument(

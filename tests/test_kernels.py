@@ -249,25 +249,27 @@ def test_decode_layout_generates_the_same_tokens(kv, pivot):
 
 
 @pytest.mark.parametrize(
-    "M,group,config,sym",
+    "bits,M,group,config,sym",
     [
-        (8, 32, qk.KernelConfig(128, 1, 4, 3), False),  # the batch-8 tile, one split
-        (2, 64, qk.KernelConfig(64, 3, 4, 2), True),  # 4 groups over 3 splits: the last is short
-        (1, 128, None, False),  # one row in this layout takes the tensor-core kernel
-        (33, 32, None, False),  # rows padded to 64
-        (5, 256, None, True),  # one group spans the inputs
+        (4, 8, 32, qk.KernelConfig(128, 1, 4, 3), False),  # the batch-8 tile, one split
+        (4, 2, 64, qk.KernelConfig(64, 3, 4, 2), True),  # 4 groups over 3 splits: the last is short
+        (4, 1, 128, None, False),  # one row in this layout takes the tensor-core kernel
+        (4, 33, 32, None, False),  # rows padded to 64
+        (4, 5, 256, None, True),  # one group spans the inputs
+        (8, 8, 64, None, False),  # 8-bit codes, transposed
+        (8, 3, 32, qk.KernelConfig(64, 3, 4, 2), True),
     ],
 )
-def test_qmatmul_decode_layout_matches_float64(M, group, config, sym):
-    """The kernel over 4-bit codes packed along the inputs (``layout="oi"``) against float64 numpy,
-    on the stacked weight with a layer offset."""
-    rng = np.random.default_rng(M * 10 + group)
+def test_qmatmul_decode_layout_matches_float64(bits, M, group, config, sym):
+    """The kernel over codes packed along the inputs (``layout="oi"``) against float64 numpy, on the
+    stacked weight with a layer offset."""
+    rng = np.random.default_rng(M * 10 + group + bits)
     L, I, O = 3, 256, 256
-    q, codes, scale, zero = _random_q(rng, L, I, O, 4, group, sym)
+    q, codes, scale, zero = _random_q(rng, L, I, O, bits, group, sym)
     oi = to_layout(q, "oi")
     x = jnp.asarray(rng.standard_normal((M, I)), jnp.bfloat16)
     y = qk.qmatmul(
-        x, oi.packed, oi.scale, qk.zero_points(oi), jnp.int32(2), bits=4, group=group, layout="oi",
+        x, oi.packed, oi.scale, qk.zero_points(oi), jnp.int32(2), bits=bits, group=group, layout="oi",
         config=config, interpret=not ON_GPU,
     )  # fmt: skip
     ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[2], scale[2], zero[2], group)
@@ -289,7 +291,8 @@ def test_decode_layout_packs_4bit_weights_for_the_batch(monkeypatch):
 
     cfg = _tiny_cfg()
     params = init_params(cfg, jax.random.key(3), jnp.bfloat16)  # the kernel takes 16-bit x
-    layers = {k: (quantize_tensor(v, 8 if k == "w_down" else 4, 32) if v.ndim == 3 else v)
+    bits = {"w_down": 8, "wo": 3}
+    layers = {k: (quantize_tensor(v, bits.get(k, 4), 32) if v.ndim == 3 else v)
               for k, v in params["layers"].items()}  # fmt: skip
     a, b = M(), M()
     a.cfg = b.cfg = cfg
@@ -302,8 +305,8 @@ def test_decode_layout_packs_4bit_weights_for_the_batch(monkeypatch):
         assert decode_layout({**params, "layers": layers}, batch=1)["layers"][0]["wqkv"].layout == "io"
         b.params = decode_layout({**params, "layers": layers}, batch=8)
     lp = b.params["layers"][1]
-    assert lp["wqkv"].layout == lp["w_gate_up"].layout == lp["wo"].layout == "oi"
-    assert lp["w_down"].layout == "io"  # 8-bit: the canonical bytes
+    assert lp["wqkv"].layout == lp["w_gate_up"].layout == lp["w_down"].layout == "oi"  # 4- and 8-bit
+    assert lp["wo"].layout == "io"  # 3-bit: no kernel, the canonical bytes
     prompts = [[1, 5, 9, 2, 7], [3, 4]]
     kw = dict(max_new_tokens=8, stop_at_eos=False)
     assert generate(a, None, prompts, **kw).tokens == generate(b, None, prompts, **kw).tokens

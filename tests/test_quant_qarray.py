@@ -233,10 +233,24 @@ def test_decode_layout_oi_is_the_same_weight(group, sym):
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(q.packed))
 
 
+def test_decode_layout_oi_8bit_is_the_transposed_codes():
+    rng = np.random.default_rng(6)
+    q = qa.quantize_tensor(jnp.asarray(rng.standard_normal((2, 64, 48)), jnp.float32), 8, 32)
+    oi = qa.to_layout(q, "oi")
+    assert oi.packed.shape == (2, 48, 64) and oi.shape == q.shape
+    np.testing.assert_array_equal(np.asarray(oi.packed), np.swapaxes(np.asarray(q.packed), -1, -2))
+    np.testing.assert_array_equal(np.asarray(qa.dequantize(oi)), np.asarray(qa.dequantize(q)))
+    x = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)  # many rows: dequantize as stored
+    np.testing.assert_allclose(
+        np.asarray(qa.matmul(x, oi[0])), np.asarray(qa.matmul(x, q[0])), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_array_equal(np.asarray(qa.to_layout(oi, "io").packed), np.asarray(q.packed))
+
+
 def test_decode_layout_oi_rejects_other_bit_widths():
-    q = qa.quantize_tensor(jnp.ones((64, 32), jnp.float32), 8, 32)
-    with pytest.raises(ValueError, match="4-bit"):
+    q = qa.quantize_tensor(jnp.ones((64, 32), jnp.float32), 3, 32)
+    with pytest.raises(ValueError, match="4- and 8-bit"):
         qa.to_layout(q, "oi")
     with pytest.raises(ValueError, match="unknown QArray layout"):
         qa.to_layout(q, "cols")
-    assert qa.decode_layout_for(q, 8) == "io"  # no GPU kernel here (CPU) and not 4-bit
+    assert qa.decode_layout_for(q, 8) == "io"  # no GPU kernel here (CPU), and not 4- or 8-bit

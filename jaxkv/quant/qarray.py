@@ -22,10 +22,11 @@ Conventions
   dequant-matmul (0.85 ms vs 2.5 ms; equal at 512 tokens), Orbax/tensorstore rejects ``uint4`` (so
   int4 would need a signed offset), and one byte layout serves 2, 3, 4 and 8 bits alike. ``nbytes``
   of a ``jnp.int4`` array reports a byte per element; :meth:`QArray.nbytes_storage` counts real bytes.
-* A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, 4-bit, made by
-  :func:`to_layout` from ``jaxkv.model.decode_layout``): ``packed [..., O, I/2]``, each output
-  column's codes contiguous, and byte ``j`` of a group holds the codes of inputs ``j`` (low nibble)
-  and ``j + group/2`` (high nibble) of that group. The tensor cores then get each thread's operand
+* A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, 4- and 8-bit,
+  made by :func:`to_layout` from ``jaxkv.model.decode_layout``): each output column's codes
+  contiguous. 8-bit: ``packed [..., O, I]``, the codes transposed. 4-bit: ``packed [..., O, I/2]``,
+  byte ``j`` of a group holding the codes of inputs ``j`` (low nibble) and ``j + group/2`` (high
+  nibble) of that group. The tensor cores then get each thread's operand
   bytes in whole words instead of one byte at a time, and each nibble plane meets a contiguous half
   of the group's inputs: the kernels of the four Llama-2-7B decode matmuls at 8 rows took 76.0 us
   instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``). One row keeps
@@ -100,7 +101,7 @@ class QArray:
 
     Leaves (all share the leading axes, so ``lax.scan`` can slice them):
       ``packed``  uint8 ``[..., I*bits/8, O]``: the codes, bit-packed along I (module docstring);
-                  ``[..., O, I/2]`` in the ``"oi"`` layout.
+                  ``[..., O, I*bits/8]`` in the ``"oi"`` layout (4 and 8 bits).
       ``scale``   ``[..., I/group, O]`` in bf16, fp16 or fp32.
       ``zero``    uint8 ``[..., I/group, O]`` integer zero points, or None when symmetric (implicit
                   zero ``2**(bits-1)``).
@@ -299,6 +300,8 @@ def from_codes(codes, scale, zero, bits: int, group: int, dtype) -> QArray:
 
 def codes_of(q: QArray) -> jax.Array:
     """The unpacked uint8 codes ``[..., I, O]`` (of either layout)."""
+    if q.layout == "oi" and q.bits == 8:
+        return jnp.swapaxes(q.packed, -1, -2)
     if q.layout == "oi":
         *lead, O, R = q.packed.shape
         b = jnp.swapaxes(q.packed, -1, -2).reshape(*lead, R // (q.group // 2), 1, q.group // 2, O)
@@ -309,7 +312,7 @@ def codes_of(q: QArray) -> jax.Array:
 
 def to_layout(q: QArray, layout: str) -> QArray:
     """``q`` with its codes in ``layout`` (``"io"`` or ``"oi"``, module docstring); scales, zero
-    points and values are unchanged. The ``"oi"`` layout holds 4-bit codes only."""
+    points and values are unchanged. The ``"oi"`` layout holds 4- and 8-bit codes."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown QArray layout {layout!r} (known: {LAYOUTS})")
     if q.layout == layout:
@@ -317,8 +320,10 @@ def to_layout(q: QArray, layout: str) -> QArray:
     codes = codes_of(q)
     if layout == "io":
         return q.replace(packed=pack(codes, q.bits), layout="io")
-    if q.bits != 4:
-        raise ValueError(f'the "oi" layout holds 4-bit codes, this weight has {q.bits}-bit ones')
+    if q.bits not in (4, 8):
+        raise ValueError(f'the "oi" layout holds 4- and 8-bit codes, this weight has {q.bits}-bit ones')
+    if q.bits == 8:
+        return q.replace(packed=jnp.swapaxes(codes, -1, -2), layout="oi")
     *lead, I, O = codes.shape
     halves = codes.reshape(*lead, I // q.group, 2, q.group // 2, O)
     b = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)  # [..., G, group/2, O]
@@ -350,11 +355,15 @@ def _dequantize_rows(q: QArray, dtype) -> jax.Array:
     matmul takes the weight transposed)."""
     cd = jnp.promote_types(q.scale.dtype, jnp.float32)
     *lead, O, R = q.packed.shape
-    b = q.packed.reshape(*lead, O, R // (q.group // 2), 1, q.group // 2)
-    codes = jnp.concatenate([b & 0xF, b >> 4], axis=-2).astype(cd)  # [..., O, G, 2, group/2]
+    G = R * 8 // q.bits // q.group
+    if q.bits == 8:
+        codes = q.packed.reshape(*lead, O, G, 1, q.group).astype(cd)
+    else:
+        b = q.packed.reshape(*lead, O, G, 1, q.group // 2)
+        codes = jnp.concatenate([b & 0xF, b >> 4], axis=-2).astype(cd)  # [..., O, G, 2, group/2]
     zero = jnp.swapaxes(zero_of(q, cd), -1, -2)[..., None, None]
     scale = jnp.swapaxes(q.scale.astype(cd), -1, -2)[..., None, None]
-    return ((codes - zero) * scale).reshape(*lead, O, 2 * R).astype(dtype)
+    return ((codes - zero) * scale).reshape(*lead, O, G * q.group).astype(dtype)
 
 
 @flax.struct.dataclass
@@ -394,14 +403,14 @@ def _kernels_enabled() -> bool:
 
 def decode_layout_for(w: QArray, rows: int) -> str:
     """The layout in which :func:`matmul` of ``rows`` rows by ``w`` is fastest: ``"oi"`` where the
-    GPU kernel's tensor-core path reads 4-bit codes (2 to 64 rows of a 16-bit ``x``; module
-    docstring), ``"io"`` everywhere else (one row, CPU, TPU, other bit widths)."""
+    GPU kernel's tensor-core path reads 4- or 8-bit codes (2 to 64 rows of a 16-bit ``x``; module
+    docstring), ``"io"`` everywhere else (one row, CPU, TPU, 2- and 3-bit codes)."""
     from jaxkv.kernels import qmatmul as qk
 
     I, O = w.shape[-2:]
     fast = (
         _kernels_enabled()
-        and w.bits == 4
+        and w.bits in (4, 8)
         and rows >= 2
         and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
         and qk.supported(rows, I, O, w.bits, w.group)
