@@ -11,8 +11,9 @@ Conventions
   byte at a time (SASS of the 8-row Q/K/V kernel: 616 instructions and no one-byte shared loads,
   against 880 with 64; ``scripts/kernel_sass.py qmm8 qmm8oi``), and the low and high nibbles of byte ``j``
   meet inputs ``j`` and ``j + group/2`` (two contiguous loads of ``x``, not strided ones). 8-bit
-  codes: 848 instead of 992 instructions, no one-byte loads instead of 128, 128 registers instead of
-  225. One row in this layout takes the tensor-core kernel too.
+  codes (``kernel_sass.py qmm8-int8 qmm8oi-int8``): 848 instead of 992 instructions, no one-byte
+  loads instead of 128, 128 registers instead of 225 (not yet timed on a GPU). One row in this layout
+  takes the tensor-core kernel too.
 * The weight may carry a leading stacked-layer axis ``[L, ...]`` with ``layer`` the (traced) index
   of the layer to use: the kernel reads that layer's bytes in place. Slicing the stacked weight
   first (what ``lax.scan`` over layers does) would make XLA copy the slice before the custom call,

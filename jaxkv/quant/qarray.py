@@ -24,9 +24,10 @@ Conventions
   of a ``jnp.int4`` array reports a byte per element; :meth:`QArray.nbytes_storage` counts real bytes.
 * A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, 4- and 8-bit,
   made by :func:`to_layout` from ``jaxkv.model.decode_layout``): each output column's codes
-  contiguous. 8-bit: ``packed [..., O, I]``, the codes transposed. 4-bit: ``packed [..., O, I/2]``,
-  byte ``j`` of a group holding the codes of inputs ``j`` (low nibble) and ``j + group/2`` (high
-  nibble) of that group. The tensor cores then get each thread's operand
+  contiguous. 4-bit: ``packed [..., O, I/2]``, byte ``j`` of a group holding the codes of inputs
+  ``j`` (low nibble) and ``j + group/2`` (high nibble) of that group. 8-bit: ``packed [..., O, I]``,
+  the codes transposed (the kernel takes it, checked in the interpreter only; ``decode_layout`` does
+  not choose it yet, as it has not been timed on a GPU). The tensor cores then get each thread's operand
   bytes in whole words instead of one byte at a time, and each nibble plane meets a contiguous half
   of the group's inputs: the kernels of the four Llama-2-7B decode matmuls at 8 rows took 76.0 us
   instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``). One row keeps
@@ -403,14 +404,15 @@ def _kernels_enabled() -> bool:
 
 def decode_layout_for(w: QArray, rows: int) -> str:
     """The layout in which :func:`matmul` of ``rows`` rows by ``w`` is fastest: ``"oi"`` where the
-    GPU kernel's tensor-core path reads 4- or 8-bit codes (2 to 64 rows of a 16-bit ``x``; module
-    docstring), ``"io"`` everywhere else (one row, CPU, TPU, 2- and 3-bit codes)."""
+    GPU kernel's tensor-core path reads 4-bit codes (2 to 64 rows of a 16-bit ``x``; module
+    docstring), ``"io"`` everywhere else (one row, CPU, TPU, other bit widths). 8-bit codes stay
+    ``"io"`` until their ``"oi"`` kernel is timed on a GPU (its SASS suggests it is faster)."""
     from jaxkv.kernels import qmatmul as qk
 
     I, O = w.shape[-2:]
     fast = (
         _kernels_enabled()
-        and w.bits in (4, 8)
+        and w.bits == 4
         and rows >= 2
         and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
         and qk.supported(rows, I, O, w.bits, w.group)
