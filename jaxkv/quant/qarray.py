@@ -22,18 +22,19 @@ Conventions
   dequant-matmul (0.85 ms vs 2.5 ms; equal at 512 tokens), Orbax/tensorstore rejects ``uint4`` (so
   int4 would need a signed offset), and one byte layout serves 2, 3, 4 and 8 bits alike. ``nbytes``
   of a ``jnp.int4`` array reports a byte per element; :meth:`QArray.nbytes_storage` counts real bytes.
-* A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, 4- and 8-bit,
-  made by :func:`to_layout` from ``jaxkv.model.decode_layout``): each output column's codes
-  contiguous. 4-bit: ``packed [..., O, I/2]``, byte ``j`` of a group holding the codes of inputs
-  ``j`` (low nibble) and ``j + group/2`` (high nibble) of that group. 8-bit: ``packed [..., O, I]``,
-  the codes transposed (the kernel takes it, checked in the interpreter only; ``decode_layout`` does
-  not choose it yet, as it has not been timed on a GPU). The tensor cores then get each thread's operand
-  bytes in whole words instead of one byte at a time, and each nibble plane meets a contiguous half
-  of the group's inputs: the kernels of the four Llama-2-7B decode matmuls at 8 rows took 76.0 us
-  instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``). One row keeps
-  the canonical layout: a one-row kernel over this one, the best of 14 tiles per shape, took 1.2-1.6x
-  as long (each thread's few bytes of a column need as many ``x`` values as weights). Checkpoints, sharding and the Hugging Face
-  layouts use the canonical layout; :func:`codes_of` and :func:`dequantize` read both.
+* A second layout, for the GPU decode kernel at 2-64 rows only (``layout="oi"``, made by
+  :func:`to_layout` from ``jaxkv.model.decode_layout``): each output column's codes contiguous.
+  4-bit: ``packed [..., O, I/2]``, byte ``j`` of a group holding the codes of inputs ``j`` (low
+  nibble) and ``j + group/2`` (high nibble) of that group. The tensor cores then get each thread's
+  operand bytes in whole words instead of one byte at a time, and each nibble plane meets a
+  contiguous half of the group's inputs: the kernels of the four Llama-2-7B decode matmuls at 8 rows
+  took 76.0 us instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``).
+  One row keeps the canonical layout: a one-row kernel over this one, the best of 14 tiles per
+  shape, took 1.2-1.6x as long (each thread's few bytes of a column need as many ``x`` values as
+  weights). 8-bit: ``packed [..., O, I]``, the codes transposed; the kernel takes it (checked in the
+  interpreter only), but ``decode_layout`` does not choose it yet: it has not been timed on a GPU.
+  Checkpoints, sharding and the Hugging Face layouts use the canonical layout; :func:`codes_of` and
+  :func:`dequantize` read both.
 * Metadata (``bits``, ``group``, ``sym``, compute ``dtype``, ``layout``) is static (not a pytree leaf). The
   logical shape is derived from the leaves, so slicing every leaf along a leading axis (what
   ``jax.lax.scan`` over L does) yields a consistent QArray.
