@@ -5,8 +5,8 @@ For each decode weight shape [I, O] (Llama-2-7B: fused Q/K/V, O, fused gate/up, 
 reads) and the int4 kernel's default tile; at one row also a sweep of the one-row kernel's tiles
 (block_n, sub_rows, split_k, warps), at several rows of the tensor-core kernel's (stages, split_k,
 warps); and the default tile over the decode layout (``"oi"``: codes packed along the inputs,
-``jaxkv.quant.qarray.to_layout``), labelled ``default oi``. Eight weight copies rotate (the L2 cannot hold them); everything runs once to compile, then
-``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
+``jaxkv.quant.qarray.to_layout``), labelled ``default oi``. Eight weight copies rotate (the L2
+cannot hold them); everything runs once to compile, then ``--repeats`` times under a JAX profiler trace, and the time of each kernel launch is read off the
 trace (device time, no launch gaps or host loop), so a row reports the kernel's own memory
 efficiency. ``sum_us`` adds XLA's kernels around ours (the float32 partial-sum reduction of split
 tiles, the tensor-core kernel's row padding). GB/s = bytes read (codes + scales + zeros, or bf16) /
@@ -95,7 +95,7 @@ def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool
         )
         cases.append((label, cfg, f, singles, qbytes))
     oi = [to_layout(w, "oi") for w in singles]
-    d = qk.default_config(I, O, group, max(rows, 2), 4)  # the tile qmatmul takes for this layout
+    d = qk.default_config(I, O, group, rows, 4, "oi")
     f = over_copies(
         lambda x, w: qk.qmatmul(x, w.packed, w.scale, w.zero, None, bits=4, group=group, layout="oi")
     )

@@ -95,7 +95,7 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         layout, bits = "oi" if m and m.group(2) else "io", 8 if m and m.group(3) else 4
         rows = int(m.group(1)) if m else 1
         I, O, group = 4096, 12288, 128
-        cfg = qmatmul.default_config(I, O, group, max(rows, 2) if layout == "oi" else rows, bits)
+        cfg = qmatmul.default_config(I, O, group, rows, bits, layout)
         if warps:
             cfg = qmatmul.KernelConfig(**{**cfg.__dict__, "num_warps": warps})
         warps, stages = cfg.num_warps, cfg.num_stages

@@ -6,11 +6,11 @@ Conventions
   in ``jaxkv.quant.qarray``: codes bit-packed along I (two 4-bit codes per byte, low nibble = even
   row), one scale and one uint8 zero point per (group of ``group`` input rows, output column).
 * In the decode layout ``"oi"`` (``jaxkv.quant.qarray``) the codes come as ``[L, O, I*bits/8]``:
-  a group's bytes load as ``[block_n, group*bits/8]`` rows and enter the product
-  transposed, so the tensor-core operand is read from shared memory in words rather than gathered a
-  byte at a time (SASS of the 8-row Q/K/V kernel: 616 instructions and no one-byte shared loads,
-  against 880 with 64; ``scripts/kernel_sass.py qmm8 qmm8oi``), and the low and high nibbles of byte ``j``
-  meet inputs ``j`` and ``j + group/2`` (two contiguous loads of ``x``, not strided ones). 8-bit
+  a group's bytes load as ``[block_n, group*bits/8]`` rows and enter the product transposed, so the
+  tensor-core operand is read from shared memory in words rather than gathered a byte at a time
+  (SASS of the 8-row Q/K/V kernel: 616 instructions and no one-byte shared loads, against 880 with
+  64; ``scripts/kernel_sass.py qmm8 qmm8oi``), and the low and high nibbles of byte ``j`` meet
+  inputs ``j`` and ``j + group/2`` (two contiguous loads of ``x``, not strided ones). 8-bit
   codes (``kernel_sass.py qmm8-int8 qmm8oi-int8``): 848 instead of 992 instructions, no one-byte
   loads instead of 128, 128 registers instead of 225 (not yet timed on a GPU). One row in this layout
   takes the tensor-core kernel too.
@@ -81,9 +81,12 @@ class KernelConfig:
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
 
 
-def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) -> KernelConfig:
+def default_config(
+    I: int, O: int, group: int, rows: int = 16, bits: int = 4, layout: str = "io"
+) -> KernelConfig:
     """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
-    programs. Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
+    programs (the decode layout ``"oi"`` always takes the tensor-core kernel, so one row there gets
+    the tile of two). Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
     one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
     per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
     the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
@@ -95,6 +98,8 @@ def default_config(I: int, O: int, group: int, rows: int = 16, bits: int = 4) ->
     Q/K/V, O, gate/up, down; results/bench/h200_run25_qmm_b8_sweep.md); this rule takes three of
     the four. Single tiles vary by up to 1.3x between runs (run 16 timed the same tile of Q/K/V at
     28.8 against run 15's 38.6 us), so near-ties are noise."""
+    if layout == "oi":
+        rows = max(rows, 2)
     groups = I // group
     warps, stages, max_groups = 4, 4, groups
     if bits == 4 and rows == 1:
@@ -187,11 +192,14 @@ def _kernel(
     def load(g):
         """Group g's packed bytes [rows, block_n] and its x columns."""
         group_rows = pl.ds(pl.multiple_of(g * rows, rows), rows)
-        if oi:  # [block_n, rows] as stored; low nibbles meet the group's first half of x, high the second
+        if oi:  # [block_n, rows] as stored, transposed in registers
             p = p_ref[(*lead, cols, group_rows)].T
-            if bits == 8:
-                return p, (x_ref[x_rows, pl.ds(g * group, group)],)
-            return p, (x_ref[x_rows, pl.ds(g * group, rows)], x_ref[x_rows, pl.ds(g * group + rows, rows)])
+            if bits == 4:  # low nibbles meet the group's first half of x, high nibbles the second
+                return p, (
+                    x_ref[x_rows, pl.ds(g * group, rows)],
+                    x_ref[x_rows, pl.ds(g * group + rows, rows)],
+                )
+            return p, (x_ref[x_rows, pl.ds(g * group, group)],)
         p = p_ref[(*lead, group_rows, cols)]
         if bits == 4:  # even input rows meet the low nibbles, odd rows the high ones (strided loads)
             return p, (
@@ -372,7 +380,7 @@ def qmatmul(
     M, I = x.shape
     oi = layout == "oi"
     O = packed.shape[1 if oi else 2]
-    cfg = config or default_config(I, O, group, M if not oi else max(M, 2), bits)
+    cfg = config or default_config(I, O, group, M, bits, layout)
     gemv = bits == 4 and M == 1 and not oi
     # Triton block shapes are powers of two; the tensor-core tile has at least 16 rows.
     Mp = 1 if gemv else max(16, 1 << (M - 1).bit_length())

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-LAYOUTS = ("io", "oi")  # canonical [..., I*bits/8, O]; the decode kernels' [..., O, I/2] (4-bit)
+LAYOUTS = ("io", "oi")  # canonical [..., I*bits/8, O]; the decode kernels' [..., O, I*bits/8] (4, 8 bits)
 
 
 def chunk_shape(bits: int) -> tuple[int, int]:
@@ -302,14 +302,18 @@ def from_codes(codes, scale, zero, bits: int, group: int, dtype) -> QArray:
 
 def codes_of(q: QArray) -> jax.Array:
     """The unpacked uint8 codes ``[..., I, O]`` (of either layout)."""
-    if q.layout == "oi" and q.bits == 8:
-        return jnp.swapaxes(q.packed, -1, -2)
     if q.layout == "oi":
-        *lead, O, R = q.packed.shape
-        b = jnp.swapaxes(q.packed, -1, -2).reshape(*lead, R // (q.group // 2), 1, q.group // 2, O)
-        halves = jnp.concatenate([b & 0xF, b >> 4], axis=-3)  # [..., G, 2, group/2, O]
-        return halves.reshape(*lead, 2 * R, O)
+        return jnp.swapaxes(_codes_as_stored(q), -1, -2)
     return unpack(q.packed, q.bits)
+
+
+def _codes_as_stored(q: QArray) -> jax.Array:
+    """A ``"oi"`` QArray's uint8 codes ``[..., O, I]``, in the order they are stored."""
+    if q.bits == 8:
+        return q.packed
+    *lead, O, R = q.packed.shape
+    b = q.packed.reshape(*lead, O, R // (q.group // 2), 1, q.group // 2)
+    return jnp.concatenate([b & 0xF, b >> 4], axis=-2).reshape(*lead, O, 2 * R)  # nibbles j, j + group/2
 
 
 def to_layout(q: QArray, layout: str) -> QArray:
@@ -319,17 +323,16 @@ def to_layout(q: QArray, layout: str) -> QArray:
         raise ValueError(f"unknown QArray layout {layout!r} (known: {LAYOUTS})")
     if q.layout == layout:
         return q
-    codes = codes_of(q)
     if layout == "io":
-        return q.replace(packed=pack(codes, q.bits), layout="io")
+        return q.replace(packed=pack(codes_of(q), q.bits), layout="io")
     if q.bits not in (4, 8):
         raise ValueError(f'the "oi" layout holds 4- and 8-bit codes, this weight has {q.bits}-bit ones')
-    if q.bits == 8:
-        return q.replace(packed=jnp.swapaxes(codes, -1, -2), layout="oi")
-    *lead, I, O = codes.shape
-    halves = codes.reshape(*lead, I // q.group, 2, q.group // 2, O)
-    b = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)  # [..., G, group/2, O]
-    return q.replace(packed=jnp.swapaxes(b.reshape(*lead, I // 2, O), -1, -2), layout="oi")
+    codes = jnp.swapaxes(codes_of(q), -1, -2)  # [..., O, I]
+    if q.bits == 4:  # byte j of a group: inputs j (low nibble) and j + group/2 (high)
+        *lead, O, I = codes.shape
+        halves = codes.reshape(*lead, O, I // q.group, 2, q.group // 2)
+        codes = (halves[..., 0, :] | (halves[..., 1, :] << 4)).reshape(*lead, O, I // 2)
+    return q.replace(packed=codes, layout="oi")
 
 
 def zero_of(q: QArray, dtype=jnp.float32) -> jax.Array:
@@ -356,16 +359,12 @@ def _dequantize_rows(q: QArray, dtype) -> jax.Array:
     """A ``"oi"`` QArray dequantized as it is stored, ``[..., O, I]`` (no transpose of the codes; the
     matmul takes the weight transposed)."""
     cd = jnp.promote_types(q.scale.dtype, jnp.float32)
-    *lead, O, R = q.packed.shape
-    G = R * 8 // q.bits // q.group
-    if q.bits == 8:
-        codes = q.packed.reshape(*lead, O, G, 1, q.group).astype(cd)
-    else:
-        b = q.packed.reshape(*lead, O, G, 1, q.group // 2)
-        codes = jnp.concatenate([b & 0xF, b >> 4], axis=-2).astype(cd)  # [..., O, G, 2, group/2]
-    zero = jnp.swapaxes(zero_of(q, cd), -1, -2)[..., None, None]
-    scale = jnp.swapaxes(q.scale.astype(cd), -1, -2)[..., None, None]
-    return ((codes - zero) * scale).reshape(*lead, O, G * q.group).astype(dtype)
+    codes = _codes_as_stored(q).astype(cd)
+    *lead, O, I = codes.shape
+    codes = codes.reshape(*lead, O, I // q.group, q.group)
+    zero = jnp.swapaxes(zero_of(q, cd), -1, -2)[..., None]
+    scale = jnp.swapaxes(q.scale.astype(cd), -1, -2)[..., None]
+    return ((codes - zero) * scale).reshape(*lead, O, I).astype(dtype)
 
 
 @flax.struct.dataclass
