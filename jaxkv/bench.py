@@ -322,8 +322,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fuse", action="store_true", help="keep Q/K/V and gate/up as separate matmuls")
     p.add_argument(
         "--kv-decode", default="",
-        help="comma list for quantized KV caches: xla (XLA over the packed body), kernel (the "
-        "tensor-core decode kernel); default: the library's (the kernel on a GPU)",
+        help="comma list of decode attentions: xla (XLA ops over the cache), kernel (the decode "
+        "kernels, for bf16 and quantized caches); default: the library's (the kernel on a GPU)",
     )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 
@@ -361,9 +361,8 @@ def run(args) -> dict:
             for t in _ints(args.prompt):
                 for kv in args.kv.split(","):
                     modes = qmatmuls if w != "bf16" else ["auto"]
-                    decodes = kv_decodes if parse_kv(kv) is not None else [None]
                     for m in modes:
-                        for d in decodes:
+                        for d in kv_decodes:
                             cases.append(
                                 Case(
                                     args.shape, w, b, t, args.new_tokens, kv.strip(), args.group,

@@ -460,6 +460,40 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     return out.reshape(B, T, N * H), kside, vside
 
 
+def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
+    """True when one decode token per sequence over an unquantized cache layer takes
+    ``jaxkv.kernels.fpdecode`` (:func:`decode_impl` is ``"kernel"``, no mesh, no sliding window,
+    heads the kernel tiles, the cache in the model's dtype)."""
+    from jaxkv.kernels import fpdecode
+
+    B, T, N, H = q.shape
+    return (
+        T == 1
+        and decode_impl() == "kernel"
+        and jax.sharding.get_abstract_mesh().empty  # a Pallas call is not partitioned over a mesh
+        and cfg.sliding_window is None
+        and cache_k.dtype == q.dtype
+        and fpdecode.supported(H, N // cache_k.shape[2])
+    )
+
+
+def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions):
+    """One decode token per sequence over an unquantized cache layer through
+    ``jaxkv.kernels.fpdecode.attend`` (:func:`full_precision_kernel_applies`): q ``[B, 1, N, H]``,
+    k/v ``[B, 1, K, H]`` after RoPE, pivot ``[P, K, H]``, the layer's body ``[B, S, K, H]``,
+    positions ``[B, 1]``. Returns ``(out [B, 1, N*H], cache_k, cache_v)``, the token written at
+    slot ``position - P``."""
+    from jaxkv.kernels import fpdecode, kvdecode
+
+    B, T, N, H = q.shape
+    dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype  # the products' operands
+    out, cache_k, cache_v = fpdecode.attend(
+        kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
+        sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=dtype, interpret=jax.default_backend() != "gpu",
+    )  # fmt: skip
+    return out.reshape(B, T, N * H), cache_k, cache_v
+
+
 def _slots_fp(view, base, S):
     """Window [B, W+T, K, H] -> slot-indexed [B, S, K, H] float32 (junk outside the window)."""
     idx = jnp.clip(jnp.arange(S)[None, :] - base[:, None], 0, view.shape[1] - 1)

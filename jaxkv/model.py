@@ -24,7 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.config import ConfigError, ModelConfig
-from jaxkv.kvattention import attend_cached, attend_fake_quant, attend_smoothed, causal_mask, decode_impl
+from jaxkv.kvattention import (
+    attend_cached,
+    attend_fake_quant,
+    attend_smoothed,
+    causal_mask,
+    decode_full_precision,
+    decode_impl,
+    full_precision_kernel_applies,
+)
 from jaxkv.kvcache import KVCache, KVQuantConfig, check_wkv, plan_segments, wkv_side
 from jaxkv.sharding import constrain
 
@@ -137,15 +145,19 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         new_kv = None
     else:
         pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
-        b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
-        ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")
-        cv = cv.at[b_idx, slot].set(v.astype(cv.dtype), mode="drop")
-        P, S = pivot_k.shape[0], ck.shape[1]
-        body_pos = jnp.where(jnp.arange(S)[None, :] < lengths[:, None], P + jnp.arange(S)[None, :], -1)
-        k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(P), (B, P)), body_pos], axis=1)
-        mask = causal_mask(positions, k_pos, cfg)
-        pivot = (pivot_k.astype(q.dtype), pivot_v.astype(q.dtype)) if P else None
-        attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
+        if full_precision_kernel_applies(q, ck, cfg):
+            # one decode token: one Pallas launch attends and writes it (jaxkv.kernels.fpdecode)
+            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions)
+        else:
+            b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+            ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")
+            cv = cv.at[b_idx, slot].set(v.astype(cv.dtype), mode="drop")
+            P, S = pivot_k.shape[0], ck.shape[1]
+            body_pos = jnp.where(jnp.arange(S)[None, :] < lengths[:, None], P + jnp.arange(S)[None, :], -1)
+            k_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(P), (B, P)), body_pos], axis=1)
+            mask = causal_mask(positions, k_pos, cfg)
+            pivot = (pivot_k.astype(q.dtype), pivot_v.astype(q.dtype)) if P else None
+            attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
     x = x + dense(attn, lp["wo"])

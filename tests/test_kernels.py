@@ -583,3 +583,87 @@ def test_kv_merge_matches_float64(P, G, dtype):
     # summation order
     tol = 4e-3 if dtype == "bfloat16" else 1e-5
     np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    "P,G,S,dtype",
+    [
+        (0, 1, 70, "float32"),  # tiles of 64: the second one runs past the body and is masked
+        (5, 2, 70, "float32"),
+        (3, 4, 130, "bfloat16"),
+        (20, 1, 33, "bfloat16"),  # a pivot longer than one tensor-core tile
+    ],
+)
+def test_fp_decode_matches_float64(P, G, S, dtype):
+    """``fpdecode.attend``: one decode query per sequence over the pivot slots, the unquantized body
+    and the new token in one softmax, against float64 numpy; the token lands in its slot and nothing
+    else in the cache moves. Rows: a query deep in the body, one inside the pivot segment (sees part
+    of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot."""
+    from jaxkv.kernels import fpdecode
+
+    rng = np.random.default_rng(P + 10 * G + S)
+    B, K, H = 4, 2, 64
+    N = K * G
+    dt = jnp.dtype(dtype)
+
+    def arr(*shape):  # values as the kernel holds them (rounded to dtype)
+        return np.asarray(jnp.asarray(rng.standard_normal(shape), dt).astype(jnp.float32), np.float64)
+
+    q, kn, vn = arr(B, 1, N, H), arr(B, 1, K, H), arr(B, 1, K, H)
+    ck, cv, pk, pv = arr(B, S, K, H), arr(B, S, K, H), arr(P, K, H), arr(P, K, H)
+    positions = np.array([P + S // 2, min(P, 3) - 1 if P else -1, -1, P + S - 1], np.int32)
+    heads = kvdecode.step_heads(*(jnp.asarray(a, dt) for a in (q, kn, vn)))
+    scale = float(np.float32(1 / np.sqrt(H)))
+    out, k2, v2 = fpdecode.attend(
+        heads, jnp.asarray(positions), *(jnp.asarray(a, dt) for a in (pk, pv, ck, cv)), sm_scale=scale,
+        dtype=dt, interpret=not ON_GPU,
+    )  # fmt: skip
+    assert out.shape == (B, K, G, H) and out.dtype == dt
+    want_k, want_v = ck.copy(), cv.copy()
+    for b in range(B):
+        slot = positions[b] - P
+        if 0 <= slot < S:
+            want_k[b, slot], want_v[b, slot] = kn[b, 0], vn[b, 0]
+    np.testing.assert_array_equal(np.asarray(k2.astype(jnp.float32)), want_k)
+    np.testing.assert_array_equal(np.asarray(v2.astype(jnp.float32)), want_v)
+    keys = np.concatenate([np.broadcast_to(pk, (B, P, K, H)), want_k], axis=1)  # [B, P + S, K, H]
+    values = np.concatenate([np.broadcast_to(pv, (B, P, K, H)), want_v], axis=1)
+    s = np.einsum("BKGH,BSKH->BKGS", q[:, 0].reshape(B, K, G, H), keys) * scale
+    visible = np.arange(P + S)[None, :] <= positions[:, None]  # [B, P + S]
+    s = np.where(visible[:, None, None, :], s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True, initial=-1e300))
+    denom = e.sum(-1, keepdims=True)
+    want = np.einsum("BKGS,BSKH->BKGH", e / np.where(denom > 0, denom, 1), values)
+    assert np.all(want[2] == 0) and np.all(np.asarray(out[2], np.float64) == 0)
+    # bf16: probabilities rounded to bf16 (2^-9 relative) before the value product, the output rounded
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32), np.float64), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("pivot", [None, [11, 3]])
+def test_fp_decode_kernel_generates_like_xla(monkeypatch, pivot):
+    """Greedy generation over a bf16-free (float32) unquantized cache: the decode kernel
+    (``JAXKV_KV_DECODE=kernel``; Pallas' interpreter off the GPU) and the XLA path give the same
+    tokens, with and without IntactKV pivot tokens, in the stacked and the decode layout."""
+    from jaxkv.generate import generate
+    from jaxkv.prefix import make_prefix
+
+    class M:
+        pass
+
+    m = M()
+    m.cfg = _tiny_cfg()
+    params = init_params(m.cfg, jax.random.key(5), jnp.float32)
+    prefix = None
+    if pivot is not None:
+        m.params = params
+        prefix = make_prefix(m, pivot)
+    prompts = [[1, 5, 9, 2, 7], [3, 4]]
+    runs = {}
+    for impl in ("xla", "kernel"):
+        monkeypatch.setenv("JAXKV_KV_DECODE", impl)
+        for layout in ("stacked", "decode"):
+            m.params = params if layout == "stacked" else decode_layout(params)
+            jax.clear_caches()
+            runs[impl, layout] = generate(m, prefix, prompts, max_new_tokens=10, stop_at_eos=False).tokens
+    assert len(set(map(str, runs.values()))) == 1 and len(runs["kernel", "decode"][0]) == 10
