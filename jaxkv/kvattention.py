@@ -26,7 +26,8 @@ Two implementations of the cached attention, chosen by ``impl``:
   kernel returns each chunk's maximum, exponential sum and weighted value sum over the body slots
   read quantized on both sides, and a second one attends to the full-precision key window and the
   pivot segment, combines it all in one softmax exactly and writes the new token into the body
-  and the rings (:func:`_decode_with_kernels`). The model's default on a GPU
+  and the rings (:func:`_decode_with_kernels`). An unquantized cache takes one kernel of
+  ``jaxkv.kernels.fpdecode`` instead (:func:`decode_full_precision`). The model's default on a GPU
   (:func:`decode_impl`, ``JAXKV_KV_DECODE``); GPU (Triton), or Pallas' interpreter elsewhere.
 * ``"reference"``: dequantize the body, build every query's keys/values explicitly
   ``[B, T, S, K, H]`` and attend; simple and slow, for tests.
@@ -243,7 +244,8 @@ def decode_impl() -> str:
     context, K4V2, int4 weights) the kernel took the step from 11.572 to 10.330 ms
     (results/bench/h100_run20_b8_p4096_kv_xla_kernel.md) and one layer's attention from 452 to 126
     us (results/bench/h100_run21_kv_decode_sweep_chunks.md). Both compute the same attention
-    (tests); the kernel's products take bf16 operands as the folded path's do."""
+    (tests); the kernel's products take bf16 operands as the folded path's do. The same choice
+    covers unquantized caches (:func:`decode_full_precision`, ``jaxkv.kernels.fpdecode``)."""
     default = "kernel" if jax.default_backend() == "gpu" else "xla"
     name = os.environ.get("JAXKV_KV_DECODE", default)
     if name not in DECODE_IMPLS:
@@ -460,15 +462,27 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     return out.reshape(B, T, N * H), kside, vside
 
 
+# Unquantized caches up to this many slots take the decode kernel at any batch; longer ones only with a
+# program per core. Llama-2-7B int4 on an H100 (run 50, kernel against XLA in one call): batch 1 at
+# 128 + 128 slots 2.417 against 2.649 ms/token, batch 8 (256 programs) at 4096 + 128 slots 8.547
+# against 9.326, but batch 1 (32 programs) at 4096 + 128 slots 3.858 against 3.711.
+FP_KERNEL_SLOTS = 1024
+
+
 def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
     """True when one decode token per sequence over an unquantized cache layer takes
     ``jaxkv.kernels.fpdecode`` (:func:`decode_impl` is ``"kernel"``, no mesh, no sliding window,
-    heads the kernel tiles, the cache in the model's dtype)."""
+    heads the kernel tiles, the cache in the model's dtype) and it has the GPU to itself: a
+    program per sequence and KV head loops over the whole context, so a long cache needs at least
+    as many programs as the GPU has cores (:data:`FP_KERNEL_SLOTS`)."""
     from jaxkv.kernels import fpdecode
 
     B, T, N, H = q.shape
+    S, K = cache_k.shape[1], cache_k.shape[2]
+    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
     return (
         T == 1
+        and (S <= FP_KERNEL_SLOTS or cores <= B * K)
         and decode_impl() == "kernel"
         and jax.sharding.get_abstract_mesh().empty  # a Pallas call is not partitioned over a mesh
         and cfg.sliding_window is None

@@ -667,3 +667,29 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, pivot):
             jax.clear_caches()
             runs[impl, layout] = generate(m, prefix, prompts, max_new_tokens=10, stop_at_eos=False).tokens
     assert len(set(map(str, runs.values()))) == 1 and len(runs["kernel", "decode"][0]) == 10
+
+
+def test_fp_decode_kernel_needs_a_program_per_core_for_long_caches(monkeypatch):
+    """The unquantized-cache kernel (no split along the slots) takes short caches at any batch and
+    long ones only with at least a program (sequence x KV head) per GPU core; prefill and
+    ``JAXKV_KV_DECODE=xla`` stay on XLA."""
+    from jaxkv import kvattention
+
+    class Device:
+        core_count = 132
+
+    monkeypatch.setattr(kvattention.jax, "devices", lambda: [Device()])
+    monkeypatch.setenv("JAXKV_KV_DECODE", "kernel")
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=4096, intermediate_size=64, num_layers=1, num_heads=32, num_kv_heads=32,
+        head_dim=128, max_position_embeddings=8192,
+    )  # fmt: skip
+
+    def applies(B, T, S):
+        q, cache = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, T, 32, 128), (B, S, 32, 128)))
+        return kvattention.full_precision_kernel_applies(q, cache, cfg)
+
+    assert applies(1, 1, 256) and applies(8, 1, 4224) and applies(1, 1, kvattention.FP_KERNEL_SLOTS)
+    assert not applies(1, 1, 4224) and not applies(1, 16, 256)
+    monkeypatch.setenv("JAXKV_KV_DECODE", "xla")
+    assert not applies(1, 1, 256)
