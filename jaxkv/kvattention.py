@@ -462,27 +462,15 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     return out.reshape(B, T, N * H), kside, vside
 
 
-# Unquantized caches up to this many slots take the decode kernel at any batch; longer ones only with a
-# program per core. Llama-2-7B int4 on an H100 (run 50, kernel against XLA in one call): batch 1 at
-# 128 + 128 slots 2.417 against 2.649 ms/token, batch 8 (256 programs) at 4096 + 128 slots 8.547
-# against 9.326, but batch 1 (32 programs) at 4096 + 128 slots 3.858 against 3.711.
-FP_KERNEL_SLOTS = 1024
-
-
 def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
     """True when one decode token per sequence over an unquantized cache layer takes
     ``jaxkv.kernels.fpdecode`` (:func:`decode_impl` is ``"kernel"``, no mesh, no sliding window,
-    heads the kernel tiles, the cache in the model's dtype) and it has the GPU to itself: a
-    program per sequence and KV head loops over the whole context, so a long cache needs at least
-    as many programs as the GPU has cores (:data:`FP_KERNEL_SLOTS`)."""
+    heads the kernel tiles, the cache in the model's dtype)."""
     from jaxkv.kernels import fpdecode
 
     B, T, N, H = q.shape
-    S, K = cache_k.shape[1], cache_k.shape[2]
-    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
     return (
         T == 1
-        and (S <= FP_KERNEL_SLOTS or cores <= B * K)
         and decode_impl() == "kernel"
         and jax.sharding.get_abstract_mesh().empty  # a Pallas call is not partitioned over a mesh
         and cfg.sliding_window is None
@@ -495,15 +483,18 @@ def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions
     """One decode token per sequence over an unquantized cache layer through
     ``jaxkv.kernels.fpdecode.attend`` (:func:`full_precision_kernel_applies`): q ``[B, 1, N, H]``,
     k/v ``[B, 1, K, H]`` after RoPE, pivot ``[P, K, H]``, the layer's body ``[B, S, K, H]``,
-    positions ``[B, 1]``. Returns ``(out [B, 1, N*H], cache_k, cache_v)``, the token written at
-    slot ``position - P``."""
+    positions ``[B, 1]``. The slots are split over programs when the sequences' KV heads are fewer
+    than the GPU's cores and the cache is long (``fpdecode.chunks``). Returns ``(out [B, 1, N*H],
+    cache_k, cache_v)``, the token written at slot ``position - P``."""
     from jaxkv.kernels import fpdecode, kvdecode
 
     B, T, N, H = q.shape
-    dtype = jnp.float32 if q.dtype == jnp.float32 else q.dtype  # the products' operands
+    S, K = cache_k.shape[1], cache_k.shape[2]
+    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
     out, cache_k, cache_v = fpdecode.attend(
         kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
-        sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=dtype, interpret=jax.default_backend() != "gpu",
+        sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, cores),
+        interpret=jax.default_backend() != "gpu",
     )  # fmt: skip
     return out.reshape(B, T, N * H), cache_k, cache_v
 

@@ -586,18 +586,21 @@ def test_kv_merge_matches_float64(P, G, dtype):
 
 
 @pytest.mark.parametrize(
-    "P,G,S,dtype",
+    "P,G,S,dtype,chunks",
     [
-        (0, 1, 70, "float32"),  # tiles of 64: the second one runs past the body and is masked
-        (5, 2, 70, "float32"),
-        (3, 4, 130, "bfloat16"),
-        (20, 1, 33, "bfloat16"),  # a pivot longer than one tensor-core tile
+        (0, 1, 70, "float32", 1),  # tiles of 64: the second one runs past the body and is masked
+        (5, 2, 70, "float32", 1),
+        (3, 4, 130, "bfloat16", 1),
+        (20, 1, 33, "bfloat16", 1),  # a pivot longer than one tensor-core tile
+        (5, 2, 300, "float32", 3),  # chunks of 128 slots, combined by merge with the pivot
+        (0, 1, 200, "bfloat16", 4),  # chunks of 64: those past a query empty
     ],
 )
-def test_fp_decode_matches_float64(P, G, S, dtype):
+def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     """``fpdecode.attend``: one decode query per sequence over the pivot slots, the unquantized body
-    and the new token in one softmax, against float64 numpy; the token lands in its slot and nothing
-    else in the cache moves. Rows: a query deep in the body, one inside the pivot segment (sees part
+    and the new token in one softmax (with ``chunks``, the slots split over programs and combined by
+    ``kvdecode.merge``), against float64 numpy; the token lands in its slot and nothing else in the
+    cache moves. Rows: a query deep in the body, one inside the pivot segment (sees part
     of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot."""
     from jaxkv.kernels import fpdecode
 
@@ -616,7 +619,7 @@ def test_fp_decode_matches_float64(P, G, S, dtype):
     scale = float(np.float32(1 / np.sqrt(H)))
     out, k2, v2 = fpdecode.attend(
         heads, jnp.asarray(positions), *(jnp.asarray(a, dt) for a in (pk, pv, ck, cv)), sm_scale=scale,
-        dtype=dt, interpret=not ON_GPU,
+        dtype=dt, chunks=chunks, interpret=not ON_GPU,
     )  # fmt: skip
     assert out.shape == (B, K, G, H) and out.dtype == dt
     want_k, want_v = ck.copy(), cv.copy()
@@ -640,12 +643,17 @@ def test_fp_decode_matches_float64(P, G, S, dtype):
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32), np.float64), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("pivot", [None, [11, 3]])
-def test_fp_decode_kernel_generates_like_xla(monkeypatch, pivot):
+@pytest.mark.parametrize("pivot,split", [(None, False), ([11, 3], False), ([11, 3], True)])
+def test_fp_decode_kernel_generates_like_xla(monkeypatch, pivot, split):
     """Greedy generation over a bf16-free (float32) unquantized cache: the decode kernel
     (``JAXKV_KV_DECODE=kernel``; Pallas' interpreter off the GPU) and the XLA path give the same
-    tokens, with and without IntactKV pivot tokens, in the stacked and the decode layout."""
+    tokens, with and without IntactKV pivot tokens, in the stacked and the decode layout, and with
+    the slots split over programs (partials combined by ``kvdecode.merge``)."""
     from jaxkv.generate import generate
+    from jaxkv.kernels import fpdecode
+
+    if split:
+        monkeypatch.setattr(fpdecode, "chunks", lambda *a: 2)
     from jaxkv.prefix import make_prefix
 
     class M:
@@ -669,27 +677,14 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, pivot):
     assert len(set(map(str, runs.values()))) == 1 and len(runs["kernel", "decode"][0]) == 10
 
 
-def test_fp_decode_kernel_needs_a_program_per_core_for_long_caches(monkeypatch):
-    """The unquantized-cache kernel (no split along the slots) takes short caches at any batch and
-    long ones only with at least a program (sequence x KV head) per GPU core; prefill and
-    ``JAXKV_KV_DECODE=xla`` stay on XLA."""
-    from jaxkv import kvattention
+def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():
+    """``fpdecode.chunks``: one program per sequence and KV head for a short cache or enough of them;
+    else the slots split until every core has a program, each chunk at least CHUNK_SLOTS long."""
+    from jaxkv.kernels import fpdecode
 
-    class Device:
-        core_count = 132
-
-    monkeypatch.setattr(kvattention.jax, "devices", lambda: [Device()])
-    monkeypatch.setenv("JAXKV_KV_DECODE", "kernel")
-    cfg = ModelConfig(
-        vocab_size=64, hidden_size=4096, intermediate_size=64, num_layers=1, num_heads=32, num_kv_heads=32,
-        head_dim=128, max_position_embeddings=8192,
-    )  # fmt: skip
-
-    def applies(B, T, S):
-        q, cache = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((B, T, 32, 128), (B, S, 32, 128)))
-        return kvattention.full_precision_kernel_applies(q, cache, cfg)
-
-    assert applies(1, 1, 256) and applies(8, 1, 4224) and applies(1, 1, kvattention.FP_KERNEL_SLOTS)
-    assert not applies(1, 1, 4224) and not applies(1, 16, 256)
-    monkeypatch.setenv("JAXKV_KV_DECODE", "xla")
-    assert not applies(1, 1, 256)
+    assert fpdecode.CHUNK_SLOTS == 1024
+    assert fpdecode.chunks(1, 32, 256, 132) == 1  # batch 1, short: one launch
+    assert fpdecode.chunks(8, 32, 4224, 132) == 1  # 256 programs fill an H100
+    assert fpdecode.chunks(1, 32, 4224, 132) == 5  # 32 heads x 5 chunks of at least 1024 slots
+    assert fpdecode.chunks(1, 8, 2048, 132) == 2  # capped by the cache's length
+    assert fpdecode.chunks(1, 32, 4224, 0) == 1  # no cores known (CPU: the interpreter)

@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxkv.kernels.kvdecode import ROWS, _dot, _pow2, _pow2_ceil
 
 TILE = 64  # body slots per loop step
+CHUNK_SLOTS = 1024  # the fewest slots per program when the slots are split (:func:`chunks`)
 NUM_WARPS = 4
 NUM_STAGES = 3
 _MASKED = -1e30  # finite: exp(_MASKED - m) is 0 against any real score, and exp(0) masked explicitly
@@ -53,15 +54,19 @@ def supported(head_dim: int, q_per_kv: int) -> bool:
 
 
 def _kernel(
-    heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, out_ref, ck_out, cv_out, *, P, Pp, S, N, K, G, H, tile,
-    sm_scale, dtype,
+    heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *refs, P, Pp, S, N, K, G, H, tile, chunk, split, sm_scale,
+    dtype,
 ):  # fmt: skip
-    b, h = pl.program_id(0), pl.program_id(1)
+    # refs: the output (split: the partials m, l, o), then the cache outputs (aliased to ck, cv)
+    *outs, ck_out, cv_out = refs
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     dot = _dot(dtype)
     pos = pos_ref[b]
     slot = pos - P
     write = (slot >= 0) & (slot < S)  # padding (-1) and slots past the body: no token in the body
-    n_read = jnp.clip(slot, 0, S)  # old body slots the query sees
+    lo = c * chunk  # this program's slots [lo, lo + chunk)
+    n_read = jnp.clip(jnp.minimum(slot, lo + chunk), lo, S)  # old body slots [lo, n_read) seen
+    mine = write & (slot >= lo) & (slot < lo + chunk)  # the token's slot is in this program's chunk
     q16 = heads_ref[b, h * G + (jnp.arange(ROWS, dtype=jnp.int32) & (G - 1)), :].astype(dtype)  # [ROWS, H]
     knew = heads_ref[b, N + h, :]  # [H]
     vnew = heads_ref[b, N + K + h, :]
@@ -69,7 +74,7 @@ def _kernel(
     def scores(keys):  # [ROWS, n] float32
         return jax.lax.dot_general(q16, keys, (((1,), (1,)), ((), ())), **dot) * sm_scale
 
-    if P:
+    if P and not split:  # split: merge attends to the pivot segment
         p_ = jnp.arange(Pp, dtype=jnp.int32)
         prow = jnp.minimum(p_, P - 1)
         visible = ((p_ < P) & (p_ <= pos))[None, :]  # causal: a padding query (-1) sees none
@@ -87,7 +92,7 @@ def _kernel(
 
     def body(t, carry):
         m, l, acc = carry
-        j = t * tile + jnp.arange(tile, dtype=jnp.int32)
+        j = lo + t * tile + jnp.arange(tile, dtype=jnp.int32)
         rows = jnp.minimum(j, S - 1)  # the last tile re-reads the final slot, masked
         live = (j < n_read)[None, :]
         s = jnp.where(live, scores(ck_ref[b, rows, h, :].astype(dtype)), _MASKED)  # [ROWS, tile]
@@ -99,60 +104,107 @@ def _kernel(
         )
         return m_new, l * alpha + jnp.sum(e, axis=1, keepdims=True), acc * alpha + pv
 
-    m, l, acc = jax.lax.fori_loop(0, (n_read + tile - 1) // tile, body, (m, l, acc))
+    m, l, acc = jax.lax.fori_loop(0, (n_read - lo + tile - 1) // tile, body, (m, l, acc))
 
     # The token itself, from registers (its slot in the cache is written below, after every read).
     s_new = jnp.sum(q16.astype(_F32) * knew.astype(dtype).astype(_F32)[None, :], axis=1, keepdims=True)
     s_new = s_new * sm_scale  # [ROWS, 1]
-    m_new = jnp.where(write, jnp.maximum(m, s_new), m)
+    m_new = jnp.where(mine, jnp.maximum(m, s_new), m)
     alpha = jnp.exp(m - m_new)
-    e_new = jnp.where(write, jnp.exp(s_new - m_new), 0.0)
+    e_new = jnp.where(mine, jnp.exp(s_new - m_new), 0.0)
     v_row = vnew.astype(dtype).astype(_F32)[None, :]  # [1, H]
     acc = acc * alpha + e_new.astype(dtype).astype(_F32) * v_row
     l = l * alpha + e_new
-    out = acc / jnp.where(l > 0, l, 1.0)  # a padding query without a pivot sees nothing: 0
-    # rows u * G + g are head g's copies (identical): keep one per head
-    out_ref[b, h, :, :] = out.reshape(ROWS // G, G, H).max(axis=0).astype(out_ref.dtype)
 
-    @pl.when(write)
+    def per_head(x):  # rows u * G + g are head g's copies (identical): keep one per head
+        return x.reshape(ROWS // G, G, x.shape[-1]).max(axis=0)
+
+    if split:  # merge's partials: the chunk's maximum, exponential sum and weighted values
+        m_ref, l_ref, o_ref = outs
+        m_ref[b, h, c, :] = per_head(m_new)[:, 0]
+        l_ref[b, h, c, :] = per_head(l)[:, 0]
+        o_ref[b, h, c, :, :] = per_head(acc)
+    else:
+        (out_ref,) = outs
+        out = acc / jnp.where(l > 0, l, 1.0)  # a padding query without a pivot sees nothing: 0
+        out_ref[b, h, :, :] = per_head(out).astype(out_ref.dtype)
+
+    @pl.when(mine)
     def _():
         ck_out[b, slot, h, :] = knew.astype(ck_out.dtype)
         cv_out[b, slot, h, :] = vnew.astype(cv_out.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "dtype", "tile", "num_warps", "interpret"))
+def chunks(batch: int, kv_heads: int, slots: int, cores: int) -> int:
+    """Programs per sequence and KV head along the slots: one, unless the sequences' heads are
+    fewer than the GPU's ``cores`` and the cache holds more than :data:`CHUNK_SLOTS` slots; then
+    enough to give every core a program, each at least ``CHUNK_SLOTS`` long."""
+    return max(1, min(-(-slots // CHUNK_SLOTS), -(-cores // (batch * kv_heads))))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "dtype", "chunks", "tile", "num_warps", "interpret"))
 def attend(
-    heads, positions, pivot_k, pivot_v, k, v, *, sm_scale, dtype, tile=TILE, num_warps=NUM_WARPS, interpret=False
+    heads, positions, pivot_k, pivot_v, k, v, *, sm_scale, dtype, chunks=1, tile=TILE, num_warps=NUM_WARPS,
+    interpret=False,
 ):  # fmt: skip
     """Attention of one decode query per sequence over a full-precision cache layer, the new token
     written in place (module docstring). ``heads [B, N + 2K, H]``, ``positions [B]`` int32,
     ``pivot_k``/``pivot_v [P, K, H]``, ``k``/``v [B, S, K, H]`` (donate them: they are updated in
-    place); ``dtype`` the products' operands (the model's dtype).
+    place); ``dtype`` the products' operands (the model's dtype); ``chunks`` programs per sequence
+    and KV head along the slots (:func:`chunks`): past one, each writes its softmax partials and
+    ``jaxkv.kernels.kvdecode.merge`` combines them with the pivot segment (a second launch).
 
     Returns ``(out [B, K, G, H] in heads.dtype, k, v)``."""
+    from jaxkv.kernels import kvdecode
+
     B, S, K, H = k.shape
     N = heads.shape[1] - 2 * K
     G = N // K
     P = pivot_k.shape[0]
     Pp = max(ROWS, _pow2_ceil(P))  # a power of two, at least one tensor-core tile
+    split = chunks > 1
+    chunk = -(-S // (chunks * tile)) * tile  # slots per program, whole tiles
+    NC = -(-S // chunk)
     if not P:  # the refs need an entry; never read
         pivot_k = pivot_v = jnp.zeros((1, K, H), heads.dtype)
     kernel = functools.partial(
-        _kernel, P=P, Pp=Pp, S=S, N=N, K=K, G=G, H=H, tile=tile, sm_scale=sm_scale, dtype=jnp.dtype(dtype)
-    )
+        _kernel, P=P, Pp=Pp, S=S, N=N, K=K, G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale,
+        dtype=jnp.dtype(dtype),
+    )  # fmt: skip
+    if split:
+        out_shape = [jax.ShapeDtypeStruct((B, K, NC, G), _F32)] * 2 + [
+            jax.ShapeDtypeStruct((B, K, NC, G, H), _F32)
+        ]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, K, G, H), heads.dtype)]
     full = pl.BlockSpec(memory_space=None)
-    return pl.pallas_call(
+    *out, k, v = pl.pallas_call(
         kernel,
-        grid=(B, K),
+        grid=(B, K, NC),
         in_specs=[full] * 6,
-        out_specs=[full] * 3,
+        out_specs=[full] * (len(out_shape) + 2),
         out_shape=[
-            jax.ShapeDtypeStruct((B, K, G, H), heads.dtype),
+            *out_shape,
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
         ],
-        input_output_aliases={4: 1, 5: 2},
+        input_output_aliases={4: len(out_shape), 5: len(out_shape) + 1},
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
         interpret=interpret,
-        name="kv_decode_fp",
+        name="kv_decode_fp_partials" if split else "kv_decode_fp",
     )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, k, v)
+    if split:
+        out = [
+            kvdecode.merge(
+                heads,
+                positions,
+                pivot_k[:P],
+                pivot_v[:P],
+                *out,
+                sm_scale=sm_scale,
+                out_dtype=heads.dtype,
+                dtype=dtype,
+                interpret=interpret,
+            )  # fmt: skip
+        ]
+    return out[0], k, v
