@@ -688,3 +688,43 @@ def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():
     assert fpdecode.chunks(1, 32, 4224, 132) == 5  # 32 heads x 5 chunks of at least 1024 slots
     assert fpdecode.chunks(1, 8, 2048, 132) == 2  # capped by the cache's length
     assert fpdecode.chunks(1, 32, 4224, 0) == 1  # no cores known (CPU: the interpreter)
+
+
+@pytest.mark.parametrize(
+    "bits,M,group,config,layout",
+    [
+        (4, 1, 64, qk.KernelConfig(64, 3, 4, 2, sub_rows=16), "io"),  # one-row kernel, a short split
+        (4, 1, 128, qk.KernelConfig(128, 1, 4, 2, sub_rows=16), "io"),  # one split
+        (4, 5, 32, qk.KernelConfig(128, 4, 4, 2), "io"),  # tensor cores, rows padded to 16
+        (4, 8, 64, None, "oi"),  # the decode layout
+        (8, 3, 64, qk.KernelConfig(64, 2, 4, 2), "io"),
+    ],
+)
+def test_qmatmul_fused_rms_norm_matches_float64(bits, M, group, config, layout):
+    """``qmatmul(..., norm_weight=)``: RMSNorm then the product in one launch (the weight applied as
+    ``x`` loads, the sum of squares reported by the first column block, ``1/rms`` after the product)
+    against float64 numpy of ``rms_norm(x) @ w``, with rows of very different scales (an outlier row
+    of 1000s, as at an attention-sink token)."""
+    rng = np.random.default_rng(bits * 10 + M)
+    L, I, O, eps = 2, 256, 256, 1e-5
+    q, codes, scale, zero = _random_q(rng, L, I, O, bits, group)
+    q = to_layout(q, layout)
+    xf = rng.standard_normal((M, I)) * np.geomspace(1, 3000, M)[:, None]
+    x = jnp.asarray(xf, jnp.bfloat16)
+    nw = jnp.asarray(rng.random(I) + 0.5, jnp.bfloat16)
+    y = qk.qmatmul(
+        x, q.packed, q.scale, qk.zero_points(q), jnp.int32(1), bits=bits, group=group, layout=layout,
+        config=config, norm_weight=nw, norm_eps=eps, interpret=not ON_GPU,
+    )  # fmt: skip
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    h = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + eps) * np.asarray(nw.astype(jnp.float32))
+    ref = qk.reference(h, codes[1], scale[1], zero[1], group)
+    assert y.shape == (M, O) and y.dtype == jnp.bfloat16
+    for r in range(M):  # every row to its own precision: x * weight rounded to bf16, the output rounded
+        err = np.linalg.norm(np.asarray(y[r], np.float64) - ref[r]) / np.linalg.norm(ref[r])
+        assert err < 6e-3, (r, err)
+    plain = qk.qmatmul(
+        x, q.packed, q.scale, qk.zero_points(q), jnp.int32(1), bits=bits, group=group, layout=layout,
+        config=config, interpret=not ON_GPU,
+    )  # fmt: skip
+    assert not np.allclose(np.asarray(plain, np.float32), np.asarray(y, np.float32), rtol=0.1)
