@@ -46,12 +46,6 @@ Conventions
   adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
   writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
   so the wrapper keeps them to (with splits) one reduction.
-* A block's RMSNorm can ride along (``qmatmul(..., norm_weight=)``, what ``jaxkv.model.dense``
-  asks for before Q/K/V and gate/up): ``x`` is multiplied by the norm's weight as it loads (rounded
-  to its dtype, as XLA's norm writes it), the programs of the first column block report their
-  split's sum of squares per row, and the row's ``1/rms`` scales the float32 product in the XLA
-  fusion that adds the split-K partial sums. ``rms(x) * (w * x) @ W`` equals the norm then the
-  product up to where the rounding falls; the norm's own two launches (sum of squares, scaling) go.
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
