@@ -78,18 +78,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def dense(x: jax.Array, w, norm: tuple | None = None) -> jax.Array:
-    """x [..., in] @ w [in, out]; ``w`` may be a packed :class:`~jaxkv.quant.qarray.QArray`.
-    ``norm = (weight, eps)``: ``rms_norm(x, weight, eps)`` first, inside the matmul's launch where
-    the GPU decode kernel computes it (``jaxkv.kernels.qmatmul``: a decode step's norm then costs
-    no launches of its own)."""
+def dense(x: jax.Array, w) -> jax.Array:
+    """x [..., in] @ w [in, out]; ``w`` may be a packed :class:`~jaxkv.quant.qarray.QArray`."""
     # Imported here: jaxkv.quant imports this module (calibration runs the model's blocks).
     from jaxkv.quant import qarray
 
-    if norm is not None and qarray.kernel_matmul(x, w):
-        return qarray.matmul(x, w, norm)
-    if norm is not None:
-        x = rms_norm(x, *norm)
     return qarray.einsum("...i,io->...o", x, w)
 
 
@@ -124,11 +117,10 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    norm = (lp["attn_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
-        q, k, v = jnp.split(dense(x, lp["wqkv"], norm), [N * H, (N + K) * H], axis=-1)
+        q, k, v = jnp.split(dense(h, lp["wqkv"]), [N * H, (N + K) * H], axis=-1)
     else:
-        h = rms_norm(x, *norm)
         q, k, v = dense(h, lp["wq"]), dense(h, lp["wk"]), dense(h, lp["wv"])
     if cfg.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
@@ -169,11 +161,10 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         new_kv = (ck, cv)
 
     x = x + dense(attn, lp["wo"])
-    norm = (lp["mlp_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
-        gate, up = jnp.split(dense(x, lp["w_gate_up"], norm), 2, axis=-1)
+        gate, up = jnp.split(dense(h, lp["w_gate_up"]), 2, axis=-1)
     else:
-        h = rms_norm(x, *norm)
         gate, up = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
     x = x + dense(jax.nn.silu(gate) * up, lp["w_down"])
     # Block boundary: pin the activation sharding under a mesh (a no-op without one; jaxkv.sharding).

@@ -173,30 +173,9 @@ def code_plane_16(packed: jax.Array, bits: int, k: int, dtype, interpret: bool) 
     return values, offset
 
 
-def _normed(x: jax.Array, nw_ref, cols) -> jax.Array:
-    """``x`` (loaded at input columns ``cols``) times the RMSNorm weight there, rounded to ``x``'s
-    dtype as XLA's norm writes it; ``x`` itself without a norm (``nw_ref`` None). The RMS scale
-    comes after the product (:func:`qmatmul`'s ``norm_weight``)."""
-    if nw_ref is None:
-        return x
-    return (x.astype(jnp.float32) * nw_ref[pl.ds(0, 1), cols].astype(jnp.float32)).astype(x.dtype)
-
-
-def _store_sumsq(ss_ref, ss: jax.Array) -> None:
-    """Program ``(0, k)`` writes its split's sum of squares of ``x`` per row, ``ss [1, Mp]`` (every
-    split's inputs are read by each column block; the first one reports them)."""
-    n, k = pl.program_id(0), pl.program_id(1)  # outside the branch (the interpreter needs them there)
-
-    @pl.when(n == 0)
-    def _():
-        ss_ref[pl.ds(k, 1), :] = ss
-
-
 def _kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, *refs, bits, group, groups, groups_per_prog, block_n, oi, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, bits, group, groups, groups_per_prog, block_n, oi, interpret
 ):  # fmt: skip
-    # refs: [the norm weight,] the output[, the sums of squares] (with a fused RMSNorm: qmatmul)
-    nw_ref, o_ref, ss_ref = refs if len(refs) == 3 else (None, refs[0], None)
     n, k = pl.program_id(0), pl.program_id(1)
     # 2-D weights (one layer) index without a layer offset, so the compiler can prove the
     # alignment it needs for wide vector loads; stacked ones add the traced layer offset.
@@ -211,17 +190,23 @@ def _kernel(
     rows = group // 2 if bits == 4 else group  # packed byte rows per group
 
     def load(g):
-        """Group g's packed bytes [rows, block_n] and the input columns of its x pieces."""
+        """Group g's packed bytes [rows, block_n] and its x columns."""
         group_rows = pl.ds(pl.multiple_of(g * rows, rows), rows)
         if oi:  # [block_n, rows] as stored, transposed in registers
             p = p_ref[(*lead, cols, group_rows)].T
             if bits == 4:  # low nibbles meet the group's first half of x, high nibbles the second
-                return p, (pl.ds(g * group, rows), pl.ds(g * group + rows, rows))
-            return p, (pl.ds(g * group, group),)
+                return p, (
+                    x_ref[x_rows, pl.ds(g * group, rows)],
+                    x_ref[x_rows, pl.ds(g * group + rows, rows)],
+                )
+            return p, (x_ref[x_rows, pl.ds(g * group, group)],)
         p = p_ref[(*lead, group_rows, cols)]
         if bits == 4:  # even input rows meet the low nibbles, odd rows the high ones (strided loads)
-            return p, (pl.ds(g * group, group // 2, 2), pl.ds(g * group + 1, group // 2, 2))
-        return p, (pl.ds(g * group, group),)
+            return p, (
+                x_ref[x_rows, pl.ds(g * group, group // 2, 2)],
+                x_ref[x_rows, pl.ds(g * group + 1, group // 2, 2)],
+            )
+        return p, (x_ref[x_rows, pl.ds(g * group, group)],)
 
     def update(acc, g, p, xs):
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
@@ -239,25 +224,16 @@ def _kernel(
             a = pltriton.dot(xs[0], p.astype(jnp.float32).astype(xs[0].dtype))
         return acc + (a - xsum * zero) * scale
 
-    def body(j, carry):
-        acc, ss = carry
-        p, pieces = load(first + j)
-        xs = tuple(x_ref[x_rows, c] for c in pieces)
-        if nw_ref is not None:
-            ss = ss + sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=1) for x in xs)[None, :]
-            xs = tuple(_normed(x, nw_ref, c) for x, c in zip(xs, pieces))
-        return update(acc, first + j, p, xs), ss
+    def body(j, acc):
+        return update(acc, first + j, *load(first + j))
 
     # The last split may hold fewer groups when split_k does not divide them. (Issuing the loads of
     # 2 or 4 groups before their arithmetic was slower at 8 rows on an H200, best tile against best
     # tile 1.06-1.41x (results/bench/h200_run16_gemv_b8_unroll_rejected.json); so was the weight as
     # the left operand, y^T = w^T x^T, 1.15-1.27x (results/bench/h200_run15_gemv_b8_sweep.json).)
     steps = jnp.minimum(groups_per_prog, groups - first)
-    init = (jnp.zeros((Mp, block_n), jnp.float32), jnp.zeros((1, Mp), jnp.float32))
-    acc, ss = jax.lax.fori_loop(0, steps, body, init)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((Mp, block_n), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
-    if ss_ref is not None:
-        _store_sumsq(ss_ref, ss)
 
 
 # Four packed bytes (four columns, one even and one odd input row) -> four float32 ``0.5 + c/256``
@@ -341,58 +317,46 @@ def _load_group(p_ref, lead, cols, g, group: int, sub_rows: int) -> tuple[jax.Ar
     )
 
 
-def _x_pair(x_ref, nw_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
-    """``x`` (normed: :func:`_normed`) at the even and the odd input rows from ``row`` on (the rows of
-    a tile's low and high nibbles), as float32 columns ``[sub_rows, 1]``."""
-    even, odd = pl.ds(row, sub_rows, 2), pl.ds(row + 1, sub_rows, 2)
-    xe = _normed(x_ref[pl.ds(0, 1), even], nw_ref, even).astype(jnp.float32).T
-    xo = _normed(x_ref[pl.ds(0, 1), odd], nw_ref, odd).astype(jnp.float32).T
+def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
+    """``x`` at the even and the odd input rows from ``row`` on (the rows of a tile's low and high
+    nibbles), as float32 columns ``[sub_rows, 1]``."""
+    xe = x_ref[pl.ds(0, 1), pl.ds(row, sub_rows, 2)].astype(jnp.float32).T
+    xo = x_ref[pl.ds(0, 1), pl.ds(row + 1, sub_rows, 2)].astype(jnp.float32).T
     return xe, xo
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, *refs, group, groups, groups_per_prog, block_n, sub_rows, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
 ):  # fmt: skip
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
-    nw_ref, o_ref, ss_ref = refs if len(refs) == 3 else (None, refs[0], None)
     lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
 
     def body(j, carry):
-        out, zterm, ss = carry
+        out, zterm = carry
         g = first + j
         tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
-        whole = pl.ds(g * group, group)
-        xg = x_ref[pl.ds(0, 1), whole]
-        if nw_ref is not None:
-            ss = ss + jnp.sum(jnp.square(xg.astype(jnp.float32)))
-        xsum = jnp.sum(_normed(xg, nw_ref, whole).astype(jnp.float32))
+        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
         for t, p in enumerate(tiles):
-            xe, xo = _x_pair(x_ref, nw_ref, g * group + 2 * t * sub_rows, sub_rows)
+            xe, xo = _x_pair(x_ref, g * group + 2 * t * sub_rows, sub_rows)
             lo, hi = code_planes_f32(p, 4, interpret)
             acc = fma(hi, xo, fma(lo, xe, acc, interpret), interpret)
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
-        return out + acc * (256.0 * scale), zterm + (128.0 + zero) * scale * xsum, ss
+        return out + acc * (256.0 * scale), zterm + (128.0 + zero) * scale * xsum
 
     steps = jnp.minimum(groups_per_prog, groups - first)
-    init = (
-        jnp.zeros((sub_rows, block_n), jnp.float32),
-        jnp.zeros((1, block_n), jnp.float32),
-        jnp.zeros((1, 1), jnp.float32),
-    )
+    init = (jnp.zeros((sub_rows, block_n), jnp.float32), jnp.zeros((1, block_n), jnp.float32))
     # No software pipelining: carrying the next group's bytes in registers (loaded while this group
     # computes) was slower on an H200 at the same tile (median 1.06-1.12x, best tiles 1.0-1.29x;
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
-    out, zterm, ss = jax.lax.fori_loop(0, steps, body, init)
+    out, zterm = jax.lax.fori_loop(0, steps, body, init)
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
-    if ss_ref is not None:
-        _store_sumsq(ss_ref, ss)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "norm_eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -404,8 +368,6 @@ def qmatmul(
     group: int,
     layout: str = "io",
     config: KernelConfig | None = None,
-    norm_weight: jax.Array | None = None,
-    norm_eps: float = 1e-6,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
@@ -414,12 +376,6 @@ def qmatmul(
     docstring), ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric weights pass their
     implicit zero point as an array), ``layer`` an int32 scalar, or None when ``L == 1`` (the kernel
     then needs no layer offset).
-
-    With ``norm_weight [I]``, ``x`` is RMS-normalised first (``jaxkv.model.rms_norm``) inside the
-    same launch: the kernel multiplies ``x`` by the weight as it loads it (rounded to ``x.dtype``)
-    and reports each row's sum of squares, and the row's ``1/rms`` scales the float32 product
-    afterwards, in the XLA fusion that already adds the split-K partial sums. A decode step's norm
-    thus costs no launches of its own (it was two: the sum of squares and the scaling).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -435,39 +391,25 @@ def qmatmul(
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
-    normed = norm_weight is not None
-    # One split writes x.dtype directly; several write float32 partial sums that XLA adds (a norm's
-    # scale comes after the product: float32 then too).
-    out_dtype = x.dtype if cfg.split_k == 1 and not normed else jnp.float32
+    # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
+    out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
         kernel = functools.partial(_kernel, bits=bits, oi=oi, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)
-    out_specs = [pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n))]
-    out_shape = [jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype)]
-    extra = ()
-    if normed:
-        extra = (norm_weight.reshape(1, I),)
-        out_specs.append(full)
-        out_shape.append(jax.ShapeDtypeStruct((cfg.split_k, Mp), jnp.float32))
     out = pl.pallas_call(
         kernel,
         grid=(O // cfg.block_n, cfg.split_k),
-        in_specs=[full] * (5 + len(extra)),
-        out_specs=out_specs,
-        out_shape=out_shape,
+        in_specs=[full] * 5,
+        out_specs=pl.BlockSpec((None, Mp, cfg.block_n), lambda n, k: (k, 0, n)),
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k, Mp, O), out_dtype),
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"qmatmul_int{bits}"
-        + ("_gemv" if gemv else "_oi" if oi else "")
-        + ("_normed" if normed else ""),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights, *extra)
-    y = out[0][0] if cfg.split_k == 1 else jnp.sum(out[0], axis=0)
-    if normed:
-        sumsq = jnp.sum(out[1], axis=0)[:M]  # [M]
-        y = y[:M] * jax.lax.rsqrt(sumsq / I + norm_eps)[:, None]
+        name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
+    y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 
 

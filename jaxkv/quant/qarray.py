@@ -420,17 +420,9 @@ def decode_layout_for(w: QArray, rows: int) -> str:
     return "oi" if fast else "io"
 
 
-def kernel_matmul(x: jax.Array, w) -> bool:
-    """Whether :func:`matmul` of ``x`` by ``w`` (a 2-D QArray or a :class:`LayerOf` one) runs the
-    GPU kernel, which can also RMS-normalise ``x`` in the same launch (``norm``)."""
-    q = w.stacked if isinstance(w, LayerOf) else w
-    return isinstance(q, QArray) and q.ndim == (3 if isinstance(w, LayerOf) else 2) and _use_kernel(x, q)
-
-
-def matmul(x: jax.Array, w, norm: tuple | None = None) -> jax.Array:
+def matmul(x: jax.Array, w) -> jax.Array:
     """``x [..., I] @ w [I, O]`` for a 2-D QArray (or a :class:`LayerOf` one), dequantizing on the fly;
-    returns ``x.dtype``. ``norm = (weight, eps)`` RMS-normalises ``x`` first
-    (``jaxkv.model.rms_norm``; in the kernel's own launch when it runs: ``jaxkv.kernels.qmatmul``).
+    returns ``x.dtype``.
 
     Evaluation orders, chosen statically, none with a lasting float copy of ``w``:
     * GPU, few rows (decode): the Pallas kernel of ``jaxkv.kernels.qmatmul`` over the packed bytes.
@@ -456,23 +448,10 @@ def matmul(x: jax.Array, w, norm: tuple | None = None) -> jax.Array:
             stacked, index = jax.tree.map(lambda a: a[None], q), None
         x2 = x.reshape(-1, I)
         zero = qk.zero_points(stacked)
-        fused = {} if norm is None else dict(norm_weight=norm[0], norm_eps=float(norm[1]))
         y = qk.qmatmul(
-            x2,
-            stacked.packed,
-            stacked.scale,
-            zero,
-            index,
-            bits=q.bits,
-            group=q.group,
-            layout=q.layout,
-            **fused,
+            x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group, layout=q.layout
         )
         return y.reshape(*x.shape[:-1], O)
-    if norm is not None:
-        from jaxkv.model import rms_norm  # jaxkv.model imports this module inside its functions
-
-        x = rms_norm(x, *norm)
     if isinstance(w, LayerOf):
         w = w.get()
     ng = I // w.group
