@@ -15,6 +15,10 @@ K4V2 at group 32): the attention of one query per sequence over the whole body, 
                   through XLA (``impl="folded"``) and through the kernels (``impl="kernel"``: append,
                   the decode kernel with its window program, merge). The token does not complete a key
                   group (31 steps in 32 do not). ``step-kernel`` is checked against ``step-xla``.
+* ``fp``          the unquantized-cache decode kernel (``jaxkv.kernels.fpdecode``) over the bf16 cache
+                  with one pivot token, the token written at the last slot (cache donated), swept over
+                  chunks per sequence and KV head, slots per tile and warps (``--fp-tiles``); checked
+                  against float32 XLA of the same attention.
 
 Each candidate runs once to compile, then ``--repeats`` times under its own JAX profiler trace; the
 time of a call is the GPU time of all its kernels (no launch gaps). GB/s = cache bytes read / time,
@@ -49,8 +53,13 @@ def main(argv=None) -> int:
         help="kernel tiles to time, chunk_slots:sub_slots:num_warps, comma-separated",
     )
     p.add_argument(
+        "--fp-tiles",
+        default="1:64:4,1:32:4,1:128:4,1:64:2,1:64:8,2:64:4,4:64:4,8:64:4",
+        help="unquantized-cache kernel tiles to time, chunks:tile:num_warps, comma-separated",
+    )
+    p.add_argument(
         "--candidates",
-        default="bf16,xla,step-xla,step-kernel,kernel",
+        default="bf16,xla,step-xla,step-kernel,kernel,fp",
         help="which candidates to time, comma-separated (step-kernel is checked against step-xla, which runs regardless)",
     )
     p.add_argument("--out", default="results/bench/kv_decode_sweep")
@@ -62,7 +71,7 @@ def main(argv=None) -> int:
 
     from jaxkv.bench import copy_bandwidth, parse_kv
     from jaxkv.config import ModelConfig
-    from jaxkv.kernels import kvdecode
+    from jaxkv.kernels import fpdecode, kvdecode
     from jaxkv.kvattention import attend_cached, body_scores, body_values
     from jaxkv.kvcache import side_specs
 
@@ -113,6 +122,33 @@ def main(argv=None) -> int:
 
         return f
 
+    # The unquantized-cache kernel: one pivot token, the new token at the last slot (every slot read)
+    heads = kvdecode.step_heads(q.reshape(B, 1, K * G, H), knew, vnew)
+    fp_positions = jnp.full((B,), S, jnp.int32)  # pivot length 1: body slot S - 1
+
+    def fp_reference(heads):
+        keys = jnp.concatenate([jnp.broadcast_to(pivot[0][None], (B, 1, K, H)), kb[:, :-1], knew], axis=1)
+        values = jnp.concatenate([jnp.broadcast_to(pivot[1][None], (B, 1, K, H)), vb[:, :-1], vnew], axis=1)
+        qh = heads[:, : K * G].reshape(B, K, G, H).astype(jnp.float32)
+        s = jnp.einsum("BKGH,BSKH->BKGS", qh, keys.astype(jnp.float32)) * scale
+        return jnp.einsum("BKGS,BSKH->BKGH", jax.nn.softmax(s, axis=-1), values.astype(jnp.float32))
+
+    def fp_step(chunks, tile, warps):
+        state = [jnp.copy(kb), jnp.copy(vb)]  # this candidate's own buffers, updated in place
+        fn = jax.jit(
+            partial(
+                fpdecode.attend, sm_scale=float(scale), dtype=jnp.bfloat16, chunks=chunks, tile=tile,
+                num_warps=warps, interpret=jax.default_backend() != "gpu",
+            ),
+            donate_argnums=(4, 5),
+        )  # fmt: skip
+
+        def f(heads):
+            out, state[0], state[1] = fn(heads, fp_positions, pivot[0], pivot[1], *state)
+            return out
+
+        return f
+
     qbytes = sum(a.nbytes for a in jax.tree.leaves((kside, vside)))
     cases = [("bf16", None, jax.jit(bf16), (q, kb, vb), kb.nbytes + vb.nbytes)]
     cases.append(("xla", None, jax.jit(xla), (q, kside, vside), qbytes))
@@ -129,10 +165,16 @@ def main(argv=None) -> int:
         cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}
         cases.append(("kernel", cfg, f, (q, kside, vside), qbytes))
 
+    for t in args.fp_tiles.split(","):
+        chunks, tile, nw = (int(v) for v in t.split(":"))
+        cfg = {"chunks": chunks, "tile": tile, "num_warps": nw}
+        cases.append(("fp", cfg, fp_step(chunks, tile, nw), (heads,), kb.nbytes + vb.nbytes))
+
     wanted = set(args.candidates.split(","))
     cases = [case for case in cases if case[0] in wanted]
     ref = np.asarray(jax.jit(xla)(q, kside, vside), np.float64)
     step_ref = np.asarray(steps["folded"](q), np.float64)  # rewrites the same token: calls stay equal
+    fp_ref = np.asarray(jax.jit(fp_reference)(heads), np.float64)
     copy_gbps = copy_bandwidth()
     table = []
     for name, cfg, f, fargs, nbytes in cases:
@@ -141,7 +183,7 @@ def main(argv=None) -> int:
         except Exception as e:  # a tile Triton cannot compile: skip it, say so
             print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
             continue
-        want = step_ref if name.startswith("step") else ref
+        want = step_ref if name.startswith("step") else fp_ref if name == "fp" else ref
         err = None if name == "bf16" else float(np.linalg.norm(y - want) / np.linalg.norm(want))
         with tempfile.TemporaryDirectory() as tmp:
             with jax.profiler.trace(tmp):
@@ -163,10 +205,11 @@ def main(argv=None) -> int:
     meta = {"batch": B, "slots": S, "kv": args.kv, "kv_heads": K, "head_dim": H, "copy_gbps": copy_gbps}
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": table}, indent=1))
     best = min((r for r in table if r["candidate"] == "kernel"), key=lambda r: r["us"], default=None)
+    best_fp = min((r for r in table if r["candidate"] == "fp"), key=lambda r: r["us"], default=None)
     lines = [
         f"One layer, batch {B}, {S} slots, 32 KV heads x 128, {args.kv}; copy bandwidth {copy_gbps:.0f} GB/s.",
         "",
-        "| candidate | config | us | GB/s (% of copy) | rel err vs xla (step-kernel: vs step-xla) |",
+        "| candidate | config | us | GB/s (% of copy) | rel err vs xla (step-kernel: vs step-xla; fp: vs float32) |",
         "|---|---|---|---|---|",
     ]
     for r in table:
@@ -175,7 +218,13 @@ def main(argv=None) -> int:
             "sub_slots": kvdecode.SUB_SLOTS,
             "num_warps": kvdecode.NUM_WARPS,
         }
-        if r["candidate"] != "kernel" or r is best or r["config"] == default:
+        fp_default = {"chunks": 1, "tile": fpdecode.TILE, "num_warps": fpdecode.NUM_WARPS}
+        if (
+            r["candidate"] not in ("kernel", "fp")
+            or r is best
+            or r["config"] in (default, fp_default)
+            or r is best_fp
+        ):
             err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
             lines.append(
                 f"| {r['candidate']} | {r['config'] or ''} | {r['us']:.1f} | {r['gbps']:.0f} "
