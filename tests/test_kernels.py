@@ -651,10 +651,10 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, split):
     layout, and with the slots split over programs (partials combined by ``kvdecode.merge``)."""
     from jaxkv.generate import generate
     from jaxkv.kernels import fpdecode
+    from jaxkv.prefix import make_prefix
 
     if split:
         monkeypatch.setattr(fpdecode, "chunks", lambda *a: 2)
-    from jaxkv.prefix import make_prefix
 
     class M:
         pass
