@@ -43,14 +43,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxkv.kernels.kvdecode import ROWS, _dot, _pow2, _pow2_ceil
+from jaxkv.kernels import kvdecode
+from jaxkv.kernels.kvdecode import _F32, _MASKED, ROWS, _dot, _pow2, _pow2_ceil
 
 TILE = 64  # body slots per loop step
 CHUNK_SLOTS = 1024  # the fewest slots per program when the slots are split (:func:`chunks`)
 NUM_WARPS = 4
 NUM_STAGES = 3
-_MASKED = -1e30  # finite: exp(_MASKED - m) is 0 against any real score, and exp(0) masked explicitly
-_F32 = jnp.dtype(jnp.float32)
 
 
 def supported(head_dim: int, q_per_kv: int) -> bool:
@@ -161,8 +160,6 @@ def attend(
     ``jaxkv.kernels.kvdecode.merge`` combines them with the pivot segment (a second launch).
 
     Returns ``(out [B, K, G, H] in heads.dtype, k, v)``."""
-    from jaxkv.kernels import kvdecode
-
     B, S, K, H = k.shape
     N = heads.shape[1] - 2 * K
     G = N // K
@@ -171,8 +168,8 @@ def attend(
     split = chunks > 1
     chunk = -(-S // (chunks * tile)) * tile  # slots per program, whole tiles
     NC = -(-S // chunk)
-    if not P:  # the refs need an entry; never read
-        pivot_k = pivot_v = jnp.zeros((1, K, H), heads.dtype)
+    # the refs need an entry when there is no pivot; never read
+    pk, pv = (pivot_k, pivot_v) if P else (jnp.zeros((1, K, H), heads.dtype),) * 2
     kernel = functools.partial(
         _kernel, P=P, Pp=Pp, S=S, N=N, K=K, G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale,
         dtype=jnp.dtype(dtype),
@@ -198,14 +195,14 @@ def attend(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
         interpret=interpret,
         name="kv_decode_fp_partials" if split else "kv_decode_fp",
-    )(heads, positions.astype(jnp.int32), pivot_k, pivot_v, k, v)
+    )(heads, positions.astype(jnp.int32), pk, pv, k, v)
     if split:
         out = [
             kvdecode.merge(
                 heads,
                 positions,
-                pivot_k[:P],
-                pivot_v[:P],
+                pivot_k,
+                pivot_v,
                 *out,
                 sm_scale=sm_scale,
                 out_dtype=heads.dtype,
