@@ -450,8 +450,10 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     sm_scale = float(np.float32(1.0 / np.sqrt(H)))
     dtype = jnp.float32 if cd == jnp.float32 else jnp.bfloat16  # the products' operands
     body = (kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero)
+    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
+    chunks = kvdecode.chunks(B, kside.data.shape[1], kside.data.shape[2], cores)
     m, l, o = kvdecode.body_partials(
-        heads, qk, *body, **bits, sm_scale=sm_scale, dtype=dtype, interpret=interpret
+        heads, qk, *body, **bits, sm_scale=sm_scale, dtype=dtype, chunks=chunks, interpret=interpret
     )
     out, kring, vring, (kd, ks, kz, vd, vs, vz) = kvdecode.merge(
         heads, positions[:, 0], pivot_k, pivot_v, m, l, o, (kside.window, vside.window, meta, *body), **bits,

@@ -71,16 +71,16 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         from jaxkv.kernels import kvdecode
 
         warps = warps or kvdecode.NUM_WARPS
-        stages = 1
+        stages = kvdecode.NUM_STAGES
         fn = lambda h, n, *b: kvdecode.body_partials(  # noqa: E731
-            h, n, *b, kbits=4, vbits=2, group=g, sm_scale=H**-0.5, num_warps=warps
+            h, n, *b, kbits=4, vbits=2, group=g, sm_scale=H**-0.5, num_warps=warps, num_stages=stages
         )
         args = (heads, S((B,), jnp.int32), *body)
     elif name == "merge":
         from jaxkv.kernels import kvdecode
 
         warps = warps or kvdecode.MERGE_WARPS
-        stages, NC = 1, -(-slots // kvdecode.CHUNK_SLOTS)
+        stages, NC = 1, kvdecode.chunks(B, K, slots, 132)  # 132: an H100's SMs
         fn = lambda h, pos, pk, pv, m, l, o, ring, meta, *b: kvdecode.merge(  # noqa: E731
             h, pos, pk, pv, m, l, o, (ring, None, meta, *b), kbits=4, vbits=2, group=g, sm_scale=H**-0.5,
             out_dtype=jnp.bfloat16, num_warps=warps,

@@ -8,7 +8,8 @@ K4V2 at group 32): the attention of one query per sequence over the whole body, 
 * ``xla``         XLA over the packed body (``kvattention.body_scores`` / ``body_values``,
                   ``JAXKV_KV_DECODE=xla``, the model's default off a GPU),
 * ``kernel``      the tensor-core Pallas kernel (``jaxkv.kernels.kvdecode``) and the softmax merge of its
-                  per-chunk partials, swept over slots per program and per tile and warps;
+                  per-chunk partials, swept over programs per sequence and KV head, slots per loop
+                  step, warps and pipeline stages;
 * ``step-xla``    one whole decode step of the layer's attention as the model runs it
   ``step-kernel`` (``kvattention.attend_cached``, cache donated): the new token written into the body
                   and the window rings, then read with the body, the key window and a pivot token;
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument(
         "--tiles",
-        default="128:128:4,128:64:2,256:128:2,256:128:4,256:64:4,512:128:4,512:256:2",
-        help="kernel tiles to time, chunk_slots:sub_slots:num_warps, comma-separated",
+        default="1:128:4:3,2:128:4:3,4:128:4:3,2:64:4:3,2:256:4:3,2:512:4:3,2:128:2:3,2:128:8:3,2:128:4:2,2:128:4:4",
+        help="kernel tiles to time, chunks:sub_slots:num_warps:num_stages, comma-separated",
     )
     p.add_argument(
         "--fp-tiles",
@@ -156,13 +157,13 @@ def main(argv=None) -> int:
     cases.append(("step-xla", None, steps["folded"], (q,), qbytes))
     cases.append(("step-kernel", None, steps["kernel"], (q,), qbytes))
     tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
-    for chunk, sub, nw in tiles:
+    for chunks, sub, nw, ns in tiles:
         f = jax.jit(
-            lambda q, ks, vs, c=chunk, s=sub, w=nw: body_attention(
-                q, ks, vs, S, g, scale, chunk_slots=c, sub_slots=s, num_warps=w
+            lambda q, ks, vs, c=chunks, s=sub, w=nw, n=ns: body_attention(
+                q, ks, vs, S, g, scale, chunks=c, sub_slots=s, num_warps=w, num_stages=n
             )
         )
-        cfg = {"chunk_slots": chunk, "sub_slots": sub, "num_warps": nw}
+        cfg = {"chunks": chunks, "sub_slots": sub, "num_warps": nw, "num_stages": ns}
         cases.append(("kernel", cfg, f, (q, kside, vside), qbytes))
 
     for t in args.fp_tiles.split(","):
@@ -214,9 +215,10 @@ def main(argv=None) -> int:
     ]
     for r in table:
         default = {
-            "chunk_slots": kvdecode.CHUNK_SLOTS,
+            "chunks": kvdecode.chunks(B, K, S, getattr(jax.devices()[0], "core_count", 0) or 0),
             "sub_slots": kvdecode.SUB_SLOTS,
             "num_warps": kvdecode.NUM_WARPS,
+            "num_stages": kvdecode.NUM_STAGES,
         }
         fp_default = {"chunks": 1, "tile": fpdecode.TILE, "num_warps": fpdecode.NUM_WARPS}
         if (

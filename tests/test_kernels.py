@@ -343,18 +343,19 @@ def _heads(q: np.ndarray) -> jax.Array:
 
 
 @pytest.mark.parametrize(
-    "kbits,vbits,group,G,H,S,dtype",
+    "kbits,vbits,group,G,H,S,dtype,chunks,sub",
     [
-        (4, 2, 32, 1, 128, 32 * 12, "bfloat16"),  # shorter than one chunk (16 key groups)
-        (4, 2, 32, 1, 128, 32 * 40, "bfloat16"),  # three chunks, the last one's key rows moved back in bounds
-        (4, 2, 32, 1, 128, 32 * 40, "float32"),
-        (2, 4, 8, 4, 64, 8 * 11, "bfloat16"),
-        (8, 8, 16, 2, 32, 16 * 5, "bfloat16"),
-        (4, 4, 16, 8, 64, 16 * 9, "float32"),
-        (4, 4, 16, 8, 64, 16 * 9, "bfloat16"),
+        (4, 2, 32, 1, 128, 32 * 12, "bfloat16", 1, None),  # one program, three tiles
+        (4, 2, 32, 1, 128, 32 * 41, "bfloat16", 3, 128),  # the last tile moved back in bounds
+        (4, 2, 32, 1, 128, 32 * 40, "float32", 2, 64),
+        (4, 2, 64, 1, 128, 64 * 5, "bfloat16", 2, 32),  # tiles inside one key group
+        (2, 4, 8, 4, 64, 8 * 11, "bfloat16", 2, None),
+        (8, 8, 16, 2, 32, 16 * 5, "bfloat16", 1, None),
+        (4, 4, 16, 8, 64, 16 * 9, "float32", 3, None),
+        (4, 4, 16, 8, 64, 16 * 9, "bfloat16", 3, None),
     ],
 )
-def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
+def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype, chunks, sub):
     """The decode kernel's per-chunk maximum, exponential sum and weighted values against float64
     numpy over a random packed cache; chunks past n_read (0, partial, all) are empty. Its products
     take operands in ``dtype`` (q * key scale, p * value scale, as the XLA path does): the
@@ -379,10 +380,11 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype):
         _heads(q), jnp.asarray(n_read), head_major(pack_codes(jnp.asarray(kcodes, jnp.uint8), kbits)),
         head_major(ks), head_major(kz), head_major(pack_codes(jnp.asarray(vcodes, jnp.uint8), vbits)),
         head_major(vs), head_major(vz), kbits=kbits, vbits=vbits, group=group, sm_scale=1.0, dtype=dtype,
-        interpret=not ON_GPU,
+        chunks=chunks, sub_slots=sub, interpret=not ON_GPU,
     )  # fmt: skip
     eps = 2.0**-9 if dtype == "bfloat16" else 2.0**-20  # operand rounding (float32: with slack)
-    cs = max(group, min(kvdecode.CHUNK_SLOTS, kvdecode.ROWS // G * group))  # slots per program
+    tile = kvdecode.tile_slots(S, group, G, sub)
+    cs = -(-S // (chunks * tile)) * tile  # slots per program
     NC = -(-S // cs)
     assert m.shape == l.shape == (B, K, NC, G) and o.shape == (B, K, NC, G, H)
     kf = (kcodes - np.repeat(kz, group, axis=1).astype(np.float64)) * np.repeat(ks, group, axis=1)

@@ -22,19 +22,21 @@ Conventions
   partial results through their maxima: one softmax over all of it, exactly. The window in a kernel
   took its scores, masks, body-row gathers and value products out of XLA's small launches: K4V2
   decode 8.130 -> 7.796 ms per Llama-2-7B token at batch 8 and 4096 context (H100, runs 32 and 34).
-* Grid ``(B, K, chunks)``; a program covers ``chunk_slots`` slots (at most ``NG = ROWS / G`` key
-  groups, ``G`` query heads per KV head), read in tiles of ``sub_slots``, and writes per query head
-  the chunk's maximum score ``m``, ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32).
-  All scores of the chunk come first, so the values are weighted with the chunk's own maximum (no
-  rescaled running sums).
+* Grid ``(B, K, chunks)``; a program covers ``ceil(S / (chunks * sub)) * sub`` slots in a loop of
+  tiles of ``sub`` slots (at most ``NT = ROWS / G`` key groups) with a running maximum (online
+  softmax: the running sums rescaled when it grows), and writes per query head the chunk's maximum
+  score ``m``, ``l = sum exp(s - m)`` and ``o = sum exp(s - m) v`` (float32). The loop is what lets
+  Triton pipeline the loads (``num_stages``: the next tiles' codes stream into shared memory while
+  this one is computed). :func:`chunks` splits the slots only until the GPU's cores have
+  :data:`PROGRAMS_PER_CORE` programs each.
 * Every product over channels or slots is one tensor-core matrix product of ``ROWS = 16`` rows (the
   smallest such product), with the codes entering exactly as bf16 ``128 + c`` (``c`` for 8-bit
   codes): one byte permute makes two of them (:func:`code_plane`).
 
-  - Keys: ``A[(t, gi), h] = q[gi, h] scale[t, h]`` for the chunk's ``NG`` key groups ``t``, so that
-    one product ``S = A @ codes^T`` ``[ROWS, sub]`` carries every group's own per-channel scales; slot
-    ``j`` takes the row of its group, ``s_j = S[(t(j), gi), j] - sum_h A[(t(j), gi), h] (128 +
-    zero[t(j), h])``.
+  - Keys: ``A[(t, gi, u), h] = q[gi, h] scale[t, h]`` (``u = 0``; rows ``u > 0`` are zero and pad
+    the tile to ``ROWS``) for the tile's ``NT`` key groups ``t``, so that one product ``S = A @
+    codes^T`` ``[ROWS, sub]`` carries every group's own per-channel scales; slot ``j`` takes the row
+    of its group, ``s_j = S[(t(j), gi, 0), j] - sum_h A[(t(j), gi, 0), h] (128 + zero[t(j), h])``.
   - Values: ``W[j, (C, gi)] = p[gi, j] scale[j, C]`` (zero rows up to ``ROWS``), ``D = W^T @ codes``
     per plane ``[ROWS, H*vb/8]``; byte column ``m`` of plane ``k`` is channel ``c = (8/vb) m + k`` of
     group ``C = c // g``: ``o[gi, c] = D[(C, gi), m] - sum_j W[j, (C, gi)] (128 + zero[j, C])``.
@@ -80,11 +82,11 @@ from jaxkv.kernels.qmatmul import code_plane_16
 
 BITS = (2, 4, 8)
 ROWS = 16  # rows of every tensor-core product (Triton's smallest)
-CHUNK_SLOTS = 256  # slots per program (at most ROWS / G key groups)
-SUB_SLOTS = 128  # slots per tile of codes
-# H100, chunk 256, tile 128: 85.9 us per layer with 1 warp against 90.5 with 2 (head-major cache, run 29;
-# 117.3 against 121.2 slot-major); 125.7 with 2 against 143.1 with 4 (run 21)
-NUM_WARPS = 1
+SUB_SLOTS = 128  # slots per loop step (at most ROWS / G key groups)
+MIN_CHUNK_SLOTS = 1024  # the fewest slots per program when the slots are split (:func:`chunks`)
+PROGRAMS_PER_CORE = 2  # programs per GPU core (SM) that :func:`chunks` aims for
+NUM_WARPS = 4
+NUM_STAGES = 3
 # Warps per merge program. In one layer's step (H100, run 43) merge took 8.0 us with 1, 7.7 with 2 and
 # 7.8 with 4; 1 stays until the GPU tests have run through at 2 (that call ran out of time).
 MERGE_WARPS = 1
@@ -108,6 +110,7 @@ def supported(kbits: int, vbits: int, k_per_channel: bool, group: int, head_dim:
         and _pow2(head_dim)
         and _pow2(q_per_kv)
         and q_per_kv <= ROWS
+        and ROWS // q_per_kv * group >= ROWS  # a tile of ROWS slots fits the rows
         and head_dim % group == 0
         and group % (8 // vbits) == 0
         and head_dim * kbits // 8 >= 16
@@ -191,79 +194,74 @@ def _interleave(planes: list) -> jax.Array:
 
 def _kernel(
     heads_ref, n_ref, kd_ref, ks_ref, kz_ref, vd_ref, vs_ref, vz_ref, m_ref, l_ref, o_ref, *,
-    kbits, vbits, group, G, H, S, J, NG, chunk, sub, sm_scale, dtype, interpret,
+    kbits, vbits, group, G, H, S, chunk, sub, sm_scale, dtype, interpret,
 ):  # fmt: skip
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kp = 8 // kbits  # planes per byte
     Wk = H // kp
     log2g = group.bit_length() - 1
+    NT = max(1, sub // group)  # key groups per tile
+    U = ROWS // (NT * G)  # rows per key group and query head: one real, U - 1 zero
+    C = H // group
+    Uv = max(ROWS, C * G) // (C * G)  # the same for the value products' rows (C, gi, u)
     dot = _dot(dtype)
     values = dict(vbits=vbits, group=group, H=H)
-    n = n_ref[b]
-    first = c * (chunk // group)  # the chunk's first key group
-    g0 = jnp.minimum(first, J - NG)  # the first of the NG groups whose scales the key rows carry
-    hi = jnp.minimum((c + 1) * chunk, n)  # slots of this chunk: [c * chunk, hi)
+    lo = c * chunk  # this program's slots [lo, hi)
+    hi = jnp.minimum(lo + chunk, n_ref[b])
+    # the query heads per key plane (strided channels kp*m + k), loaded once
+    qk = [heads_ref[b, pl.ds(h * G, G), pl.ds(k, Wk, kp)].astype(_F32) * sm_scale for k in range(kp)]
+    pad = (jnp.arange(U, dtype=jnp.int32) == 0)[None, :, None].astype(_F32)  # [1, U, 1]
+    row_group = jnp.arange(NT, dtype=jnp.int32)[:, None, None]
 
-    @pl.when(first * group < n)
-    def _():
-        # Key rows (t, gi): q[gi] times group g0 + t's scales, in bf16 for the products; the zero
-        # points (and the 128 of the codes) as one float32 bias per row.
-        A, bias = [], 0.0
+    def tile(i, carry):
+        m, l, D, zsum = carry
+        # A tile starting past the cache's end is moved back in bounds (to a group boundary: S and sub
+        # are multiples of the group, or the tile lies in one group); the slots it re-reads are masked.
+        s0 = lo + i * sub
+        start = jnp.minimum(s0, S - sub)
+        g0 = start >> log2g  # the tile's first key group
+        slot = start + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [1, sub]
+        valid = (slot >= s0) & (slot < hi)
+        kd = kd_ref[b, h, pl.ds(start, sub), :]  # [sub, Wk] packed bytes
+        # Key rows (t, gi, u): q[gi] times group g0 + t's scales in bf16 (u = 0; zero rows pad the
+        # tile to ROWS); the zero points (and the codes' offset) as one float32 bias per row, from the
+        # same rounded rows, so that the offset cancels exactly.
+        prod, bias = None, 0.0
         for k in range(kp):
-            cols = pl.ds(k, Wk, kp)  # the channels of key plane k (strided)
-            qk = heads_ref[b, pl.ds(h * G, G), cols].astype(_F32) * sm_scale  # [G, Wk]
-            ks = ks_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)  # [NG, Wk]
-            kz = kz_ref[b, h, pl.ds(g0, NG), cols].astype(_F32)
-            a3 = (ks[:, None, :] * qk[None, :, :]).astype(dtype)  # [NG, G, Wk]
-            # the bias from the same rounded rows, so that the codes' offset cancels exactly
-            bias = bias + jnp.sum(
-                a3.astype(_F32) * (kz[:, None, :] + code_offset(kbits)), axis=2, keepdims=True
-            )
-            A.append(a3.reshape(NG * G, Wk))
+            cols = pl.ds(k, Wk, kp)
+            ks = ks_ref[b, h, pl.ds(g0, NT), cols].astype(_F32)  # [NT, Wk]
+            kz = kz_ref[b, h, pl.ds(g0, NT), cols].astype(_F32)
+            a3 = (ks[:, None, :] * qk[k][None, :, :]).astype(dtype).astype(_F32)  # [NT, G, Wk]
+            bias = bias + jnp.sum(a3 * (kz[:, None, :] + code_offset(kbits)), axis=2, keepdims=True)
+            a = (a3.reshape(NT * G, 1, Wk) * pad).reshape(ROWS, Wk).astype(dtype)
+            codes = code_plane(kd, kbits, k, dtype, interpret)  # [sub, Wk]
+            d = jax.lax.dot_general(a, codes, (((1,), (1,)), ((), ())), **dot)  # [ROWS, sub]
+            prod = d if prod is None else prod + d
+        prod = prod.reshape(NT, G, U, sub).sum(axis=2)  # the zero rows add exact zeros
+        own = row_group == ((slot >> log2g) - g0)[None]  # [NT, 1, sub]: the row of each slot's group
+        s = jnp.sum(jnp.where(own, prod - bias, 0.0), axis=0)  # [G, sub]
+        s = jnp.where(valid, s, _MASKED)
+        # online softmax: rescale the running sums to the new maximum
+        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [G, 1]
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(valid, jnp.exp(s - m_new), 0.0)  # [G, sub]
+        l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
+        alpha_rows = jnp.broadcast_to(alpha.reshape(1, G, 1), (C, G, Uv)).reshape(C * G * Uv, 1)
+        D = [d * alpha_rows for d in D]
+        zsum = zsum * alpha.reshape(1, G)
+        rows = pl.ds(start, sub)
+        D, zsum = _value_products(
+            p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum, dtype=dtype,
+            interpret=interpret, **values,
+        )  # fmt: skip
+        return m_new, l, D, zsum
 
-        # Scores, one tile of `sub` slots at a time. A tile starting past the cache's end is moved back
-        # in bounds; the slots it re-reads are masked.
-        row_group = jnp.arange(NG, dtype=jnp.int32)[:, None, None]
-        tiles = []
-        for i in range(chunk // sub):
-            s0 = c * chunk + i * sub
-            start = jnp.minimum(s0, S - sub)
-            slot = start + jnp.arange(sub, dtype=jnp.int32)[None, :]  # [1, sub]
-            valid = (slot >= s0) & (slot < hi)
-            kd = kd_ref[b, h, pl.ds(start, sub), :]  # [sub, Wk] packed bytes
-            prod = None
-            for k in range(kp):
-                codes = code_plane(kd, kbits, k, dtype, interpret)  # [sub, Wk]
-                d = jax.lax.dot_general(A[k], codes, (((1,), (1,)), ((), ())), **dot)
-                prod = d if prod is None else prod + d  # [NG * G, sub]
-            own = row_group == ((slot >> log2g) - g0)[None]  # [NG, 1, sub]: the row of each slot's group
-            s = jnp.sum(jnp.where(own, prod.reshape(NG, G, sub) - bias, 0.0), axis=0)  # [G, sub]
-            tiles.append((start, valid, jnp.where(valid, s, _MASKED)))
-        m = tiles[0][2].max(axis=1, keepdims=True)
-        for _, _, s in tiles[1:]:
-            m = jnp.maximum(m, s.max(axis=1, keepdims=True))  # [G, 1]
-
-        D, zsum = _value_zeros(G, **values)
-        l = jnp.zeros((G, 1), _F32)
-        for start, valid, s in tiles:
-            p = jnp.where(valid, jnp.exp(s - m), 0.0)  # [G, sub]
-            l = l + jnp.sum(p, axis=1, keepdims=True)
-            rows = pl.ds(start, sub)
-            D, zsum = _value_products(
-                p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum, dtype=dtype,
-                interpret=interpret, **values,
-            )  # fmt: skip
-        m_ref[...] = m
-        l_ref[...] = l
-
-        for k, o_k in enumerate(_plane_values(D, zsum, **values)):
-            o_ref[:, pl.ds(k, H * vbits // 8, 8 // vbits)] = o_k  # channels (8/vb) m + k (strided)
-
-    @pl.when(first * group >= n)
-    def _():
-        m_ref[...] = jnp.full(m_ref.shape, _MASKED, _F32)
-        l_ref[...] = jnp.zeros(l_ref.shape, _F32)
-        o_ref[...] = jnp.zeros(o_ref.shape, _F32)
+    init = (jnp.full((G, 1), _MASKED, _F32), jnp.zeros((G, 1), _F32), *_value_zeros(G, **values))
+    m, l, D, zsum = jax.lax.fori_loop(0, (jnp.maximum(hi - lo, 0) + sub - 1) // sub, tile, init)
+    m_ref[...] = m
+    l_ref[...] = l
+    for k, o_k in enumerate(_plane_values(D, zsum, **values)):
+        o_ref[:, pl.ds(k, H * vbits // 8, 8 // vbits)] = o_k  # channels (8/vb) m + k (strided)
 
 
 def step_heads(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -282,6 +280,14 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def chunks(batch: int, kv_heads: int, slots: int, cores: int, min_slots: int = MIN_CHUNK_SLOTS) -> int:
+    """Programs per sequence and KV head along the slots: enough for :data:`PROGRAMS_PER_CORE`
+    programs on each of the GPU's ``cores`` (one when the sequences' heads already fill them), each at
+    least ``min_slots`` long (one for a short cache)."""
+    want = -(-PROGRAMS_PER_CORE * cores // (batch * kv_heads))
+    return max(1, min(-(-slots // min_slots), want))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -290,27 +296,31 @@ def _pow2_ceil(n: int) -> int:
         "group",
         "sm_scale",
         "dtype",
-        "chunk_slots",
+        "chunks",
         "sub_slots",
         "num_warps",
+        "num_stages",
         "interpret",
     ),
 )
 def body_partials(
     heads, n_read, kdata, kscale, kzero, vdata, vscale, vzero, *, kbits, vbits, group, sm_scale, dtype=_BF16,
-    chunk_slots=None, sub_slots=None, num_warps=None, interpret=False,
+    chunks=1, sub_slots=None, num_warps=None, num_stages=None, interpret=False,
 ):  # fmt: skip
     """Flash-decoding partials of one query per sequence over the quantized body slots ``j < n_read``.
 
     ``heads [B, N + 2K, H]`` the decode token's heads (:func:`step_heads`): its queries are
     multiplied by ``sm_scale`` (the softmax scale) in float32; ``n_read [B]`` int32 (multiples of
     ``group``), the key and value sides as in the module docstring; ``dtype`` the operands of the
-    products (the model's, bf16, or float32); ``chunk_slots``/``sub_slots``/``num_warps`` slots
-    per program, slots per tile and warps per program (default :data:`CHUNK_SLOTS`,
-    :data:`SUB_SLOTS`, :data:`NUM_WARPS`; at most ``ROWS / G`` key groups per program).
+    products (the model's, bf16, or float32); ``chunks`` programs per sequence and KV head along the
+    slots (:func:`chunks`); ``sub_slots``/``num_warps``/``num_stages`` slots per loop step, warps per
+    program and Triton's pipeline stages (default :data:`SUB_SLOTS`, :data:`NUM_WARPS`,
+    :data:`NUM_STAGES`). Program ``c`` covers slots ``[c * cs, (c + 1) * cs)``, ``cs = ceil(S /
+    (chunks * sub)) * sub`` (``sub`` the tile after clamping to the cache and to ``ROWS / G`` key
+    groups).
 
-    Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC`` the
-    number of chunks.
+    Returns ``m [B, K, NC, G]``, ``l [B, K, NC, G]`` and ``o [B, K, NC, G, H]`` (float32), ``NC =
+    ceil(S / cs)`` the number of chunks.
     """
     dtype = jnp.dtype(dtype)
     if dtype not in (_BF16, _F32):
@@ -318,20 +328,16 @@ def body_partials(
     B, X, H = heads.shape
     K, S = kdata.shape[1:3]
     G = X // K - 2
+    sub = tile_slots(S, group, G, sub_slots)
+    NT = max(1, sub // group)  # key groups per tile
     J = S // group
-    NG = ROWS // G  # key groups per chunk: one key row per group and query head
-    if J < NG:  # a cache shorter than one chunk: the scales of missing groups are never used
-        kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NG - J), (0, 0))) for a in (kscale, kzero))
-    chunk = max(group, min(chunk_slots or CHUNK_SLOTS, NG * group))  # whole key groups, <= NG of them
-    sub = min(sub_slots or SUB_SLOTS, chunk, _pow2_floor(S))
-    if chunk % group or chunk % sub:
-        raise ValueError(
-            f"body_partials: {chunk} slots per program must hold whole tiles of {sub} and groups of {group}"
-        )
+    if J < NT:  # a cache shorter than one tile: the scales of missing groups are never used
+        kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NT - J), (0, 0))) for a in (kscale, kzero))
+    chunk = -(-S // (chunks * sub)) * sub
     NC = -(-S // chunk)
     kernel = functools.partial(
-        _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, J=max(J, NG), NG=NG, chunk=chunk, sub=sub,
-        sm_scale=sm_scale, dtype=dtype, interpret=interpret,
+        _kernel, kbits=kbits, vbits=vbits, group=group, G=G, H=H, S=S, chunk=chunk, sub=sub, sm_scale=sm_scale,
+        dtype=dtype, interpret=interpret,
     )  # fmt: skip
     full = pl.BlockSpec(memory_space=None)
     m, l, o = pl.pallas_call(
@@ -348,11 +354,19 @@ def body_partials(
             jax.ShapeDtypeStruct((B, K, NC, G, 1), _F32),
             jax.ShapeDtypeStruct((B, K, NC, G, H), _F32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=1),
+        compiler_params=pltriton.CompilerParams(
+            num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES
+        ),
         interpret=interpret,
         name=f"kv_decode_k{kbits}v{vbits}",
     )(heads, n_read.astype(jnp.int32), kdata, kscale, kzero, vdata, vscale, vzero)
     return m[..., 0], l[..., 0], o
+
+
+def tile_slots(slots: int, group: int, q_per_kv: int, sub_slots: int | None = None) -> int:
+    """Slots per loop step of :func:`body_partials`: ``sub_slots`` (default :data:`SUB_SLOTS`) at most
+    ``ROWS / q_per_kv`` key groups (one row per group and query head) and at most the cache."""
+    return min(sub_slots or SUB_SLOTS, ROWS // q_per_kv * group, _pow2_floor(slots))
 
 
 # ----------------------------------------------------------------------------------------------
