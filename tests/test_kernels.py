@@ -689,3 +689,16 @@ def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():
     assert fpdecode.chunks(1, 32, 4224, 132) == 5  # 32 heads x 5 chunks of at least 1024 slots
     assert fpdecode.chunks(1, 8, 2048, 132) == 2  # capped by the cache's length
     assert fpdecode.chunks(1, 32, 4224, 0) == 1  # no cores known (CPU: the interpreter)
+
+
+def test_kv_decode_splits_the_body_until_every_core_has_its_programs():
+    """``kvdecode.chunks``: the quantized body split until each core has PROGRAMS_PER_CORE programs,
+    each at least MIN_CHUNK_SLOTS long; one program per sequence and KV head when they suffice."""
+    from jaxkv.kernels import kvdecode
+
+    assert (kvdecode.PROGRAMS_PER_CORE, kvdecode.MIN_CHUNK_SLOTS) == (2, 1024)
+    assert kvdecode.chunks(8, 32, 4352, 132) == 2  # 256 programs: a second chunk gives 512 >= 264
+    assert kvdecode.chunks(32, 32, 4352, 132) == 1  # 1024 programs
+    assert kvdecode.chunks(1, 32, 4352, 132) == 5  # capped by the cache: 5 chunks of >= 1024 slots
+    assert kvdecode.chunks(1, 32, 300, 132) == 1  # short
+    assert kvdecode.chunks(1, 32, 4352, 0) == 1  # no cores known (CPU)

@@ -144,7 +144,7 @@ def chunks(batch: int, kv_heads: int, slots: int, cores: int) -> int:
     """Programs per sequence and KV head along the slots: one, unless the sequences' heads are
     fewer than the GPU's ``cores`` and the cache holds more than :data:`CHUNK_SLOTS` slots; then
     enough to give every core a program, each at least ``CHUNK_SLOTS`` long."""
-    return max(1, min(-(-slots // CHUNK_SLOTS), -(-cores // (batch * kv_heads))))
+    return kvdecode.chunks(batch, kv_heads, slots, cores, min_slots=CHUNK_SLOTS, per_core=1)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "dtype", "chunks", "tile", "num_warps", "interpret"))

@@ -280,12 +280,18 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def chunks(batch: int, kv_heads: int, slots: int, cores: int, min_slots: int = MIN_CHUNK_SLOTS) -> int:
-    """Programs per sequence and KV head along the slots: enough for :data:`PROGRAMS_PER_CORE`
+def chunks(
+    batch: int,
+    kv_heads: int,
+    slots: int,
+    cores: int,
+    min_slots: int = MIN_CHUNK_SLOTS,
+    per_core: int = PROGRAMS_PER_CORE,
+) -> int:
+    """Programs per sequence and KV head along the slots of a decode kernel: enough for ``per_core``
     programs on each of the GPU's ``cores`` (one when the sequences' heads already fill them), each at
-    least ``min_slots`` long (one for a short cache)."""
-    want = -(-PROGRAMS_PER_CORE * cores // (batch * kv_heads))
-    return max(1, min(-(-slots // min_slots), want))
+    least ``min_slots`` long (one for a short cache). The defaults are :func:`body_partials`'."""
+    return max(1, min(-(-slots // min_slots), -(-per_core * cores // (batch * kv_heads))))
 
 
 @functools.partial(
