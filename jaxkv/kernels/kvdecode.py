@@ -85,7 +85,10 @@ ROWS = 16  # rows of every tensor-core product (Triton's smallest)
 SUB_SLOTS = 128  # slots per loop step (at most ROWS / G key groups)
 MIN_CHUNK_SLOTS = 1024  # the fewest slots per program when the slots are split (:func:`chunks`)
 PROGRAMS_PER_CORE = 2  # programs per GPU core (SM) that :func:`chunks` aims for
-NUM_WARPS = 4
+# H100, one Llama-2-7B layer at batch 8 and 4352 slots (scripts/kv_decode_sweep.py): 2 chunks, tiles of
+# 128, 2 warps 87.8 us against 139.1 with 4 warps and 296.9 with 8 (run 55); 4 chunks 92.4, 8 chunks
+# 101.3, tiles of 256 103.7-134.1 at 2 warps (run 56). Pipeline stages 2, 3 or 4 made no difference.
+NUM_WARPS = 2
 NUM_STAGES = 3
 # Warps per merge program. In one layer's step (H100, run 43) merge took 8.0 us with 1, 7.7 with 2 and
 # 7.8 with 4; 1 stays until the GPU tests have run through at 2 (that call ran out of time).
