@@ -65,6 +65,13 @@ Conventions
   the key loads, or every load of the program first, was no faster at any tile and much slower at
   most (best 97.4 us against 90.4; run 31, results/bench/h100_run31_kv_prefetch_rejected.txt):
   registers, not latency.
+* The loop (runs 55-57, H100): the program per 256 slots before it unrolled its two tiles, computed
+  all scores first and loaded the scales of 16 key groups whatever the tile needed. As a loop with 2
+  warps and 2 chunks at batch 8 (merge combines 2 partials per head instead of 17), K4V2 decode took
+  5.781 against 6.057 ms per Llama-2-7B token at batch 8 and 4096 context (run 57, one call), though
+  the layer's kernel alone was not faster (87.8 us, run 55, against 83.7 for the unrolled one, run
+  56). Triton's pipeline stages (2-4) changed nothing: the codes do not stream as the bf16 kernel's
+  operands do (results/bench/h100_run5{5,6,7}_loopkernel_*).
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
