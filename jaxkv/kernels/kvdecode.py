@@ -70,8 +70,10 @@ Conventions
   warps and 2 chunks at batch 8 (merge combines 2 partials per head instead of 17), K4V2 decode took
   5.781 against 6.057 ms per Llama-2-7B token at batch 8 and 4096 context (run 57, one call), though
   the layer's kernel alone was not faster (87.8 us, run 55, against 83.7 for the unrolled one, run
-  56). Triton's pipeline stages (2-4) changed nothing: the codes do not stream as the bf16 kernel's
-  operands do (results/bench/h100_run5{5,6,7}_loopkernel_*).
+  56). Triton's pipeline stages (2-4) changed nothing (results/bench/h100_run5{5,6,7}_loopkernel_*):
+  compiled off the GPU (``scripts/kernel_sass.py kv``), the loop copies the codes and the value scales
+  a tile ahead, but the strided key-scale and zero-point loads and the value zero points (which feed
+  no tensor-core product) are synchronous in every iteration (README: the loop body kernel).
 * GPU only (Triton lowering); ``interpret=True`` runs the same kernel body on any backend with plain
   operations in place of the inline PTX (tests). :func:`supported` says which caches it handles.
 """
