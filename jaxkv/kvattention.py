@@ -450,8 +450,7 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     sm_scale = float(np.float32(1.0 / np.sqrt(H)))
     dtype = jnp.float32 if cd == jnp.float32 else jnp.bfloat16  # the products' operands
     body = (kside.data, kside.scale, kside.zero, vside.data, vside.scale, vside.zero)
-    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
-    chunks = kvdecode.chunks(B, kside.data.shape[1], kside.data.shape[2], cores)
+    chunks = kvdecode.chunks(B, kside.data.shape[1], kside.data.shape[2], kvdecode.gpu_cores())
     m, l, o = kvdecode.body_partials(
         heads, qk, *body, **bits, sm_scale=sm_scale, dtype=dtype, chunks=chunks, interpret=interpret
     )
@@ -492,10 +491,9 @@ def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions
 
     B, T, N, H = q.shape
     S, K = cache_k.shape[1], cache_k.shape[2]
-    cores = getattr(jax.devices()[0], "core_count", 0) or 0  # SMs of a GPU; absent on CPU
     out, cache_k, cache_v = fpdecode.attend(
         kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
-        sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, cores),
+        sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, kvdecode.gpu_cores()),
         interpret=jax.default_backend() != "gpu",
     )  # fmt: skip
     return out.reshape(B, T, N * H), cache_k, cache_v

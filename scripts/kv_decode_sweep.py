@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument(
         "--tiles",
-        default="1:128:4:3,2:128:4:3,4:128:4:3,2:64:4:3,2:256:4:3,2:512:4:3,2:128:2:3,2:128:8:3,2:128:4:2,2:128:4:4",
+        default="2:128:2:3,1:128:2:3,4:128:2:3,8:128:2:3,2:64:2:3,2:256:2:3,2:128:1:3,2:128:4:3,2:128:2:2,2:128:2:4",
         help="kernel tiles to time, chunks:sub_slots:num_warps:num_stages, comma-separated",
     )
     p.add_argument(
@@ -213,14 +213,14 @@ def main(argv=None) -> int:
         "| candidate | config | us | GB/s (% of copy) | rel err vs xla (step-kernel: vs step-xla; fp: vs float32) |",
         "|---|---|---|---|---|",
     ]
+    default = {
+        "chunks": kvdecode.chunks(B, K, S, kvdecode.gpu_cores()),
+        "sub_slots": kvdecode.SUB_SLOTS,
+        "num_warps": kvdecode.NUM_WARPS,
+        "num_stages": kvdecode.NUM_STAGES,
+    }
+    fp_default = {"chunks": 1, "tile": fpdecode.TILE, "num_warps": fpdecode.NUM_WARPS}
     for r in table:
-        default = {
-            "chunks": kvdecode.chunks(B, K, S, getattr(jax.devices()[0], "core_count", 0) or 0),
-            "sub_slots": kvdecode.SUB_SLOTS,
-            "num_warps": kvdecode.NUM_WARPS,
-            "num_stages": kvdecode.NUM_STAGES,
-        }
-        fp_default = {"chunks": 1, "tile": fpdecode.TILE, "num_warps": fpdecode.NUM_WARPS}
         if (
             r["candidate"] not in ("kernel", "fp")
             or r is best

@@ -292,6 +292,11 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def gpu_cores() -> int:
+    """The first device's cores (SMs on a GPU) for :func:`chunks`; 0 where JAX reports none (CPU)."""
+    return getattr(jax.devices()[0], "core_count", 0) or 0
+
+
 def chunks(
     batch: int,
     kv_heads: int,
@@ -349,7 +354,7 @@ def body_partials(
     sub = tile_slots(S, group, G, sub_slots)
     NT = max(1, sub // group)  # key groups per tile
     J = S // group
-    if J < NT:  # a cache shorter than one tile: the scales of missing groups are never used
+    if J < NT:  # a cache shorter than one key group (J = 0: nothing is read): the refs need rows
         kscale, kzero = (jnp.pad(a, ((0, 0), (0, 0), (0, NT - J), (0, 0))) for a in (kscale, kzero))
     chunk = -(-S // (chunks * sub)) * sub
     NC = -(-S // chunk)
