@@ -152,14 +152,29 @@ def main(argv=None) -> int:
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         decode(s)
     kernels = gpu_kernels(trace_file(trace_dir))  # the trace is read once
+    if not kernels:
+        raise SystemExit(f"no GPU kernels in {trace_dir}: the profile needs a GPU")
     write_sequence(kernels, out.with_suffix(".sequence.tsv"))
     rows = summarise(kernels, args.steps)
     cats = categorise(rows)
-    out.with_suffix(".json").write_text(
-        json.dumps({"args": vars(args), "categories": cats, "kernels": rows}, indent=1)
-    )
     busy = sum(r["us_per_step"] for r in rows)
-    print(f"GPU busy {busy:.0f} us per decode step over {len(rows)} kernel names")
+    span = (kernels[-1][0] + kernels[-1][2] - kernels[0][0]) / args.steps  # first launch to last end
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "busy_us_per_step": busy,
+                "span_us_per_step": span,
+                "categories": cats,
+                "kernels": rows,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"GPU busy {busy:.0f} us per decode step over {len(rows)} kernel names; "
+        f"{span:.0f} us from the first launch to the last end per step ({span - busy:.0f} us idle)"
+    )
     for cat, v in cats.items():
         print(f"{v['us_per_step']:9.1f} us {v['launches_per_step']:6.1f}x  {cat}")
     for r in rows[:25]:

@@ -414,6 +414,19 @@ def test_kv_decode_partials_match_float64(kbits, vbits, group, G, H, S, dtype, c
             assert np.all(np.abs(np.asarray(o[b, :, c]) - ref) <= bound + 1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_kv_decode_planes_split_columns_as_the_strided_loads_did(n):
+    """The key scales and zero points load contiguously and split into code planes in registers:
+    plane ``k`` must hold columns ``n m + k`` (what a strided load gave), and :func:`_interleave`
+    must put them back."""
+    x = jnp.arange(3 * 8 * n, dtype=jnp.float32).reshape(3, 8 * n)
+    planes = kvdecode._planes(x, n)
+    assert len(planes) == n
+    for k, plane in enumerate(planes):
+        np.testing.assert_array_equal(np.asarray(plane), np.asarray(x)[:, k::n])
+    np.testing.assert_array_equal(np.asarray(kvdecode._interleave(planes)), np.asarray(x))
+
+
 def test_decode_impl_defaults_to_the_kernel_on_a_gpu_only(monkeypatch):
     """Without JAXKV_KV_DECODE the model reads a quantized cache through the decode kernel on a GPU
     and through XLA elsewhere (where the kernel would run in Pallas' interpreter); the variable

@@ -163,8 +163,10 @@ def _value_products(p, vs, vz, vd, D, zsum, *, vbits, group, H, dtype, interpret
     pad = (jnp.arange(Mv // (C * G), dtype=jnp.int32) == 0)[None, None, :].astype(_F32)  # [1, 1, U]
     vs, vz = vs.astype(_F32), vz.astype(_F32)  # [n_slots, C]
     w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [n_slots, C, G], as multiplied
-    zsum = zsum + jnp.sum(w * (vz[:, :, None] + code_offset(vbits)), axis=0)
     wt = (w.reshape(n_slots, C * G)[:, :, None] * pad).reshape(n_slots, Mv).astype(dtype)
+    V = max(1, ROWS // C)
+    zb = jnp.broadcast_to((vz + code_offset(vbits))[:, :, None], (n_slots, C, V)).reshape(n_slots, C * V)
+    zsum = zsum + jax.lax.dot_general(wt, zb.astype(dtype), (((0,), (0,)), ((), ())), **_dot(dtype))
     for k in range(8 // vbits):
         codes = code_plane(vd, vbits, k, dtype, interpret)  # [n_slots, Wv]
         D[k] = D[k] + jax.lax.dot_general(wt, codes, (((0,), (0,)), ((), ())), **_dot(dtype))
@@ -174,16 +176,25 @@ def _value_products(p, vs, vz, vd, D, zsum, *, vbits, group, H, dtype, interpret
 def _value_zeros(G: int, *, vbits, group, H):
     """Empty value products and zero-point sums for :func:`_value_products`."""
     C, vp = H // group, 8 // vbits
-    return [jnp.zeros((max(ROWS, C * G), H // vp), _F32) for _ in range(vp)], jnp.zeros((C, G), _F32)
+    Mv = max(ROWS, C * G)
+    return [jnp.zeros((Mv, H // vp), _F32) for _ in range(vp)], jnp.zeros((Mv, C * max(1, ROWS // C)), _F32)
 
 
-def _plane_values(D, zsum, *, vbits, group, H) -> list:
+def _plane_values(D, zsum, G, *, vbits, group, H) -> list:
     """The weighted values of the products per code plane: plane ``k`` ``[G, H*vb/8]`` holds channels
     ``(8/vb) m + k``."""
     vp = 8 // vbits
     Wv, C = H // vp, H // group
-    G = zsum.shape[1]
     Mv = D[0].shape[0]
+    V = zsum.shape[1] // C
+    U = Mv // (C * G)
+    # zsum [Mv, C * V]: row (C1, gi, u), column (C2, v) sums W[j, (C1, gi)] (128 + zero[j, C2]); its
+    # diagonal C1 == C2 (u = v = 0) is the zero-point term
+    z5 = zsum.reshape(C, G, U, C, V).sum(axis=2)  # the padding rows are zero
+    diag = (jnp.arange(C)[:, None, None, None] == jnp.arange(C)[None, None, :, None]) & (
+        jnp.arange(V)[None, None, None, :] == 0
+    )
+    zsum = jnp.sum(jnp.where(diag, z5, 0.0), axis=(2, 3))  # [C, G]
     log2g = group.bit_length() - 1
     row_c = jnp.arange(C, dtype=jnp.int32)[:, None, None]
     planes = []
@@ -202,6 +213,17 @@ def _interleave(planes: list) -> jax.Array:
         return planes[0]
     even, odd = _interleave(planes[0::2]), _interleave(planes[1::2])
     return jnp.stack([even, odd], axis=-1).reshape(*even.shape[:-1], 2 * even.shape[-1])
+
+
+def _planes(x: jax.Array, n: int) -> list:
+    """``[..., W * n]`` -> ``n`` planes ``[..., W]``, plane ``k`` holding columns ``n m + k``, in
+    registers (the inverse of :func:`_interleave`): a contiguous load split instead of ``n`` strided
+    ones, which Triton cannot copy asynchronously and so does not pipeline."""
+    if n == 1:
+        return [x]
+    even, odd = jnp.unstack(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), axis=-1)
+    evens, odds = _planes(even, n // 2), _planes(odd, n // 2)
+    return [p for pair in zip(evens, odds) for p in pair]
 
 
 def _kernel(
@@ -239,10 +261,9 @@ def _kernel(
         # tile to ROWS); the zero points (and the codes' offset) as one float32 bias per row, from the
         # same rounded rows, so that the offset cancels exactly.
         prod, bias = None, 0.0
-        for k in range(kp):
-            cols = pl.ds(k, Wk, kp)
-            ks = ks_ref[b, h, pl.ds(g0, NT), cols].astype(_F32)  # [NT, Wk]
-            kz = kz_ref[b, h, pl.ds(g0, NT), cols].astype(_F32)
+        ks_planes = _planes(ks_ref[b, h, pl.ds(g0, NT), :].astype(_F32), kp)  # kp x [NT, Wk]
+        kz_planes = _planes(kz_ref[b, h, pl.ds(g0, NT), :].astype(_F32), kp)
+        for k, (ks, kz) in enumerate(zip(ks_planes, kz_planes)):
             a3 = (ks[:, None, :] * qk[k][None, :, :]).astype(dtype).astype(_F32)  # [NT, G, Wk]
             bias = bias + jnp.sum(a3 * (kz[:, None, :] + code_offset(kbits)), axis=2, keepdims=True)
             a = (a3.reshape(NT * G, 1, Wk) * pad).reshape(ROWS, Wk).astype(dtype)
@@ -260,7 +281,7 @@ def _kernel(
         l = l * alpha + jnp.sum(p, axis=1, keepdims=True)
         alpha_rows = jnp.broadcast_to(alpha.reshape(1, G, 1), (C, G, Uv)).reshape(C * G * Uv, 1)
         D = [d * alpha_rows for d in D]
-        zsum = zsum * alpha.reshape(1, G)
+        zsum = zsum * alpha_rows
         rows = pl.ds(start, sub)
         D, zsum = _value_products(
             p, vs_ref[b, h, rows, :], vz_ref[b, h, rows, :], vd_ref[b, h, rows, :], D, zsum, dtype=dtype,
@@ -272,7 +293,7 @@ def _kernel(
     m, l, D, zsum = jax.lax.fori_loop(0, (jnp.maximum(hi - lo, 0) + sub - 1) // sub, tile, init)
     m_ref[...] = m
     l_ref[...] = l
-    for k, o_k in enumerate(_plane_values(D, zsum, **values)):
+    for k, o_k in enumerate(_plane_values(D, zsum, G, **values)):
         o_ref[:, pl.ds(k, H * vbits // 8, 8 // vbits)] = o_k  # channels (8/vb) m + k (strided)
 
 
@@ -592,7 +613,7 @@ def _merge_kernel(
             jnp.where(quant, p, 0.0), vs_w, vz_w, vd_w, *_value_zeros(G, **values), dtype=dtype,
             interpret=interpret, **values,
         )  # fmt: skip
-        o_win = _interleave(_plane_values(D, zsum, **values))  # [G, H]
+        o_win = _interleave(_plane_values(D, zsum, G, **values))  # [G, H]
         # full-precision values: rows (gi, u) of a ROWS-row product, u = 0 the real one
         padf = (jnp.arange(ROWS // G, dtype=jnp.int32) == 0)[None, None, :].astype(_F32)
         wf = (jnp.where(quant, 0.0, p).T[:, :, None] * padf).reshape(W1p, ROWS).astype(dtype)
