@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -108,7 +109,7 @@ def random_model(cfg, weights: str, group: int, seed: int = 0):
     import numpy as np
 
     from jaxkv.params import init_params
-    from jaxkv.quant.qarray import QArray, pack
+    from jaxkv.quant.qarray import QArray, check_group, pack
     from jaxkv.quant.recipe import LINEARS
 
     params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(seed))
@@ -116,8 +117,8 @@ def random_model(cfg, weights: str, group: int, seed: int = 0):
         return params
     bits = {"int8": 8, "int4": 4}[weights]
 
-    @jax.jit
-    def rand_q(w, key):
+    @functools.partial(jax.jit, static_argnums=2)
+    def rand_q(w, key, group):
         *lead, I, O = w.shape
         k1, k2, k3 = jax.random.split(key, 3)
         codes = jax.random.randint(k1, w.shape, 0, 2**bits, jnp.int32)
@@ -129,8 +130,9 @@ def random_model(cfg, weights: str, group: int, seed: int = 0):
 
     layers = dict(params["layers"])
     for i, name in enumerate(LINEARS):
-        packed, scale, zero = rand_q(layers[name], jax.random.key(seed + 1 + i))
-        layers[name] = QArray(packed, scale, zero, bits=bits, group=group, dtype=np.dtype(jnp.bfloat16))
+        g = check_group(layers[name].shape, bits, group, name)  # -1: one group per column
+        packed, scale, zero = rand_q(layers[name], jax.random.key(seed + 1 + i), g)
+        layers[name] = QArray(packed, scale, zero, bits=bits, group=g, dtype=np.dtype(jnp.bfloat16))
     return {**params, "layers": layers}
 
 
@@ -328,6 +330,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 
 
+def _check_weight_group(cfg, weights: str, group: int) -> None:
+    """--group must divide the input dimension of every linear layer, before any case runs."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.params import init_params
+    from jaxkv.quant.qarray import check_group
+    from jaxkv.quant.recipe import LINEARS
+
+    layers = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))["layers"]
+    for name in LINEARS:
+        try:
+            check_group(layers[name].shape, {"int8": 8, "int4": 4}[weights], group, name)
+        except ValueError as e:
+            raise JaxkvError(f"--group: {e}") from None
+
+
 def _ints(spec: str) -> list[int]:
     return [int(x) for x in spec.split(",") if x.strip()]
 
@@ -336,11 +355,13 @@ def run(args) -> dict:
     """The whole benchmark: copy bandwidth, every case, every peer; writes OUT.json and OUT.md."""
     from jaxkv.config import shape_config
 
-    shape_config(args.shape)  # fail early on an unknown shape
+    cfg = shape_config(args.shape)  # fail early on an unknown shape
     weights = [w.strip() for w in args.weights.split(",") if w.strip()]
     for w in weights:
         if w not in WEIGHTS:
             raise JaxkvError(f"--weights: {w!r} is not one of {WEIGHTS}")
+        if w != "bf16":
+            _check_weight_group(cfg, w, args.group)
     for spec in args.kv.split(","):
         parse_kv(spec)
     kv_decodes = [d.strip() for d in args.kv_decode.split(",") if d.strip()] or [None]

@@ -212,6 +212,11 @@ def test_bench_rejects_unknown_modes_before_running():
     for flag, value in cases:
         with pytest.raises(JaxkvError, match=flag):
             bench.run(p.parse_args([flag, value, "--out", "/nonexistent/never-written"]))
+    # a group that does not divide a linear's input dimension (4096), named before any case runs
+    with pytest.raises(JaxkvError, match="--group: wq: group size 96 does not divide .* 4096"):
+        bench.run(
+            p.parse_args(["--weights", "bf16,int4", "--group", "96", "--out", "/nonexistent/never-written"])
+        )
     from jaxkv.kvattention import DECODE_IMPLS
 
     assert set(bench.KV_DECODES) == set(DECODE_IMPLS)  # the bench offers every JAXKV_KV_DECODE

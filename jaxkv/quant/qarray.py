@@ -169,7 +169,9 @@ def is_qarray(x) -> bool:
     return isinstance(x, QArray)
 
 
-def _check_group(shape: tuple[int, ...], bits: int, group: int, name: str = "weight") -> int:
+def check_group(shape: tuple[int, ...], bits: int, group: int, name: str = "weight") -> int:
+    """The group of ``bits``-bit codes for a weight of ``shape`` (``-1``/``0``/``None``: the whole
+    input dimension); a ValueError naming ``name`` when it does not divide the input dimension."""
     if len(shape) < 2:
         raise ValueError(
             f"{name}: a quantized weight needs at least 2 dimensions [..., in, out], got {shape}"
@@ -212,7 +214,7 @@ def quant_params(w: jax.Array, bits: int, group: int, sym: bool = False, scale_d
     Symmetric: ``scale = max(|w|max, 1e-5) / (2^(b-1) - 1)``. The zero point is derived from the scale
     after rounding it to ``scale_dtype``, so codes and dequantization agree with storage.
     """
-    group = _check_group(w.shape, bits, group)
+    group = check_group(w.shape, bits, group)
     cd = _compute_dtype(w)
     *lead, I, O = w.shape
     wg = w.astype(cd).reshape(*lead, I // group, group, O)
@@ -268,7 +270,7 @@ def quantize_tensor(
     ulp), and the formula is meant to be reproduced exactly, on any backend. Under a trace the same
     formula runs in JAX (:func:`quant_params`, :func:`quantize_codes`).
     """
-    group = _check_group(w.shape, bits, group, name)
+    group = check_group(w.shape, bits, group, name)
     if isinstance(w, jax.core.Tracer):
         scale, zero = quant_params(w, bits, group, sym, scale_dtype)
         codes = quantize_codes(w, scale, zero, bits, group)
