@@ -10,6 +10,16 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
 * ``pallas-2d``     ``jaxkv.kernels.qmatmul`` on eight separate 2-D weights (no layer offset)
 * ``pallas``        ``jaxkv.kernels.qmatmul`` reading layer i of a stacked [8, ...] QArray in place,
                     swept over tiles (block_n, split_k, warps, stages); the best tile is reported
+* ``tokamax-<impl>`` (``--tokamax mosaic``) tokamax's quantized ``ragged_dot`` with one group (a dense
+                    matmul): on an H100 its Mosaic GPU kernel (warp-specialised wgmma, the weight
+                    dequantized in shared memory). tokamax's kernels take symmetric codes only (a
+                    scale, no zero point), so it gets its own qwix quantization of the same bf16
+                    weight, ``[1, I, O]`` int4/int8 with one scale per ``group`` inputs and column;
+                    its error is against that quantization. Not a jaxkv dependency: ``pip install
+                    tokamax`` (pulls qwix), or on the device machine carried wheels (tokamax, qwix,
+                    einshape, immutabledict, tensorboardx, typeguard==2.13.3, jaxtyping,
+                    wadler_lindig). ``--tokamax xla`` runs the same candidate through tokamax's XLA
+                    reference (any backend: checks the wiring, times nothing of interest).
 
 Eight weight copies rotate so the 50 MB L2 cannot hold them; each timing is the median of repeats
 of a jitted loop over all eight, after a warm-up. GB/s = weight bytes read (codes + scales + zeros
@@ -50,7 +60,9 @@ def _time(f, *args, repeats=5) -> float:
     return statistics.median(ts)
 
 
-def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only: bool) -> list[dict]:
+def measure(
+    I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only: bool, tokamax: str | None = None
+) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -73,7 +85,7 @@ def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only
     ref = jnp.einsum("mi,io->mo", x.astype(jnp.float32), dequantize(singles[0], jnp.float32))
     rows = []
 
-    def record(name, t, nbytes, out=None, **extra):
+    def record(name, t, nbytes, out=None, ref=ref, **extra):
         err = None
         if out is not None:
             err = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
@@ -113,6 +125,8 @@ def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only
             )
 
         record("bf16-stacked", _time(g, x, wst) / COPIES, I * O * 2)
+        if tokamax:
+            tokamax_candidate(x, wst, bits, group, tokamax, record)
         del wst
 
     sub = "-subchannel" if "subchannel" in os.environ.get("XLA_FLAGS", "") else ""
@@ -178,6 +192,42 @@ def measure(I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only
     return rows
 
 
+def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
+    """Time ``tokamax.ragged_dot`` over symmetric qwix copies of the bf16 weights ``wst [COPIES, I,
+    O]`` (see the module docstring) and ``record`` it, or say why it could not run."""
+    import jax
+    import jax.numpy as jnp
+    import qwix
+    import tokamax
+
+    M = x.shape[0]
+    qtype = {4: jnp.int4, 8: jnp.int8}[bits]
+    tiles = {0: 1, 1: group, 2: 1}  # one scale per group of inputs and column, as jaxkv's
+    qs = [qwix.quantize(wst[i][None], qtype, tiled_axes=tiles) for i in range(COPIES)]
+    sizes = jnp.array([M], jnp.int32)
+
+    def dot(x, q):
+        return tokamax.ragged_dot(x, q, sizes, implementation=impl)
+
+    @jax.jit
+    def f(x, qs):
+        return sum(dot(x, q).astype(jnp.float32) for q in qs)
+
+    name = f"tokamax-{impl}"
+    try:
+        t = _time(f, x, qs) / COPIES
+    except Exception as e:  # an unsupported shape or GPU: a row that says so
+        print(f"  {name} {tuple(wst.shape[1:])} M={M}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+        return
+    # codes and scales of one copy (XLA stores int4 two to a byte; numpy's itemsize says 1)
+    nbytes = sum(
+        a.size * jnp.iinfo(a.dtype).bits / 8 if a.dtype == jnp.int4 else a.nbytes
+        for a in jax.tree.leaves(qs[0])
+    )
+    ref = jnp.einsum("mi,io->mo", x.astype(jnp.float32), qwix.dequantize(qs[0])[0].astype(jnp.float32))
+    record(name, t, nbytes, dot(x, qs[0]), ref=ref, config="symmetric, qwix")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| I x O | M | bits | candidate | us | GB/s | rel err | tile |",
@@ -200,6 +250,11 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--sweep-rows", default="1", help="rows at which the tile sweep runs")
     p.add_argument("--xla-only", action="store_true", help="(internal) only the XLA candidates, as JSON")
+    p.add_argument(
+        "--tokamax",
+        choices=("mosaic", "triton", "xla"),
+        help="also time tokamax's quantized ragged_dot through this implementation (needs tokamax)",
+    )
     p.add_argument("--out", default="results/qmatmul")
     args = p.parse_args(argv)
     shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
@@ -215,10 +270,9 @@ def main(argv=None) -> int:
 
     rows = []
     for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
-        rows += measure(
-            I, O, M, b, args.group, M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"], False
-        )
-        print(markdown(rows[-4:]), flush=True)
+        sweep = M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"]
+        rows += measure(I, O, M, b, args.group, sweep, False, args.tokamax)
+        print(markdown(rows[-5:]), flush=True)
     flags = "--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true"
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
     proc = subprocess.run(
