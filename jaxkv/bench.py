@@ -47,6 +47,7 @@ from pathlib import Path
 from jaxkv.errors import JaxkvError
 
 WEIGHTS = ("bf16", "int8", "int4")
+WEIGHT_BITS = {"int8": 8, "int4": 4}  # code bits of the quantized --weights
 # JAXKV_QMATMUL: the decode kernels where they apply, or the portable XLA matmul
 QMATMULS = ("auto", "xla")
 # JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA over the
@@ -115,7 +116,7 @@ def random_model(cfg, weights: str, group: int, seed: int = 0):
     params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.key(seed))
     if weights == "bf16":
         return params
-    bits = {"int8": 8, "int4": 4}[weights]
+    bits = WEIGHT_BITS[weights]
 
     @functools.partial(jax.jit, static_argnums=2)
     def rand_q(w, key, group):
@@ -342,7 +343,7 @@ def _check_weight_group(cfg, weights: str, group: int) -> None:
     layers = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.bfloat16))["layers"]
     for name in LINEARS:
         try:
-            check_group(layers[name].shape, {"int8": 8, "int4": 4}[weights], group, name)
+            check_group(layers[name].shape, WEIGHT_BITS[weights], group, name)
         except ValueError as e:
             raise JaxkvError(f"--group: {e}") from None
 

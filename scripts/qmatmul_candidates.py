@@ -271,8 +271,9 @@ def main(argv=None) -> int:
     rows = []
     for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
         sweep = M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"]
-        rows += measure(I, O, M, b, args.group, sweep, False, args.tokamax)
-        print(markdown(rows[-5:]), flush=True)
+        new = measure(I, O, M, b, args.group, sweep, False, args.tokamax)
+        rows += new
+        print(markdown(new), flush=True)
     flags = "--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true"
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
     proc = subprocess.run(

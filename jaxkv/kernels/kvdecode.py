@@ -175,7 +175,7 @@ def _value_products(p, vs, vz, vd, D, zsum, *, vbits, group, H, dtype, interpret
     vs, vz = vs.astype(_F32), vz.astype(_F32)  # [n_slots, C]
     w = (vs[:, :, None] * p.T[:, None, :]).astype(dtype).astype(_F32)  # [n_slots, C, G], as multiplied
     wt = (w.reshape(n_slots, C * G)[:, :, None] * pad).reshape(n_slots, Mv).astype(dtype)
-    V = max(1, ROWS // C)
+    V = _zero_copies(C)
     zb = jnp.broadcast_to((vz + code_offset(vbits))[:, :, None], (n_slots, C, V)).reshape(n_slots, C * V)
     zsum = zsum + jax.lax.dot_general(wt, zb.astype(dtype), (((0,), (0,)), ((), ())), **_dot(dtype))
     for k in range(8 // vbits):
@@ -184,11 +184,17 @@ def _value_products(p, vs, vz, vd, D, zsum, *, vbits, group, H, dtype, interpret
     return D, zsum
 
 
+def _zero_copies(C: int) -> int:
+    """Copies of each value group's zero point in the zero-point product, so that its ``C * V``
+    columns fill at least one 16-column tensor-core tile."""
+    return max(1, ROWS // C)
+
+
 def _value_zeros(G: int, *, vbits, group, H):
     """Empty value products and zero-point sums for :func:`_value_products`."""
     C, vp = H // group, 8 // vbits
     Mv = max(ROWS, C * G)
-    return [jnp.zeros((Mv, H // vp), _F32) for _ in range(vp)], jnp.zeros((Mv, C * max(1, ROWS // C)), _F32)
+    return [jnp.zeros((Mv, H // vp), _F32) for _ in range(vp)], jnp.zeros((Mv, C * _zero_copies(C)), _F32)
 
 
 def _plane_values(D, zsum, G, *, vbits, group, H) -> list:
@@ -197,11 +203,10 @@ def _plane_values(D, zsum, G, *, vbits, group, H) -> list:
     vp = 8 // vbits
     Wv, C = H // vp, H // group
     Mv = D[0].shape[0]
-    V = zsum.shape[1] // C
-    U = Mv // (C * G)
+    V, U = _zero_copies(C), Mv // (C * G)
     # zsum [Mv, C * V]: row (C1, gi, u), column (C2, v) sums W[j, (C1, gi)] (128 + zero[j, C2]); its
-    # diagonal C1 == C2, v = 0 is the zero-point term (rows u > 0 are zero padding)
-    z5 = zsum.reshape(C, G, U, C, V).sum(axis=2)  # the padding rows are zero
+    # diagonal C1 == C2, v = 0 is the zero-point term
+    z5 = zsum.reshape(C, G, U, C, V).sum(axis=2)  # rows u > 0 are zero padding
     diag = (jnp.arange(C)[:, None, None, None] == jnp.arange(C)[None, None, :, None]) & (
         jnp.arange(V)[None, None, None, :] == 0
     )
