@@ -86,6 +86,30 @@ def dense(x: jax.Array, w) -> jax.Array:
     return qarray.einsum("...i,io->...o", x, w)
 
 
+def add_and_norm(x: jax.Array, inp: jax.Array, w, norm_weight: jax.Array, eps: float):
+    """``(x + dense(inp, w), rms_norm(x + dense(inp, w)))``: a residual add after a projection and
+    the RMSNorm before the next one. In GPU decode (a few rows, no mesh, ``D`` a power of two) one
+    Pallas kernel adds the projection's split-K partial sums to the residual and normalises
+    (``jaxkv.kernels.addnorm``): one launch where XLA runs three. ``JAXKV_QMATMUL=xla`` keeps XLA's
+    ops (benchmarks compare them)."""
+    from jaxkv.kernels import addnorm
+    from jaxkv.quant import qarray
+
+    lead, D = x.shape[:-1], x.shape[-1]
+    rows = int(np.prod(lead))
+    if not (
+        qarray.kernels_enabled()
+        and jax.sharding.get_abstract_mesh().empty
+        and addnorm.supported(rows, D, x.dtype)
+    ):
+        x = x + dense(inp, w)
+        return x, rms_norm(x, norm_weight, eps)
+    parts = qarray.matmul_partials(inp.reshape(rows, -1), w)
+    interpret = jax.default_backend() != "gpu"  # tests: the kernels forced on off the GPU
+    x, h = addnorm.add_rms_norm(x.reshape(rows, D), parts, norm_weight, eps=eps, interpret=interpret)
+    return x.reshape(*lead, D), h.reshape(*lead, D)
+
+
 def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
     """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,P+S] -> [B,T,N*H].
 
@@ -160,8 +184,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
             attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
-    x = x + dense(attn, lp["wo"])
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x, h = add_and_norm(x, attn, lp["wo"], lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
         gate, up = jnp.split(dense(h, lp["w_gate_up"]), 2, axis=-1)
     else:

@@ -311,7 +311,7 @@ def test_decode_layout_packs_4bit_weights_for_the_batch(monkeypatch):
     a.params = decode_layout({**params, "layers": layers}, batch=8)
     assert {w.layout for w in a.params["layers"][0].values() if isinstance(w, QArray)} == {"io"}
     with monkeypatch.context() as m:
-        m.setattr(qa, "_kernels_enabled", lambda: True)
+        m.setattr(qa, "kernels_enabled", lambda: True)
         assert decode_layout({**params, "layers": layers}, batch=1)["layers"][0]["wqkv"].layout == "io"
         b.params = decode_layout({**params, "layers": layers}, batch=8)
     lp = b.params["layers"][1]
@@ -725,3 +725,74 @@ def test_kv_decode_splits_the_body_until_every_core_has_its_programs():
     assert kvdecode.chunks(1, 32, 4352, 132) == 5  # capped by the cache: 5 chunks of >= 1024 slots
     assert kvdecode.chunks(1, 32, 300, 132) == 1  # short
     assert kvdecode.chunks(1, 32, 4352, 0) == 1  # no cores known (CPU)
+
+
+@pytest.mark.parametrize(
+    "M,S,Mp,D,dtype",
+    [
+        (1, 16, 1, 256, jnp.bfloat16),  # the one-row kernel's 16 splits
+        (3, 4, 16, 128, jnp.float16),  # the tensor-core kernel's rows padded to 16
+        (8, 1, 8, 512, jnp.bfloat16),  # one partial: a plain matmul's output
+        (2, 3, 16, 128, jnp.bfloat16),  # three splits: added up by XLA first
+    ],
+)
+def test_add_rms_norm_matches_float64_and_xla(M, S, Mp, D, dtype):
+    """The fused residual add and RMSNorm against float64 numpy (within the 16-bit roundings) and,
+    bit for bit, against the XLA ops it replaces (x + sum of the partials, then model.rms_norm); the
+    partials' padding rows past M are ignored."""
+    from jaxkv.kernels import addnorm
+    from jaxkv.model import rms_norm
+
+    rng = np.random.default_rng(M + S)
+    x = jnp.asarray(rng.normal(size=(M, D)) * 3, dtype)
+    parts = rng.normal(size=(S, Mp, D)).astype(np.float32)
+    parts[:, M:] = 1e6  # padding rows: must not be read
+    w = jnp.asarray(rng.normal(size=(D,)), dtype)
+    xo, h = addnorm.add_rms_norm(x, jnp.asarray(parts), w, eps=1e-5, interpret=not ON_GPU)
+    assert xo.dtype == h.dtype == dtype and xo.shape == h.shape == (M, D)
+    x64 = np.asarray(x, np.float64) + parts[:, :M].astype(np.float64).sum(0)
+    h64 = np.asarray(w, np.float64) * x64 / np.sqrt(np.mean(x64**2, -1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(xo, np.float64), x64, rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(h, np.float64), h64, rtol=3e-2, atol=3e-2)
+    xr = x + jnp.sum(jnp.asarray(parts[:, :M]), 0).astype(dtype)
+    np.testing.assert_array_equal(np.asarray(xo, np.float32), np.asarray(xr, np.float32))
+    np.testing.assert_allclose(
+        np.asarray(h, np.float32), np.asarray(rms_norm(xr, w, 1e-5), np.float32), rtol=1e-2, atol=1e-2
+    )
+    assert addnorm.supported(M, D, dtype) and not addnorm.supported(M, 576, dtype)
+    assert not addnorm.supported(M, D, jnp.float32) and not addnorm.supported(65, D, dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_add_and_norm_kernel_path_equals_xla_ops(rows, monkeypatch):
+    """``model.add_and_norm`` with the kernels forced on (the int4 kernel's split-K partials into
+    the fused add and norm, both in the interpreter off the GPU) gives what XLA's ops give."""
+    from jaxkv import model
+    from jaxkv.quant import qarray as qa
+
+    rng = np.random.default_rng(rows)
+    D, I = 128, 256
+    q, _, _, _ = _random_q(rng, 1, I, D, 4, 64)
+    w = jax.tree.map(lambda a: a[0], q)
+    x = jnp.asarray(rng.normal(size=(rows, 1, D)), jnp.bfloat16)
+    inp = jnp.asarray(rng.normal(size=(rows, 1, I)), jnp.bfloat16)
+    gain = jnp.asarray(rng.normal(size=(D,)), jnp.bfloat16)
+    monkeypatch.setenv("JAXKV_QMATMUL", "xla")
+    x_ref, h_ref = model.add_and_norm(x, inp, w, gain, 1e-5)
+    monkeypatch.delenv("JAXKV_QMATMUL")
+    monkeypatch.setattr(qa, "kernels_enabled", lambda: True)
+    parts = qa.matmul_partials(inp.reshape(rows, I), w)
+    assert parts.dtype == jnp.float32 and parts.shape[0] > 1  # the kernel's split-K partials
+    x_k, h_k = model.add_and_norm(x, inp, w, gain, 1e-5)
+    assert x_k.shape == h_k.shape == (rows, 1, D)
+    np.testing.assert_allclose(
+        np.asarray(x_k, np.float32), np.asarray(x_ref, np.float32), rtol=2e-2, atol=2e-2
+    )
+    np.testing.assert_allclose(
+        np.asarray(h_k, np.float32), np.asarray(h_ref, np.float32), rtol=3e-2, atol=3e-2
+    )
+    # a plain (unquantized) weight: one partial, the matmul's own output
+    plain = jnp.asarray(rng.normal(size=(I, D)) * 0.05, jnp.bfloat16)
+    assert qa.matmul_partials(inp.reshape(rows, I), plain).shape == (1, rows, D)
+    x_p, _ = model.add_and_norm(x, inp, plain, gain, 1e-5)
+    np.testing.assert_array_equal(np.asarray(x_p, np.float32), np.asarray(x + inp @ plain, np.float32))
