@@ -796,3 +796,46 @@ def test_add_and_norm_kernel_path_equals_xla_ops(rows, monkeypatch):
     assert qa.matmul_partials(inp.reshape(rows, I), plain).shape == (1, rows, D)
     x_p, _ = model.add_and_norm(x, inp, plain, gain, 1e-5)
     np.testing.assert_array_equal(np.asarray(x_p, np.float32), np.asarray(x + inp @ plain, np.float32))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_unrolled_decode_defers_each_block_add_into_the_next_norm(batch, monkeypatch):
+    """In the unrolled decode step (``decode_layout``) with the kernels on (off the GPU: forced,
+    in the interpreter), each block's last residual add runs with the next block's RMSNorm
+    (``model._Pending``, ``add_and_norm``): the same logits and cache as the XLA path, and the
+    blocks' outputs collected (no deferral) agree too."""
+    from jaxkv import model
+    from jaxkv.kvcache import init_cache
+    from jaxkv.quant import qarray as qa
+
+    cfg = _tiny_cfg()
+    params = init_params(cfg, jax.random.key(5), jnp.bfloat16)
+    layers = {k: (quantize_tensor(v, 4, 32) if v.ndim == 3 else v) for k, v in params["layers"].items()}
+    tokens = jnp.asarray(np.random.default_rng(batch).integers(0, 96, (batch, 6)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(6), (batch, 6))
+
+    def step(p):
+        cache = init_cache(cfg, batch, 8, jnp.bfloat16, per_layer=True)
+        _, cache = forward(p, tokens[:, :5], pos[:, :5], cache, cfg)
+        logits, cache = forward(p, tokens[:, 5:], pos[:, 5:], cache, cfg)
+        hidden, _, outs = model.decoder(p, tokens[:, 5:], pos[:, 5:], cache, cfg, collect=True)
+        return (
+            np.asarray(logits, np.float64),
+            np.asarray(cache.k[1], np.float32),
+            np.asarray(outs, np.float32),
+        )
+
+    monkeypatch.setenv("JAXKV_QMATMUL", "xla")
+    ref = step(decode_layout({**params, "layers": layers}, batch=batch))
+    monkeypatch.delenv("JAXKV_QMATMUL")
+    calls = []
+    real = model.add_and_norm
+    monkeypatch.setattr(model, "add_and_norm", lambda *a: calls.append(a[3].shape) or real(*a))
+    monkeypatch.setattr(qa, "kernels_enabled", lambda: True)
+    assert model.add_norm_fuses(jnp.zeros((batch, 1, 64), jnp.bfloat16))
+    got = step(decode_layout({**params, "layers": layers}, batch=batch))
+    # prefill and decode step: each block's O-projection add (2) and block 1's add of block 0's MLP
+    # output (1); the collecting decoder defers nothing (2)
+    assert len(calls) == 3 + 3 + 2
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2)
