@@ -12,6 +12,10 @@ Conventions
 * Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
   logits are returned in float32, as Hugging Face does.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
+* GPU decode (a few rows, one device) runs each residual add with the RMSNorm after it as one
+  kernel (:func:`add_and_norm`, ``jaxkv.kernels.addnorm``); in the unrolled decode step
+  (:func:`decode_layout`) a block's last add waits for the next block's norm (:class:`_Pending`).
+  The roundings are those of the XLA ops it replaces.
 """
 
 from __future__ import annotations
