@@ -12,10 +12,6 @@ Conventions
 * Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
   logits are returned in float32, as Hugging Face does.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
-* GPU decode (a few rows, one device) runs each residual add with the RMSNorm after it as one
-  kernel (:func:`add_and_norm`, ``jaxkv.kernels.addnorm``); in the unrolled decode step
-  (:func:`decode_layout`) a block's last add waits for the next block's norm (:class:`_Pending`).
-  The roundings are those of the XLA ops it replaces.
 """
 
 from __future__ import annotations
@@ -90,53 +86,6 @@ def dense(x: jax.Array, w) -> jax.Array:
     return qarray.einsum("...i,io->...o", x, w)
 
 
-def add_norm_fuses(x: jax.Array) -> bool:
-    """Whether :func:`add_and_norm` on a residual like ``x`` runs as one kernel."""
-    from jaxkv.kernels import addnorm
-    from jaxkv.quant import qarray
-
-    rows = int(np.prod(x.shape[:-1]))
-    return (
-        qarray.kernels_enabled()
-        and jax.sharding.get_abstract_mesh().empty
-        and addnorm.supported(rows, x.shape[-1], x.dtype)
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Pending:
-    """A block's output ``x + dense(inp, w)`` with the add not yet done, so that the next block does
-    it in one kernel with its RMSNorm (:func:`add_and_norm`). Only between the unrolled blocks of a
-    decode step (:func:`_over_layers`), never in a scan's carry."""
-
-    x: jax.Array
-    inp: jax.Array
-    w: object
-
-    def resolve(self) -> jax.Array:
-        return constrain(self.x + dense(self.inp, self.w))
-
-
-def add_and_norm(x: jax.Array, inp: jax.Array, w, norm_weight: jax.Array, eps: float):
-    """``(x + dense(inp, w), rms_norm(x + dense(inp, w)))``: a residual add after a projection and
-    the RMSNorm before the next one. In GPU decode (a few rows, no mesh, ``D`` a power of two) one
-    Pallas kernel adds the projection's split-K partial sums to the residual and normalises
-    (``jaxkv.kernels.addnorm``): one launch where XLA runs three. ``JAXKV_QMATMUL=xla`` keeps XLA's
-    ops (benchmarks compare them)."""
-    from jaxkv.kernels import addnorm
-    from jaxkv.quant import qarray
-
-    if not add_norm_fuses(x):
-        x = x + dense(inp, w)
-        return x, rms_norm(x, norm_weight, eps)
-    lead, D = x.shape[:-1], x.shape[-1]
-    rows = int(np.prod(lead))
-    parts = qarray.matmul_partials(inp.reshape(rows, -1), w)
-    interpret = jax.default_backend() != "gpu"  # tests: the kernels forced on off the GPU
-    x, h = addnorm.add_rms_norm(x.reshape(rows, D), parts, norm_weight, eps=eps, interpret=interpret)
-    return x.reshape(*lead, D), h.reshape(*lead, D)
-
-
 def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
     """Grouped-query attention. q [B,T,N,H]; keys/values [B,S,K,H]; mask [B,T,P+S] -> [B,T,N*H].
 
@@ -166,13 +115,9 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
 def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
     RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
-    return _projections(rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps), lp, positions, inv_freq, cfg)
-
-
-def _projections(h, lp, positions, inv_freq, cfg: ModelConfig):
-    """:func:`attention_inputs` from the normalised input ``h``."""
-    B, T, _ = h.shape
+    B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         q, k, v = jnp.split(dense(h, lp["wqkv"]), [N * H, (N + K) * H], axis=-1)
     else:
@@ -184,23 +129,14 @@ def _projections(h, lp, positions, inv_freq, cfg: ModelConfig):
     return q, k, v.reshape(B, T, K, H)
 
 
-def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, defer: bool = False):
+def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
     """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths).
 
     ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
     (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
-
-    ``x`` may be a :class:`_Pending` (the previous block's output with its last add not yet done);
-    with ``defer`` the block returns its own output that way where :func:`add_and_norm` fuses, so
-    each add runs in one kernel with the RMSNorm after it.
     """
-    eps = cfg.rms_norm_eps
-    if isinstance(x, _Pending):
-        x, h = add_and_norm(x.x, x.inp, x.w, lp["attn_norm"], eps)
-    else:
-        h = rms_norm(x, lp["attn_norm"], eps)
     B, T, _ = x.shape
-    q, k, v = _projections(h, lp, positions, inv_freq, cfg)
+    q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
 
     if attend is not None:
         attn, new_kv = attend(q, k, v)
@@ -224,15 +160,13 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
             attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
-    x, h = add_and_norm(x, attn, lp["wo"], lp["mlp_norm"], eps)
+    x = x + dense(attn, lp["wo"])
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
         gate, up = jnp.split(dense(h, lp["w_gate_up"]), 2, axis=-1)
     else:
         gate, up = dense(h, lp["w_gate"]), dense(h, lp["w_up"])
-    act = jax.nn.silu(gate) * up
-    if defer and add_norm_fuses(x):
-        return _Pending(x, act, lp["w_down"]), new_kv
-    x = x + dense(act, lp["w_down"])
+    x = x + dense(jax.nn.silu(gate) * up, lp["w_down"])
     # Block boundary: pin the activation sharding under a mesh (a no-op without one; jaxkv.sharding).
     return constrain(x), new_kv
 
@@ -282,11 +216,9 @@ def decoder(
     def body(x, xs):
         i, pk, pv, ck, cv = xs
         lp = layer_at(params["layers"], i)
-        cache_kv = (pk, pv, ck, cv, slot, lengths)
-        x, (ck, cv) = _layer(x, lp, positions, inv_freq, cache_kv, cfg, defer=defer)
+        x, (ck, cv) = _layer(x, lp, positions, inv_freq, (pk, pv, ck, cv, slot, lengths), cfg)
         return x, ((x if collect else None), ck, cv)
 
-    defer = _unrolled(params["layers"]) and not collect
     xs = (jnp.arange(cfg.num_layers), cache.pivot_k, cache.pivot_v, cache.k, cache.v)
     x, (outs, new_k, new_v) = _over_layers(body, x, xs, params["layers"], 0)
     return x, cache.replace(k=new_k, v=new_v, lengths=lengths.astype(jnp.int32)), outs
@@ -314,7 +246,7 @@ def _over_layers(body, x, xs, layers, start: int):
     the layer's updated slice for the attention that reads it (seen on an H200: the layer's K and V
     copied at every decode step), so generation keeps its cache per layer.
     """
-    if not _unrolled(layers):
+    if not isinstance(layers, (list, tuple)):
         return jax.lax.scan(body, x, xs)
     rest = list(xs[1:])
     n = jax.tree.leaves(rest[0])[0].shape[0]
@@ -329,15 +261,8 @@ def _over_layers(body, x, xs, layers, start: int):
                 rest[r] = (*rest[r][:j], upd, *rest[r][j + 1 :])
             else:
                 rest[r] = jax.tree.map(lambda a, b, j=j: a.at[j].set(b), rest[r], upd)
-    if isinstance(x, _Pending):  # the last block's deferred add (_layer's defer)
-        x = x.resolve()
     stacked = None if outs[0] is None else jnp.stack(outs)
     return x, (stacked, *rest[len(rest) - n_upd :])
-
-
-def _unrolled(layers) -> bool:
-    """Whether ``layers`` are :func:`decode_layout`'s per-layer tuple (blocks unrolled in Python)."""
-    return isinstance(layers, (list, tuple))
 
 
 def decode_layout(params: dict, fuse: bool = True, batch: int = 1) -> dict:
@@ -475,7 +400,6 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
     n_old = cache.lengths
     n_new = jnp.maximum(n_old, jnp.max(jnp.where(valid, positions - P + 1, 0), axis=1)).astype(jnp.int32)
     segments, outs = [], []
-    defer = _unrolled(params["layers"]) and not collect
     for seg in cache.segments:
 
         def body(x, xs):
@@ -492,7 +416,7 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
 
                 return attend_smoothed(cached, q, k, v, (pk, pv), ks.wkv, vs.wkv)
 
-            x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend, defer=defer)
+            x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend)
             return x, ((x if collect else None), ks, vs)
 
         xs = (

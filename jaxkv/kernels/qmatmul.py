@@ -342,11 +342,8 @@ def _gemv4_kernel(
             lo, hi = code_planes_f32(p, 4, interpret)
             acc = fma(hi, xo, fma(lo, xe, acc, interpret), interpret)
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
-        # Loaded as vectors and then broadcast: a [1, block_n] load takes a layout of its own, and the
-        # compiler then moved the whole [sub_rows, block_n] accumulator into it at every group
-        # (through shared memory); the vectors move instead.
-        scale = s_ref[(*lead, g, cols)].astype(jnp.float32)[None, :]  # [1, block_n]
-        zero = z_ref[(*lead, g, cols)].astype(jnp.float32)[None, :]
+        scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
+        zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
         return out + acc * (256.0 * scale), zterm + (128.0 + zero) * scale * xsum
 
     steps = jnp.minimum(groups_per_prog, groups - first)
@@ -359,7 +356,7 @@ def _gemv4_kernel(
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "sum_splits", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -371,14 +368,9 @@ def qmatmul(
     group: int,
     layout: str = "io",
     config: KernelConfig | None = None,
-    sum_splits: bool = True,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
-
-    ``sum_splits=False`` returns the kernel's output as it is, ``[split_k, Mp, O]`` partial sums
-    (float32; ``x.dtype`` with one split) with ``Mp >= M`` rows, the rows past ``M`` padding: for a
-    consumer that adds them itself (``jaxkv.kernels.addnorm``) instead of an XLA reduction.
 
     ``packed [L, I*bits/8, O]`` uint8 (layout ``"io"``) or ``[L, O, I*bits/8]`` (``"oi"``; module
     docstring), ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric weights pass their
@@ -417,8 +409,6 @@ def qmatmul(
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
-    if not sum_splits:
-        return out
     y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
     return y[:M].astype(x.dtype)
 

@@ -392,7 +392,7 @@ def _use_kernel(x: jax.Array, w: QArray) -> bool:
     """
     from jaxkv.kernels import qmatmul as qk
 
-    if not kernels_enabled() or x.dtype not in (jnp.bfloat16, jnp.float16):
+    if not _kernels_enabled() or x.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     if not jax.sharding.get_abstract_mesh().empty:
         return False
@@ -400,8 +400,7 @@ def _use_kernel(x: jax.Array, w: QArray) -> bool:
     return qk.supported(int(np.prod(x.shape[:-1])), I, O, w.bits, w.group)
 
 
-def kernels_enabled() -> bool:
-    """Whether jaxkv's Pallas GPU kernels may run: on a GPU, unless ``JAXKV_QMATMUL=xla``."""
+def _kernels_enabled() -> bool:
     return os.environ.get("JAXKV_QMATMUL", "auto") != "xla" and jax.default_backend() == "gpu"
 
 
@@ -414,7 +413,7 @@ def decode_layout_for(w: QArray, rows: int) -> str:
 
     I, O = w.shape[-2:]
     fast = (
-        kernels_enabled()
+        _kernels_enabled()
         and w.bits == 4
         and rows >= 2
         and jnp.dtype(w.dtype) in (jnp.bfloat16, jnp.float16)
@@ -443,7 +442,18 @@ def matmul(x: jax.Array, w) -> jax.Array:
         raise ValueError(f"matmul needs a 2-D QArray (slice the stacked axis first), got shape {w.shape}")
     I, O = q.shape[-2:]
     if _use_kernel(x, q):
-        return _kernel_product(x.reshape(-1, I), w, sum_splits=True).reshape(*x.shape[:-1], O)
+        from jaxkv.kernels import qmatmul as qk
+
+        if isinstance(w, LayerOf):
+            stacked, index = q, w.index
+        else:
+            stacked, index = jax.tree.map(lambda a: a[None], q), None
+        x2 = x.reshape(-1, I)
+        zero = qk.zero_points(stacked)
+        y = qk.qmatmul(
+            x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group, layout=q.layout
+        )
+        return y.reshape(*x.shape[:-1], O)
     if isinstance(w, LayerOf):
         w = w.get()
     ng = I // w.group
@@ -461,33 +471,6 @@ def matmul(x: jax.Array, w) -> jax.Array:
     if w.layout == "oi":
         return jnp.einsum("...i,oi->...o", x, _dequantize_rows(w, x.dtype))
     return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
-
-
-def matmul_partials(x: jax.Array, w) -> jax.Array:
-    """``x [M, I] @ w`` as ``[S, Mp, O]`` partial sums to be added by their consumer
-    (``jaxkv.kernels.addnorm``): where the Pallas kernel computes the product, its ``S`` split-K
-    partials (float32) with ``Mp >= M`` rows (the rows past ``M`` are padding), so no XLA reduction
-    runs between the two kernels; elsewhere (and for unquantized ``w``) ``einsum(x, w)[None]``."""
-    q = w.stacked if isinstance(w, LayerOf) else w
-    if isinstance(q, QArray) and q.ndim == (3 if isinstance(w, LayerOf) else 2) and _use_kernel(x, q):
-        return _kernel_product(x, w, sum_splits=False)
-    return einsum("...i,io->...o", x, w)[None]
-
-
-def _kernel_product(x2: jax.Array, w, sum_splits: bool) -> jax.Array:
-    """``jaxkv.kernels.qmatmul`` of a 2-D ``x2`` and a 2-D QArray or :class:`LayerOf` view (read in
-    place)."""
-    from jaxkv.kernels import qmatmul as qk
-
-    if isinstance(w, LayerOf):
-        stacked, index = w.stacked, w.index
-    else:
-        stacked, index = jax.tree.map(lambda a: a[None], w), None
-    return qk.qmatmul(
-        x2, stacked.packed, stacked.scale, qk.zero_points(stacked), index,
-        bits=stacked.bits, group=stacked.group, layout=stacked.layout, sum_splits=sum_splits,
-        interpret=jax.default_backend() != "gpu",  # tests: the kernels forced on off the GPU
-    )  # fmt: skip
 
 
 def einsum(eqn: str, x: jax.Array, w) -> jax.Array:
