@@ -725,3 +725,59 @@ def test_kv_decode_splits_the_body_until_every_core_has_its_programs():
     assert kvdecode.chunks(1, 32, 4352, 132) == 5  # capped by the cache: 5 chunks of >= 1024 slots
     assert kvdecode.chunks(1, 32, 300, 132) == 1  # short
     assert kvdecode.chunks(1, 32, 4352, 0) == 1  # no cores known (CPU)
+
+
+@pytest.mark.parametrize("M,D,dtype", [(1, 256, jnp.bfloat16), (3, 128, jnp.float16), (8, 512, jnp.bfloat16)])
+def test_rms_norm_kernel_matches_float64_and_xla(M, D, dtype):
+    """The one-launch RMSNorm against float64 numpy (within the 16-bit roundings) and against the
+    XLA ops it replaces (``model.rms_norm`` with the kernel off)."""
+    from jaxkv.kernels import rmsnorm
+
+    rng = np.random.default_rng(M)
+    x = jnp.asarray(rng.normal(size=(M, D)) * 3, dtype)
+    w = jnp.asarray(rng.normal(size=(D,)), dtype)
+    h = rmsnorm.rms_norm(x, w, eps=1e-5, interpret=not ON_GPU)
+    assert h.dtype == dtype and h.shape == (M, D)
+    x64 = np.asarray(x, np.float64)
+    h64 = np.asarray(w, np.float64) * x64 / np.sqrt(np.mean(x64**2, -1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(h, np.float64), h64, rtol=2e-2, atol=2e-2)
+    x32 = x.astype(jnp.float32)
+    ref = w * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5)).astype(dtype)
+    np.testing.assert_allclose(np.asarray(h, np.float32), np.asarray(ref, np.float32), rtol=8e-3, atol=8e-3)
+    assert rmsnorm.supported(M, D, dtype) and not rmsnorm.supported(M, 576, dtype)
+    assert not rmsnorm.supported(M, D, jnp.float32) and not rmsnorm.supported(65, D, dtype)
+    with pytest.raises(ValueError, match="not supported"):
+        rmsnorm.rms_norm(x[:, :96], w[:96], eps=1e-5, interpret=True)
+
+
+def test_decode_with_the_rms_norm_kernel_matches_xla(monkeypatch):
+    """A decode step of a bf16 model with the RMSNorm kernel forced on (off the GPU: in the
+    interpreter) gives the logits of XLA's norm; prefill (more rows than the kernel takes) stays
+    on XLA."""
+    from jaxkv import model
+    from jaxkv.kernels import rmsnorm
+    from jaxkv.kvcache import init_cache
+
+    cfg = _tiny_cfg()
+    params = init_params(cfg, jax.random.key(7), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 40)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+
+    def step():
+        cache = init_cache(cfg, 2, 48, jnp.bfloat16)
+        _, cache = forward(params, tokens[:, :39], pos[:, :39], cache, cfg)
+        return np.asarray(forward(params, tokens[:, 39:], pos[:, 39:], cache, cfg)[0], np.float64)
+
+    monkeypatch.setenv("JAXKV_RMSNORM", "xla")
+    ref = step()
+    monkeypatch.delenv("JAXKV_RMSNORM")
+    calls = []
+    real = rmsnorm.rms_norm
+    monkeypatch.setattr(rmsnorm, "enabled", lambda: True)
+    monkeypatch.setattr(rmsnorm, "rms_norm", lambda x, w, **k: calls.append(x.shape) or real(x, w, **k))
+    got = step()
+    # traced in the decode step: the block's two norms (one scan body) and the final norm, 2 rows
+    # each; the prefill's 78 rows none
+    assert calls == [(2, 64)] * 3
+    np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2)
+    assert model.rms_norm(jnp.ones((2, 1, 64), jnp.float32), jnp.ones(64), 1e-5).dtype == jnp.float32
