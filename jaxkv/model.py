@@ -41,8 +41,9 @@ _MASKED = -1e30
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis (statistics in float32, as Hugging Face). A few rows on a GPU (a
-    decode step, one device) take one Pallas kernel (``jaxkv.kernels.rmsnorm``) where XLA runs two."""
+    """RMSNorm over the last axis (statistics in float32, as Hugging Face). With
+    ``JAXKV_RMSNORM=kernel``, a few rows on a GPU (a decode step, one device) take one Pallas kernel
+    (``jaxkv.kernels.rmsnorm``) where XLA runs two."""
     from jaxkv.kernels import rmsnorm
 
     lead, D = x.shape[:-1], x.shape[-1]
