@@ -27,6 +27,8 @@ for quantized) / time. Each kernel's output is checked against the dequantized b
 (relative Frobenius error). Writes ``OUT.json`` and ``OUT.md``.
 
     python scripts/qmatmul_candidates.py --out results/qmatmul_h100          # GPU, a few minutes
+    python scripts/qmatmul_candidates.py --shapes llama2-7b --rows 1,8 --bits 4 --sweep-rows "" \
+        --no-xla --tokamax mosaic --out results/bench/tokamax               # bf16, ours, tokamax
 """
 
 from __future__ import annotations
@@ -61,7 +63,15 @@ def _time(f, *args, repeats=5) -> float:
 
 
 def measure(
-    I: int, O: int, M: int, bits: int, group: int, sweep: bool, xla_only: bool, tokamax: str | None = None
+    I: int,
+    O: int,
+    M: int,
+    bits: int,
+    group: int,
+    sweep: bool,
+    xla_only: bool,
+    tokamax: str | None = None,
+    xla: bool = True,
 ) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -129,14 +139,23 @@ def measure(
             tokamax_candidate(x, wst, bits, group, tokamax, record)
         del wst
 
-    sub = "-subchannel" if "subchannel" in os.environ.get("XLA_FLAGS", "") else ""
-    os.environ["JAXKV_QMATMUL"] = "xla"
-    f = over_singles(matmul, singles)
-    record("xla-pergroup" + sub, _time(f, x, singles) / COPIES, qbytes, matmul(x, singles[0]))
-    f = over_singles(lambda x, w: x @ dequantize(w, jnp.bfloat16), singles)
-    record(
-        "xla-dequant" + sub, _time(f, x, singles) / COPIES, qbytes, x @ dequantize(singles[0], jnp.bfloat16)
-    )
+    if xla:
+        sub = "-subchannel" if "subchannel" in os.environ.get("XLA_FLAGS", "") else ""
+        before = os.environ.get("JAXKV_QMATMUL")
+        os.environ["JAXKV_QMATMUL"] = "xla"
+        f = over_singles(matmul, singles)
+        record("xla-pergroup" + sub, _time(f, x, singles) / COPIES, qbytes, matmul(x, singles[0]))
+        f = over_singles(lambda x, w: x @ dequantize(w, jnp.bfloat16), singles)
+        record(
+            "xla-dequant" + sub,
+            _time(f, x, singles) / COPIES,
+            qbytes,
+            x @ dequantize(singles[0], jnp.bfloat16),
+        )
+        if before is None:
+            os.environ.pop("JAXKV_QMATMUL")
+        else:
+            os.environ["JAXKV_QMATMUL"] = before
     if xla_only:
         return rows
 
@@ -242,6 +261,21 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def subchannel_rows(args) -> list[dict]:
+    """The XLA candidates again with the subchannel dequantisation fusion on (a child process: XLA
+    reads its flags once)."""
+    flags = "--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true"
+    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--xla-only", "--shapes", args.shapes, "--rows", args.rows, "--bits", args.bits,
+         "--group", str(args.group)], capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    if proc.returncode:
+        print("subchannel run failed:", proc.stderr[-2000:], file=sys.stderr)
+        return []
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="llama2-7b,llama3-8b")
@@ -254,6 +288,11 @@ def main(argv=None) -> int:
         "--tokamax",
         choices=("mosaic", "triton", "xla"),
         help="also time tokamax's quantized ragged_dot through this implementation (needs tokamax)",
+    )
+    p.add_argument(
+        "--no-xla",
+        action="store_true",
+        help="skip the XLA candidates (and their subchannel run): bf16, the Pallas kernel and --tokamax only",
     )
     p.add_argument("--out", default="results/qmatmul")
     args = p.parse_args(argv)
@@ -271,19 +310,11 @@ def main(argv=None) -> int:
     rows = []
     for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
         sweep = M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"]
-        new = measure(I, O, M, b, args.group, sweep, False, args.tokamax)
+        new = measure(I, O, M, b, args.group, sweep, False, args.tokamax, xla=not args.no_xla)
         rows += new
         print(markdown(new), flush=True)
-    flags = "--xla_gpu_experimental_enable_subchannel_dequantisation_fusion=true"
-    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--xla-only", "--shapes", args.shapes, "--rows", args.rows, "--bits", args.bits,
-         "--group", str(args.group)], capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    if proc.returncode == 0:
-        rows += json.loads(proc.stdout.strip().splitlines()[-1])
-    else:
-        print("subchannel run failed:", proc.stderr[-2000:], file=sys.stderr)
+    if not args.no_xla:
+        rows += subchannel_rows(args)
     rows.sort(key=lambda r: (r["I"], r["O"], r["M"], r["bits"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
