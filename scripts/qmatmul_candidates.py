@@ -21,6 +21,11 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
                     wadler_lindig). ``--tokamax xla`` runs the same candidate through tokamax's XLA
                     reference (any backend: checks the wiring, times nothing of interest).
 
+* ``mosaic-mixed-int8-noscale`` (``--mosaic-mixed``, 8-bit rows) JAX's own Mosaic GPU mixed-type
+                    matmul with the weight on the left (TMA pipeline, warp-specialised wgmma), int8
+                    codes without scales: an upper bound on such a kernel's read rate at decode
+                    shapes, for deciding whether a Mosaic GPU kernel of jaxkv's own is worth it.
+
 Eight weight copies rotate so the 50 MB L2 cannot hold them; each timing is the median of repeats
 of a jitted loop over all eight, after a warm-up. GB/s = weight bytes read (codes + scales + zeros
 for quantized) / time. Each kernel's output is checked against the dequantized bf16 product
@@ -29,6 +34,8 @@ for quantized) / time. Each kernel's output is checked against the dequantized b
     python scripts/qmatmul_candidates.py --out results/qmatmul_h100          # GPU, a few minutes
     python scripts/qmatmul_candidates.py --shapes llama2-7b --rows 1,8 --bits 4 --sweep-rows "" \
         --no-xla --tokamax mosaic --out results/bench/tokamax               # bf16, ours, tokamax
+    python scripts/qmatmul_candidates.py --shapes llama2-7b --rows 1,8 --bits 8 --sweep-rows "" \
+        --no-xla --mosaic-mixed --out results/bench/mosaic_mixed            # + Mosaic GPU, int8
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ def measure(
     xla_only: bool,
     tokamax: str | None = None,
     xla: bool = True,
+    mosaic_mixed: bool = False,
 ) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -138,6 +146,8 @@ def measure(
         if tokamax:
             tokamax_candidate(x, wst, bits, group, tokamax, record)
         del wst
+        if mosaic_mixed and bits == 8:
+            mosaic_mixed_candidate(x, O, record)
 
     if xla:
         sub = "-subchannel" if "subchannel" in os.environ.get("XLA_FLAGS", "") else ""
@@ -247,6 +257,44 @@ def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
     record(name, t, nbytes, dot(x, qs[0]), ref=ref, config="symmetric, qwix")
 
 
+def mosaic_mixed_candidate(x, O: int, record) -> None:
+    """Time JAX's Mosaic GPU mixed-type matmul (``jax.experimental.pallas.ops.gpu.
+    hopper_mixed_type_matmul_mgpu``: a persistent, warp-specialised kernel whose TMA pipeline feeds
+    wgmma, int8 codes converted in registers) as a one-row product with the weight on the left,
+    ``y^T [O, 32] = w^T [O, I] @ x^T [I, 32]`` (``x``'s rows padded to 32 columns, 16 a warpgroup).
+    No scales or zero points, and int8 (its only benchmarked code width): an upper bound on what such
+    a kernel reads per second at decode shapes, not a jaxkv path. Its error is against its own
+    product of the same int8 codes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    M, I = x.shape
+    if M > 32 or O % 64:
+        return
+    cfg = mixed.TuningConfig(
+        tile_m=64, tile_n=16, tile_k=128, max_concurrent_steps=4, epi_tile_m=None, epi_tile_n=None
+    )
+    keys = jax.random.split(jax.random.key(O), COPIES)
+    wts = [jax.random.randint(k, (O, I), -128, 128, jnp.int32).astype(jnp.int8) for k in keys]
+    xt = jnp.zeros((I, 32), x.dtype).at[:, :M].set(x.T)
+
+    def dot(w, xt):
+        return mixed.mixed_matmul_kernel(w, xt, out_dtype=jnp.float32, config=cfg)
+
+    @jax.jit
+    def f(xt, ws):
+        return sum(dot(w, xt) for w in ws)
+
+    try:
+        t = _time(f, xt, wts) / COPIES
+    except Exception as e:  # an unsupported shape or GPU: say so
+        print(f"  mosaic-mixed ({I}, {O}) M={M}: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+        return
+    ref = mixed.reference(wts[0], xt, out_dtype=jnp.float32)[:, :M].T
+    record("mosaic-mixed-int8-noscale", t, I * O, dot(wts[0], xt)[:, :M].T, ref=ref, config=str(cfg))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| I x O | M | bits | candidate | us | GB/s | rel err | tile |",
@@ -294,6 +342,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="skip the XLA candidates (and their subchannel run): bf16, the Pallas kernel and --tokamax only",
     )
+    p.add_argument(
+        "--mosaic-mixed",
+        action="store_true",
+        help="also time JAX's Mosaic GPU mixed-type matmul (int8, no scales: an upper bound; 8-bit rows)",
+    )
     p.add_argument("--out", default="results/qmatmul")
     args = p.parse_args(argv)
     shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
@@ -310,7 +363,18 @@ def main(argv=None) -> int:
     rows = []
     for (I, O), M, b in itertools.product(shapes, rows_list, bits_list):
         sweep = M in sweep_rows and b == 4 and (I, O) in SHAPES["llama2-7b"]
-        new = measure(I, O, M, b, args.group, sweep, False, args.tokamax, xla=not args.no_xla)
+        new = measure(
+            I,
+            O,
+            M,
+            b,
+            args.group,
+            sweep,
+            False,
+            args.tokamax,
+            xla=not args.no_xla,
+            mosaic_mixed=args.mosaic_mixed,
+        )
         rows += new
         print(markdown(new), flush=True)
     if not args.no_xla:

@@ -37,3 +37,27 @@ def test_sass_counts_opcodes_without_predicates_or_modifiers():
     counts = kernel_sass.sass_counts(listing)
     assert counts == {"LDC": 1, "LDS": 1, "HMMA": 2, "EXIT": 1}
     assert kernel_sass.byte_shared_loads(listing) == 1
+
+
+def test_mosaic_mixed_candidate_lowers_for_cuda(monkeypatch):
+    """``qmatmul_candidates.mosaic_mixed_candidate`` (JAX's Mosaic GPU mixed-type matmul as a one-row
+    product) lowers for CUDA on a machine without a GPU: its tile fits a decode shape. The timing is
+    replaced by the lowering, so nothing runs."""
+    import jax.numpy as jnp
+    import qmatmul_candidates as qc
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    class SMs:  # the kernel's persistent grid is one program per SM of the default device
+        core_count = 132
+
+    lowered = []
+
+    def lower_instead(f, *args, **kw):
+        lowered.append(f.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+        raise RuntimeError("lowered, not run")
+
+    monkeypatch.setattr(mixed.backend, "get_default_device", lambda: SMs())
+    monkeypatch.setattr(qc, "_time", lower_instead)
+    monkeypatch.setattr(qc, "COPIES", 2)
+    qc.mosaic_mixed_candidate(jnp.ones((1, 256), jnp.bfloat16), 128, lambda *a, **k: None)
+    assert len(lowered) == 1 and "mosaic_gpu" in lowered[0]
