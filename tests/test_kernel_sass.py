@@ -21,6 +21,12 @@ def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     assert launch["warps"] == (warps or 1)
 
 
+def test_rms_norm_kernel_lowers_to_triton_ir(tmp_path):
+    launch = kernel_sass.lower("rmsnorm", tmp_path, None)
+    ir = (tmp_path / "rmsnorm.ttir").read_text()
+    assert "tt.func public" in ir and "tt.reduce" in ir and launch == {"warps": 4, "stages": 1}
+
+
 def test_unknown_kernel_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown kernel"):
         kernel_sass.lower("attention", tmp_path, None)
