@@ -21,6 +21,8 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
                     wadler_lindig). ``--tokamax xla`` runs the same candidate through tokamax's XLA
                     reference (any backend: checks the wiring, times nothing of interest).
 
+* ``mosaic-own``     (``--mosaic-own``, 4-bit rows up to 16) ``jaxkv.kernels.mgpu_gemv``, a Mosaic GPU
+                    kernel of our own (TMA pipeline into wgmma, the weight on the left), best split
 * ``mosaic-mixed-int8-noscale`` (``--mosaic-mixed``, 8-bit rows) JAX's own Mosaic GPU mixed-type
                     matmul with the weight on the left (TMA pipeline, warp-specialised wgmma), int8
                     codes without scales: an upper bound on such a kernel's read rate at decode
@@ -33,7 +35,7 @@ for quantized) / time. Each kernel's output is checked against the dequantized b
 
     python scripts/qmatmul_candidates.py --out results/qmatmul_h100          # GPU, a few minutes
     python scripts/qmatmul_candidates.py --shapes llama2-7b --rows 1,8 --bits 4 --sweep-rows "" \
-        --no-xla --tokamax mosaic --out results/bench/tokamax               # bf16, ours, tokamax
+        --no-xla --tokamax mosaic --mosaic-own --out results/bench/tokamax  # + tokamax, Mosaic GPU
     python scripts/qmatmul_candidates.py --shapes llama2-7b --rows 1,8 --bits 8 --sweep-rows "" \
         --no-xla --mosaic-mixed --out results/bench/mosaic_mixed            # + Mosaic GPU, int8
 """
@@ -80,6 +82,7 @@ def measure(
     tokamax: str | None = None,
     xla: bool = True,
     mosaic_mixed: bool = False,
+    mosaic_own: bool = False,
 ) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -97,6 +100,11 @@ def measure(
     )
     zero = jax.random.randint(k4, (COPIES, I // group, O), 0, 2**bits, jnp.int32).astype(jnp.uint8)
     stacked = QArray(pack(codes, bits), scale, zero, bits=bits, group=group, dtype=np.dtype(jnp.bfloat16))
+    own = None
+    if mosaic_own and bits == 4 and M <= 16 and not xla_only:
+        from jaxkv.kernels import mgpu_gemv
+
+        own = [mgpu_gemv.pack_weight(codes[i].astype(jnp.uint8), scale[i], zero[i]) for i in range(COPIES)]
     del codes
     qbytes = stacked.nbytes_storage() / COPIES
     singles = [stacked[i] for i in range(COPIES)]
@@ -168,6 +176,9 @@ def measure(
             os.environ["JAXKV_QMATMUL"] = before
     if xla_only:
         return rows
+    if own is not None:
+        mosaic_own_candidate(x, own, group, record)
+        del own
 
     zeros = qk.zero_points(stacked)
 
@@ -295,6 +306,41 @@ def mosaic_mixed_candidate(x, O: int, record) -> None:
     record("mosaic-mixed-int8-noscale", t, I * O, dot(wts[0], xt)[:, :M].T, ref=ref, config=str(cfg))
 
 
+def mosaic_own_candidate(x, weights, group: int, record) -> None:
+    """Time ``jaxkv.kernels.mgpu_gemv`` (a Mosaic GPU kernel of our own) over the ``COPIES`` packed
+    weights ``(wt, scale_t, offset_t)``, at each split of the inputs that leaves at least two groups
+    per program; record the fastest. Bytes: int4 codes, bf16 scales and offsets."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.kernels import mgpu_gemv
+
+    M, I = x.shape
+    O = weights[0][0].shape[0]
+    groups = I // group
+    nbytes = I * O // 2 + 2 * 2 * groups * O
+    best = None
+    for split in (d for d in range(1, groups + 1) if groups % d == 0 and groups // d >= 2):
+
+        def one(x, w, split=split):
+            return mgpu_gemv.matmul(x, *w, split=split)
+
+        f = jax.jit(lambda x, ws, one=one: sum(one(x, w).astype(jnp.float32) for w in ws))
+        try:
+            t = _time(f, x, weights) / COPIES
+        except Exception as e:  # a tile Mosaic GPU cannot compile: say so
+            print(
+                f"  mosaic-own ({I}, {O}) M={M} split {split}: {type(e).__name__}: {str(e)[:300]}",
+                file=sys.stderr,
+            )
+            continue
+        if best is None or t < best[0]:
+            best = (t, split)
+    if best:
+        out = mgpu_gemv.matmul(x, *weights[0], split=best[1])
+        record("mosaic-own", best[0], nbytes, out, config=f"split {best[1]}, {mgpu_gemv.BLOCK_O} outputs")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| I x O | M | bits | candidate | us | GB/s | rel err | tile |",
@@ -347,6 +393,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time JAX's Mosaic GPU mixed-type matmul (int8, no scales: an upper bound; 8-bit rows)",
     )
+    p.add_argument(
+        "--mosaic-own",
+        action="store_true",
+        help="also time jaxkv.kernels.mgpu_gemv (our Mosaic GPU int4 kernel; 4-bit rows up to 16)",
+    )
     p.add_argument("--out", default="results/qmatmul")
     args = p.parse_args(argv)
     shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
@@ -374,6 +425,7 @@ def main(argv=None) -> int:
             args.tokamax,
             xla=not args.no_xla,
             mosaic_mixed=args.mosaic_mixed,
+            mosaic_own=args.mosaic_own,
         )
         rows += new
         print(markdown(new), flush=True)

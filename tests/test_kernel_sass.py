@@ -67,3 +67,26 @@ def test_mosaic_mixed_candidate_lowers_for_cuda(monkeypatch):
     monkeypatch.setattr(qc, "COPIES", 2)
     qc.mosaic_mixed_candidate(jnp.ones((1, 256), jnp.bfloat16), 128, lambda *a, **k: None)
     assert len(lowered) == 1 and "mosaic_gpu" in lowered[0]
+
+
+def test_mosaic_own_candidate_lowers_each_split_for_cuda(monkeypatch):
+    """``qmatmul_candidates.mosaic_own_candidate`` tries every split of the groups that leaves two
+    or more per program (here 4 groups: splits 1 and 2), each lowered for CUDA instead of timed."""
+    import jax.numpy as jnp
+    import qmatmul_candidates as qc
+
+    from jaxkv.kernels import mgpu_gemv
+
+    lowered = []
+
+    def lower_instead(f, *args, **kw):
+        lowered.append(f.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+        raise RuntimeError("lowered, not run")
+
+    monkeypatch.setattr(qc, "_time", lower_instead)
+    monkeypatch.setattr(qc, "COPIES", 2)
+    w = mgpu_gemv.pack_weight(
+        jnp.zeros((512, 128), jnp.uint8), jnp.ones((4, 128), jnp.float16), jnp.zeros((4, 128), jnp.uint8)
+    )
+    qc.mosaic_own_candidate(jnp.ones((1, 512), jnp.bfloat16), [w, w], 128, lambda *a, **k: None)
+    assert len(lowered) == 2 and all("mosaic_gpu" in t for t in lowered)
