@@ -45,6 +45,20 @@ def test_sass_counts_opcodes_without_predicates_or_modifiers():
     assert kernel_sass.byte_shared_loads(listing) == 1
 
 
+def _lower_instead_of_timing(monkeypatch, qc) -> list[str]:
+    """Make ``qmatmul_candidates`` lower each jitted candidate for CUDA (two weight copies) where it
+    would time it, and fail it there, so nothing runs; returns the lowered texts as they come."""
+    lowered = []
+
+    def lower_instead(f, *args, **kw):
+        lowered.append(f.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
+        raise RuntimeError("lowered, not run")
+
+    monkeypatch.setattr(qc, "_time", lower_instead)
+    monkeypatch.setattr(qc, "COPIES", 2)
+    return lowered
+
+
 def test_mosaic_mixed_candidate_lowers_for_cuda(monkeypatch):
     """``qmatmul_candidates.mosaic_mixed_candidate`` (JAX's Mosaic GPU mixed-type matmul as a one-row
     product) lowers for CUDA on a machine without a GPU: its tile fits a decode shape. The timing is
@@ -56,15 +70,8 @@ def test_mosaic_mixed_candidate_lowers_for_cuda(monkeypatch):
     class SMs:  # the kernel's persistent grid is one program per SM of the default device
         core_count = 132
 
-    lowered = []
-
-    def lower_instead(f, *args, **kw):
-        lowered.append(f.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
-        raise RuntimeError("lowered, not run")
-
     monkeypatch.setattr(mixed.backend, "get_default_device", lambda: SMs())
-    monkeypatch.setattr(qc, "_time", lower_instead)
-    monkeypatch.setattr(qc, "COPIES", 2)
+    lowered = _lower_instead_of_timing(monkeypatch, qc)
     qc.mosaic_mixed_candidate(jnp.ones((1, 256), jnp.bfloat16), 128, lambda *a, **k: None)
     assert len(lowered) == 1 and "mosaic_gpu" in lowered[0]
 
@@ -77,14 +84,7 @@ def test_mosaic_own_candidate_lowers_each_split_for_cuda(monkeypatch):
 
     from jaxkv.kernels import mgpu_gemv
 
-    lowered = []
-
-    def lower_instead(f, *args, **kw):
-        lowered.append(f.trace(*args).lower(lowering_platforms=("cuda",)).as_text())
-        raise RuntimeError("lowered, not run")
-
-    monkeypatch.setattr(qc, "_time", lower_instead)
-    monkeypatch.setattr(qc, "COPIES", 2)
+    lowered = _lower_instead_of_timing(monkeypatch, qc)
     w = mgpu_gemv.pack_weight(
         jnp.zeros((512, 128), jnp.uint8), jnp.ones((4, 128), jnp.float16), jnp.zeros((4, 128), jnp.uint8)
     )
