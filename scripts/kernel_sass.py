@@ -19,8 +19,7 @@ Kernels (Llama-2-7B shapes; decode at batch 8 and 4352 cache slots, K4V2 at grou
 ``kv`` (``kvdecode.body_partials``), ``merge`` (``kvdecode.merge`` with the key window and 4 pivot
 slots), ``qmmN`` (``qmatmul`` with N rows on the 4096 x 12288 Q/K/V weight, group 128; N = 1 is the
 one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs), either
-with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``), ``rmsnorm``
-(``jaxkv.kernels.rmsnorm`` on one row of 4096). ``--warps`` overrides the kernels' warps per program.
+with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``). ``--warps`` overrides the kernels' warps per program.
 """
 
 from __future__ import annotations
@@ -106,14 +105,8 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         packed = (1, O, I * bits // 8) if layout == "oi" else (1, I * bits // 8, O)
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
-    elif name == "rmsnorm":
-        from jaxkv.kernels import rmsnorm
-
-        warps, stages = 4, 1
-        fn = lambda x, w: rmsnorm.rms_norm(x, w, eps=1e-5, num_warps=warps)  # noqa: E731
-        args = (S((1, 4096), jnp.bfloat16), S((4096,), jnp.bfloat16))
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, rmsnorm")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -176,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "kernels",
         nargs="+",
-        help="kv, merge, qmmN (N rows), qmmNoi (decode layout), either + -int8, gemv, rmsnorm",
+        help="kv, merge, qmmN (N rows), qmmNoi (decode layout), either + -int8, gemv",
     )
     p.add_argument("--warps", type=int, default=None, help="warps per program (default: the kernel's own)")
     p.add_argument("--out", default="/tmp/jaxkv_sass", help="folder for the IR, PTX, cubin and SASS")

@@ -21,12 +21,6 @@ def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     assert launch["warps"] == (warps or 1)
 
 
-def test_rms_norm_kernel_lowers_to_triton_ir(tmp_path):
-    launch = kernel_sass.lower("rmsnorm", tmp_path, None)
-    ir = (tmp_path / "rmsnorm.ttir").read_text()
-    assert "tt.func public" in ir and "tt.reduce" in ir and launch == {"warps": 4, "stages": 1}
-
-
 def test_unknown_kernel_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown kernel"):
         kernel_sass.lower("attention", tmp_path, None)
@@ -77,8 +71,8 @@ def test_mosaic_mixed_candidate_lowers_for_cuda(monkeypatch):
 
 
 def test_mosaic_own_candidate_lowers_each_split_for_cuda(monkeypatch):
-    """``qmatmul_candidates.mosaic_own_candidate`` tries every split of the groups that leaves two
-    or more per program (here 4 groups: splits 1 and 2), each lowered for CUDA instead of timed."""
+    """``qmatmul_candidates.mosaic_own_candidate`` tries every split of the groups that leaves 2 to
+    16 per program (here 4 groups: splits 1 and 2), each lowered for CUDA instead of timed."""
     import jax.numpy as jnp
     import qmatmul_candidates as qc
 
