@@ -316,9 +316,10 @@ def mosaic_mixed_candidate(x, O: int, record) -> None:
 
 def mosaic_own_candidate(x, weights, group: int, record) -> None:
     """Time ``jaxkv.kernels.mgpu_gemv`` (a Mosaic GPU kernel of our own) over the ``COPIES`` packed
-    weights ``(wt, scale_t, offset_t)`` at each split of the inputs that leaves 2 to 16 groups per
-    program (4 pipeline stages), then 2 and 8 stages at the best split; record the fastest. Bytes:
-    int4 codes, bf16 scales and offsets."""
+    weights ``(wt, scale_t, offset_t)``: each split of the inputs that leaves 2 to 16 groups per
+    program (64 outputs, 4 pipeline stages), then 128 and 256 outputs per program at the best split
+    (fewer reads of ``x`` per weight), then 2 and 8 stages at the best of those; record the fastest.
+    Bytes: int4 codes, bf16 scales and offsets."""
     import jax
     import jax.numpy as jnp
 
@@ -330,37 +331,38 @@ def mosaic_own_candidate(x, weights, group: int, record) -> None:
     nbytes = I * O // 2 + 2 * 2 * groups * O
     best = None
 
-    def attempt(split, stages):
+    def attempt(split, block_o, stages):
         nonlocal best
+        if O % block_o:
+            return
 
         def one(x, w):
-            return mgpu_gemv.matmul(x, *w, split=split, stages=stages)
+            return mgpu_gemv.matmul(x, *w, split=split, block_o=block_o, stages=stages)
 
         f = jax.jit(lambda x, ws: sum(one(x, w).astype(jnp.float32) for w in ws))
         try:
             t = _time(f, x, weights) / COPIES
         except Exception as e:  # a tile Mosaic GPU cannot compile: say so
             print(
-                f"  mosaic-own ({I}, {O}) M={M} split {split} stages {stages}: {type(e).__name__}: {str(e)[:300]}",
+                f"  mosaic-own ({I}, {O}) M={M} split {split} block_o {block_o} stages {stages}: "
+                f"{type(e).__name__}: {str(e)[:300]}",
                 file=sys.stderr,
             )
             return
         if best is None or t < best[0]:
-            best = (t, split, stages)
+            best = (t, split, block_o, stages)
 
     for split in (d for d in range(1, groups + 1) if groups % d == 0 and 2 <= groups // d <= 16):
-        attempt(split, 4)
+        attempt(split, 64, 4)
     if best:
+        for block_o in (128, 256):
+            attempt(best[1], block_o, 4)
         for stages in (2, 8):
-            attempt(best[1], stages)
-        _, split, stages = best
-        out = mgpu_gemv.matmul(x, *weights[0], split=split, stages=stages)
+            attempt(best[1], best[2], stages)
+        _, split, block_o, stages = best
+        out = mgpu_gemv.matmul(x, *weights[0], split=split, block_o=block_o, stages=stages)
         record(
-            "mosaic-own",
-            best[0],
-            nbytes,
-            out,
-            config=f"split {split}, {stages} stages, {mgpu_gemv.BLOCK_O} outputs",
+            "mosaic-own", best[0], nbytes, out, config=f"split {split}, {block_o} outputs, {stages} stages"
         )
 
 

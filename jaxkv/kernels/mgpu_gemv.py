@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BLOCK_O = 64  # outputs per program: one wgmma M tile
+BLOCK_O = 64  # outputs per program by default: one wgmma M tile (``block_o``: 64, 128 or 256)
 COLS = 16  # columns of x^T: rows of x padded (one warpgroup's N)
 
 
@@ -54,6 +54,7 @@ def gemv(
     *,
     split: int,
     stages: int = 4,
+    block_o: int = BLOCK_O,
     interpret=None,
     a_in_smem: bool = False,
 ) -> jax.Array:
@@ -63,8 +64,10 @@ def gemv(
     N = xt.shape[1]
     groups = scale_t.shape[0]
     group = I // groups
-    if O % BLOCK_O or groups % split or xt.shape[0] != I or N != COLS:
-        raise ValueError(f"mgpu_gemv: w^T {wt.shape}, x^T {xt.shape}, {groups} groups, split {split}")
+    if block_o not in (64, 128, 256) or O % block_o or groups % split or xt.shape[0] != I or N != COLS:
+        raise ValueError(
+            f"mgpu_gemv: w^T {wt.shape}, x^T {xt.shape}, {groups} groups, split {split}, block_o {block_o}"
+        )
     steps = groups // split
     wsw = plgpu.find_swizzle(group * 4, "lhs")
     xsw = plgpu.find_swizzle(N * 16, "rhs")
@@ -93,20 +96,20 @@ def gemv(
                 step,
                 grid=(steps,),
                 in_specs=[
-                    plgpu.BlockSpec((BLOCK_O, group), lambda k: (mi, first + k), transforms=w_tiles),
+                    plgpu.BlockSpec((block_o, group), lambda k: (mi, first + k), transforms=w_tiles),
                     plgpu.BlockSpec((group, N), lambda k: (first + k, 0), transforms=x_tiles),
-                    plgpu.BlockSpec((1, BLOCK_O), lambda k: (first + k, mi)),
-                    plgpu.BlockSpec((1, BLOCK_O), lambda k: (first + k, mi)),
+                    plgpu.BlockSpec((1, block_o), lambda k: (first + k, mi)),
+                    plgpu.BlockSpec((1, block_o), lambda k: (first + k, mi)),
                 ],
                 max_concurrent_steps=stages,
             )(w_gmem, x_gmem, s_gmem, b_gmem)
             return acc_ref[...]
 
-        acc_type = plgpu.ACC((BLOCK_O, N))
+        acc_type = plgpu.ACC((block_o, N))
         if a_in_smem:
             asw = plgpu.find_swizzle(group * 16, "lhs")
             a_type = plgpu.SMEM(
-                (BLOCK_O, group),
+                (block_o, group),
                 jnp.bfloat16,
                 transforms=(plgpu.TilingTransform((8, asw * 8 // 16)), plgpu.SwizzleTransform(asw)),
             )
@@ -115,17 +118,17 @@ def gemv(
         else:
             acc = pl.run_scoped(lambda r: accumulate(r, None), acc_type)
 
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((BLOCK_O, N), jnp.float32))
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_o, N), jnp.float32))
         def store(o_smem):
             o_smem[...] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(mi * BLOCK_O, BLOCK_O)])
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[ki, pl.ds(mi * block_o, block_o)])
             plgpu.wait_smem_to_gmem(0)
 
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((split, O, N), jnp.float32),
-        grid=(O // BLOCK_O, split),
+        grid=(O // block_o, split),
         grid_names=("o", "k"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=interpret,
