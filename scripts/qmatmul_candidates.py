@@ -236,6 +236,25 @@ def measure(
     return rows
 
 
+def _accept_out_shape() -> None:
+    """tokamax 0.0.12 (the newest on PyPI) calls ``plgpu.kernel(out_shape=...)``, an argument JAX
+    has since renamed ``out_type`` (run 62 on JAX 0.11.2: ``Mesh.__init__() got an unexpected keyword
+    argument 'out_shape'``); pass it on under the new name."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    kernel = plgpu.kernel
+    if getattr(kernel, "accepts_out_shape", False):
+        return
+
+    def renamed(*args, out_shape=None, **kw):
+        if out_shape is not None:
+            kw["out_type"] = out_shape
+        return kernel(*args, **kw)
+
+    renamed.accepts_out_shape = True
+    plgpu.kernel = renamed
+
+
 def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
     """Time ``tokamax.ragged_dot`` over symmetric qwix copies of the bf16 weights ``wst [COPIES, I,
     O]`` (see the module docstring) and ``record`` it, or say why it could not run."""
@@ -248,6 +267,7 @@ def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
     if not flags.FLAGS.is_parsed():
         # tokamax reads its absl flags on first use and would parse this script's argv as its own
         flags.FLAGS(sys.argv[:1])
+    _accept_out_shape()
     M = x.shape[0]
     qtype = {4: jnp.int4, 8: jnp.int8}[bits]
     tiles = {0: 1, 1: group, 2: 1}  # one scale per group of inputs and column, as jaxkv's

@@ -1,4 +1,4 @@
-"""A Mosaic GPU (Hopper) kernel for decode's int4 weight-only matmul: a candidate, not yet timed.
+"""A Mosaic GPU (Hopper) kernel for decode's int4 weight-only matmul: a candidate, timed and not wired in.
 
 Why: the one-row Triton kernel (``jaxkv.kernels.qmatmul``) spends about 3.2 instructions a weight
 on FMAs and byte permutes and waits on its own loads; it reads 1.4-2.0 TB/s where bf16 reads 2.9
@@ -16,12 +16,17 @@ Conventions
   ``(c - zero) * scale = (c - 8) * scale + offset``.
 * Each step converts a ``[64, group]`` tile of codes to bf16 in registers, applies its scale and
   offset there (one multiply-add per weight, rounded to bf16 as XLA's dequantize-then-matmul
-  rounds) and feeds it to wgmma as the left operand. A grid of ``O/64 x split`` programs; each sums
+  rounds) and feeds it to wgmma as the left operand. A grid of ``O/block_o x split`` programs; each sums
   ``I/group/split`` groups into a float32 accumulator and writes ``[split, O, N]`` partial sums.
-* Not wired into ``jaxkv.quant.qarray.einsum``: ``scripts/qmatmul_candidates.py --mosaic-own`` times
-  it beside the Triton kernel first. On a CPU it lowers for CUDA, and Mosaic GPU's interpreter runs
-  it with the left operand staged through shared memory (``a_in_smem``; the interpreter's wgmma
-  reads that operand from shared memory only): the tests check both.
+* Not wired into ``jaxkv.quant.qarray.einsum``: on an H100 its one-row step was slower than the
+  Triton kernel's (README, issue 7: 3.225 against 2.47 ms/token for Llama-2-7B, run 62).
+  ``scripts/qmatmul_candidates.py --mosaic-own`` times it beside the Triton kernel. On a CPU it
+  lowers for CUDA, and Mosaic GPU's interpreter runs it with the left operand staged through shared
+  memory (``a_in_smem``; the interpreter's wgmma reads that operand from shared memory only): the
+  tests check both.
+* Every tile the TMA engine writes to shared memory is 128 bytes or more (16-bit scales and offsets
+  of at least 64 outputs): a 64-byte tile (uint8 zero points of 64 outputs) misaligned the pipeline's
+  buffers on the H100 (``CUDA_ERROR_MISALIGNED_ADDRESS``, run 62).
 """
 
 from __future__ import annotations
