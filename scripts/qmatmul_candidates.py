@@ -29,7 +29,11 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
                     shapes, for deciding whether a Mosaic GPU kernel of jaxkv's own is worth it.
 
 Eight weight copies rotate so the 50 MB L2 cannot hold them; each timing is the median of repeats
-of a jitted loop over all eight, after a warm-up. GB/s = weight bytes read (codes + scales + zeros
+of ten calls queued back to back of a jitted loop over all eight, after a warm-up, divided by the
+calls and copies. That wall-clock time is about twice the kernels' own (H100, run 61: bf16 gate/up
+82 us a copy here, 60 us per layer in the model's profile), so ``--gpu-time`` reports instead the
+GPU kernels' time in a profiler trace of ten calls (every kernel of the call: the matmul and the
+ops around it, no launch gaps), what ``scripts/profile_decode.py`` measures in the model. GB/s = weight bytes read (codes + scales + zeros
 for quantized) / time. Each kernel's output is checked against the dequantized bf16 product
 (relative Frobenius error). Writes ``OUT.json`` and ``OUT.md``.
 
@@ -49,6 +53,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,11 +64,17 @@ SHAPES = {
 COPIES = 8
 
 
+GPU_TIME = False  # --gpu-time: _time reports the GPU kernels' time from a profiler trace
+
+
 def _time(f, *args, repeats=5, calls=10) -> float:
     """Median over ``repeats`` of the time per call of ``calls`` calls queued back to back, so the
-    host's dispatch and the final synchronisation are spread over many calls."""
+    host's dispatch and the final synchronisation are spread over many calls; with ``GPU_TIME`` the
+    GPU kernels' time per call instead (:func:`_gpu_time`)."""
     import jax
 
+    if GPU_TIME:
+        return _gpu_time(f, args, calls)
     jax.block_until_ready(f(*args))
     ts = []
     for _ in range(repeats):
@@ -73,6 +84,24 @@ def _time(f, *args, repeats=5, calls=10) -> float:
         jax.block_until_ready(out)
         ts.append((time.perf_counter() - t0) / calls)
     return statistics.median(ts)
+
+
+def _gpu_time(f, args, calls: int) -> float:
+    """Seconds per call that the GPU spends in kernels over ``calls`` calls of ``f`` under the JAX
+    profiler (after a warm-up call)."""
+    import jax
+    from profile_decode import gpu_kernels, trace_file
+
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+        kernels = gpu_kernels(trace_file(d))
+    if not kernels:
+        raise RuntimeError("no GPU kernels in the profiler trace: --gpu-time needs a GPU")
+    return sum(dur for _, _, dur in kernels) / calls * 1e-6
 
 
 def measure(
@@ -128,6 +157,7 @@ def measure(
                 "group": group,
                 "candidate": name,
                 "us": t * 1e6,
+                "timing": "gpu kernels" if GPU_TIME else "wall clock",
                 "gbps": nbytes / t / 1e9,
                 "rel_err": err,
                 **extra,
@@ -407,7 +437,8 @@ def subchannel_rows(args) -> list[dict]:
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
     proc = subprocess.run(
         [sys.executable, __file__, "--xla-only", "--shapes", args.shapes, "--rows", args.rows, "--bits", args.bits,
-         "--group", str(args.group)], capture_output=True, text=True, env=env,
+         "--group", str(args.group)] + (["--gpu-time"] if args.gpu_time else []),
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     if proc.returncode:
         print("subchannel run failed:", proc.stderr[-2000:], file=sys.stderr)
@@ -443,8 +474,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time jaxkv.kernels.mgpu_gemv (our Mosaic GPU int4 kernel; 4-bit rows up to 16)",
     )
+    p.add_argument(
+        "--gpu-time",
+        action="store_true",
+        help="report the GPU kernels' time from a profiler trace instead of wall-clock time",
+    )
     p.add_argument("--out", default="results/qmatmul")
     args = p.parse_args(argv)
+    global GPU_TIME
+    GPU_TIME = args.gpu_time
     shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
     rows_list = [int(m) for m in args.rows.split(",")]
     bits_list = [int(b) for b in args.bits.split(",")]

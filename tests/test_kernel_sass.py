@@ -84,3 +84,18 @@ def test_mosaic_own_candidate_lowers_each_split_for_cuda(monkeypatch):
     )
     qc.mosaic_own_candidate(jnp.ones((1, 512), jnp.bfloat16), [w, w], 128, lambda *a, **k: None)
     assert len(lowered) == 2 and all("mosaic_gpu" in t for t in lowered)
+
+
+def test_gpu_time_is_the_traced_kernels_time_per_call(monkeypatch):
+    """``qmatmul_candidates --gpu-time``: the GPU kernels of a profiler trace of the calls, summed
+    and divided by the calls; a trace without GPU kernels (this CPU) is refused."""
+    import jax
+    import jax.numpy as jnp
+    import profile_decode
+    import qmatmul_candidates as qc
+
+    f = jax.jit(lambda x: x * 2)
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        qc._gpu_time(f, (jnp.ones(4),), calls=2)
+    monkeypatch.setattr(profile_decode, "gpu_kernels", lambda path: [(0.0, "a", 30.0), (40.0, "b", 10.0)])
+    assert qc._gpu_time(f, (jnp.ones(4),), calls=2) == pytest.approx(20e-6)
