@@ -167,9 +167,7 @@ def byte_shared_loads(sass: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "kernels",
-        nargs="+",
-        help="kv, merge, qmmN (N rows), qmmNoi (decode layout), either + -int8, gemv",
+        "kernels", nargs="+", help="kv, merge, qmmN (N rows), qmmNoi (decode layout), either + -int8, gemv"
     )
     p.add_argument("--warps", type=int, default=None, help="warps per program (default: the kernel's own)")
     p.add_argument("--out", default="/tmp/jaxkv_sass", help="folder for the IR, PTX, cubin and SASS")

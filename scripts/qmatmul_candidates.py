@@ -33,8 +33,8 @@ of ten calls queued back to back of a jitted loop over all eight, after a warm-u
 calls and copies. That wall-clock time is about twice the kernels' own (H100, run 61: bf16 gate/up
 82 us a copy here, 60 us per layer in the model's profile), so ``--gpu-time`` reports instead the
 GPU kernels' time in a profiler trace of ten calls (every kernel of the call: the matmul and the
-ops around it, no launch gaps), what ``scripts/profile_decode.py`` measures in the model. GB/s = weight bytes read (codes + scales + zeros
-for quantized) / time. Each kernel's output is checked against the dequantized bf16 product
+ops around it, no launch gaps), what ``scripts/profile_decode.py`` measures in the model. GB/s =
+weight bytes read (codes + scales + zeros for quantized) / time. Each kernel's output is checked against the dequantized bf16 product
 (relative Frobenius error). Writes ``OUT.json`` and ``OUT.md``.
 
     python scripts/qmatmul_candidates.py --out results/qmatmul_h100          # GPU, a few minutes

@@ -14,10 +14,10 @@ Conventions
   inputs as XLA packs int4. ``xt [I, N]`` bf16, ``x`` transposed and padded to ``N = 16`` columns.
   ``scale_t``, ``offset_t`` ``[I/group, O]`` bf16, ``offset = (8 - zero) * scale``, so
   ``(c - zero) * scale = (c - 8) * scale + offset``.
-* Each step converts a ``[64, group]`` tile of codes to bf16 in registers, applies its scale and
-  offset there (one multiply-add per weight, rounded to bf16 as XLA's dequantize-then-matmul
-  rounds) and feeds it to wgmma as the left operand. A grid of ``O/block_o x split`` programs; each sums
-  ``I/group/split`` groups into a float32 accumulator and writes ``[split, O, N]`` partial sums.
+* Each step converts a ``[block_o, group]`` tile of codes to bf16 in registers, applies its scale
+  and offset there (one multiply-add per weight, rounded to bf16 as XLA's dequantize-then-matmul
+  rounds) and feeds it to wgmma as the left operand. A grid of ``O/block_o x split`` programs; each
+  sums ``I/group/split`` groups into a float32 accumulator and writes ``[split, O, N]`` partial sums.
 * Not wired into ``jaxkv.quant.qarray.einsum``: on an H100 its one-row step was slower than the
   Triton kernel's (README, issue 7: 3.225 against 2.47 ms/token for Llama-2-7B, run 62).
   ``scripts/qmatmul_candidates.py --mosaic-own`` times it beside the Triton kernel. On a CPU it
