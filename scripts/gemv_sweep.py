@@ -33,13 +33,15 @@ from profile_decode import gpu_kernels, trace_file
 from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weight copies that defeat the L2
 
 
-def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
+def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True, warps=(4, 8), per_thread=(8, 16)):
     """(label, KernelConfig): the default tile, then (at one row) a sweep of the one-row kernel's
-    tiles."""
+    tiles: ``warps`` per program and ``per_thread`` packed bytes per thread and sub-tile."""
     from jaxkv.kernels import qmatmul as qk
 
     default = qk.default_config(I, O, group, rows, 4)
     yield "default", default
+    if rows == 1:  # the same tile with each group's scaling applied per tile row
+        yield "default rows", dataclasses.replace(default, row_scaling=True)
     if not sweep:
         return
     groups = I // group
@@ -49,8 +51,8 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
             if sk <= groups:
                 yield "sweep", dataclasses.replace(default, num_stages=ns, split_k=sk, num_warps=nw)
         return
-    for bn, per_thread, nw in itertools.product((128,), (8, 16), (4, 8)):
-        sub_rows = 32 * nw * per_thread // bn  # packed bytes per thread and sub-tile: per_thread
+    for bn, pt, nw in itertools.product((128,), per_thread, warps):
+        sub_rows = 32 * nw * pt // bn  # packed bytes per thread and sub-tile: pt
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
         for sk in (2, 4, 8, 16, 32, 64):
@@ -58,9 +60,19 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True):
             if sk > groups or not 64 <= programs <= 8192:
                 continue
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
+            yield "sweep rows", qk.KernelConfig(bn, sk, nw, 1, sub_rows, row_scaling=True)
 
 
-def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True) -> list[dict]:
+def measure(
+    I: int,
+    O: int,
+    group: int,
+    repeats: int,
+    rows: int = 1,
+    sweep: bool = True,
+    warps=(4, 8),
+    per_thread=(8, 16),
+) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -87,7 +99,7 @@ def measure(I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool
     cases = []  # (label, config, jitted fn, weights, bytes)
     wb = [dequantize(stacked[i], jnp.bfloat16) for i in range(COPIES)]
     cases.append(("bf16", None, over_copies(lambda x, w: x @ w), wb, I * O * 2))
-    for label, cfg in configs(I, O, group, rows, sweep):
+    for label, cfg in configs(I, O, group, rows, sweep, warps, per_thread):
         f = over_copies(
             lambda x, w, cfg=cfg: qk.qmatmul(
                 x, w.packed, w.scale, w.zero, None, bits=4, group=group, config=cfg
@@ -178,6 +190,7 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
         c = r["config"] or {}
         one_row = r["rows"] == 1 and not r["candidate"].endswith(" oi")
         kind = "" if not c else "one-row (FMA)" if one_row else "tensor cores"
+        kind += ", row scaling" if c.get("row_scaling") else ""
         kind += f", {c['num_stages']} stages" if c and not one_row else ""
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
@@ -195,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--default-only", action="store_true", help="the default tiles only (no sweep)")
     p.add_argument("--rows", type=int, default=1, help="rows of x (the decode batch)")
+    p.add_argument("--warps", default="4,8", help="one-row sweep: warps per program")
+    p.add_argument("--per-thread", default="8,16", help="one-row sweep: packed bytes per thread and sub-tile")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 
@@ -204,12 +219,20 @@ def main(argv=None) -> int:
     table, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:
-            shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only)
+            shape_rows = measure(
+                I, O, args.group, args.repeats, args.rows, not args.default_only,
+                tuple(map(int, args.warps.split(","))), tuple(map(int, args.per_thread.split(","))),
+            )  # fmt: skip
             every += shape_rows
-            best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
-            shown = [r for r in shape_rows if r["candidate"] != "sweep"]
-            table += shown + [{**best, "candidate": "best"}]
-            print(markdown(table[-len(shown) - 1 :], copy_gbps), flush=True)
+            shown = [r for r in shape_rows if not r["candidate"].startswith("sweep")]
+            for form, scaled_rows in (("best", False), ("best rows", True)):  # best tile of each form
+                tiles = [
+                    r for r in shape_rows if r["config"] and r["config"].get("row_scaling") == scaled_rows
+                ]
+                if tiles:
+                    shown.append({**min(tiles, key=lambda r: r["sum_us"]), "candidate": form})
+            table += shown
+            print(markdown(shown, copy_gbps), flush=True)
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_suffix(".json").write_text(

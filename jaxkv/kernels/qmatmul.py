@@ -79,6 +79,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
+    # One-row kernel: apply each group's scale and zero point to every tile row (the rows summed once
+    # per program) instead of to the column sums (a cross-thread step per group). Candidate, timed
+    # against the column form by scripts/gemv_sweep.py.
+    row_scaling: bool = False
 
 
 def default_config(
@@ -326,21 +330,38 @@ def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, row_scaling,
+    interpret,
 ):  # fmt: skip
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
+
+    def group_rows(ref, g):
+        """Row ``g`` of a per-group ``[groups, O]`` array over this program's columns, repeated
+        ``sub_rows`` times: a load of stride 0 on the GPU, so it arrives in the layout of the tile
+        (each thread its own columns) and needs no exchange between threads."""
+        if interpret:  # the interpreter takes no stride-0 slice
+            return jnp.broadcast_to(ref[(*lead, pl.ds(g, 1), cols)], (sub_rows, block_n))
+        return ref[(*lead, pl.ds(g, sub_rows, stride=0), cols)]
 
     def body(j, carry):
         out, zterm = carry
         g = first + j
         tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
-        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
+        xs = jnp.zeros((sub_rows, 1), jnp.float32)  # per tile row: sum of the x it met
         for t, p in enumerate(tiles):
             xe, xo = _x_pair(x_ref, g * group + 2 * t * sub_rows, sub_rows)
             lo, hi = code_planes_f32(p, 4, interpret)
             acc = fma(hi, xo, fma(lo, xe, acc, interpret), interpret)
+            if row_scaling:
+                xs = xs + xe + xo
+        if row_scaling:
+            # sum_i x_i (c_i - z) s = 256 s sum_i x_i ((0.5 + c_i/256) - (0.5 + z/256)), per tile row
+            scale = group_rows(s_ref, g).astype(jnp.float32)
+            (zf,) = code_planes_f32(group_rows(z_ref, g), 4, interpret)[:1]
+            return fma(scale, fma(-zf, xs, acc, interpret), out, interpret), zterm
+        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
@@ -353,7 +374,10 @@ def _gemv4_kernel(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
+    if row_scaling:
+        o_ref[...] = (256.0 * jnp.sum(out, axis=0, keepdims=True)).astype(o_ref.dtype)
+    else:
+        o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
@@ -395,7 +419,9 @@ def qmatmul(
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
-        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
+        kernel = functools.partial(
+            _gemv4_kernel, sub_rows=cfg.sub_rows, row_scaling=cfg.row_scaling, interpret=interpret, **tiling
+        )
     else:
         kernel = functools.partial(_kernel, bits=bits, oi=oi, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)
