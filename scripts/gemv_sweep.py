@@ -33,9 +33,19 @@ from profile_decode import gpu_kernels, trace_file
 from qmatmul_candidates import COPIES, SHAPES  # the decode weight shapes; weight copies that defeat the L2
 
 
-def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True, warps=(4, 8), per_thread=(8, 16)):
+def configs(
+    I: int,
+    O: int,
+    group: int,
+    rows: int = 1,
+    sweep: bool = True,
+    warps=(1, 4),
+    per_thread=(16,),
+    block_n=(128,),
+):
     """(label, KernelConfig): the default tile, then (at one row) a sweep of the one-row kernel's
-    tiles: ``warps`` per program and ``per_thread`` packed bytes per thread and sub-tile."""
+    tiles: ``block_n`` columns and ``warps`` per program, ``per_thread`` packed bytes per thread and
+    sub-tile, splits of powers of two and one group per program."""
     from jaxkv.kernels import qmatmul as qk
 
     default = qk.default_config(I, O, group, rows, 4)
@@ -51,27 +61,20 @@ def configs(I: int, O: int, group: int, rows: int = 1, sweep: bool = True, warps
             if sk <= groups:
                 yield "sweep", dataclasses.replace(default, num_stages=ns, split_k=sk, num_warps=nw)
         return
-    for bn, pt, nw in itertools.product((128,), per_thread, warps):
+    for bn, pt, nw in itertools.product(block_n, per_thread, warps):
         sub_rows = 32 * nw * pt // bn  # packed bytes per thread and sub-tile: pt
         if O % bn or sub_rows < 1 or (group // 2) % sub_rows:
             continue
-        for sk in (2, 4, 8, 16, 32, 64):
+        for sk in sorted({2, 4, 8, 16, 32, 64, groups}):
             programs = O // bn * sk
-            if sk > groups or not 64 <= programs <= 8192:
+            if sk > groups or not 512 <= programs <= 16384:  # run 63: fewer were all >= 1.2x the best
                 continue
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
             yield "sweep rows", qk.KernelConfig(bn, sk, nw, 1, sub_rows, row_scaling=True)
 
 
 def measure(
-    I: int,
-    O: int,
-    group: int,
-    repeats: int,
-    rows: int = 1,
-    sweep: bool = True,
-    warps=(4, 8),
-    per_thread=(8, 16),
+    I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True, **tiles
 ) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -99,7 +102,7 @@ def measure(
     cases = []  # (label, config, jitted fn, weights, bytes)
     wb = [dequantize(stacked[i], jnp.bfloat16) for i in range(COPIES)]
     cases.append(("bf16", None, over_copies(lambda x, w: x @ w), wb, I * O * 2))
-    for label, cfg in configs(I, O, group, rows, sweep, warps, per_thread):
+    for label, cfg in configs(I, O, group, rows, sweep, **tiles):
         f = over_copies(
             lambda x, w, cfg=cfg: qk.qmatmul(
                 x, w.packed, w.scale, w.zero, None, bits=4, group=group, config=cfg
@@ -208,8 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--default-only", action="store_true", help="the default tiles only (no sweep)")
     p.add_argument("--rows", type=int, default=1, help="rows of x (the decode batch)")
-    p.add_argument("--warps", default="4,8", help="one-row sweep: warps per program")
-    p.add_argument("--per-thread", default="8,16", help="one-row sweep: packed bytes per thread and sub-tile")
+    p.add_argument("--warps", default="1,4", help="one-row sweep: warps per program")
+    p.add_argument("--per-thread", default="16", help="one-row sweep: packed bytes per thread and sub-tile")
+    p.add_argument("--block-n", default="128", help="one-row sweep: output columns per program")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 
@@ -219,10 +223,10 @@ def main(argv=None) -> int:
     table, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:
-            shape_rows = measure(
-                I, O, args.group, args.repeats, args.rows, not args.default_only,
-                tuple(map(int, args.warps.split(","))), tuple(map(int, args.per_thread.split(","))),
-            )  # fmt: skip
+            tiles = {
+                k: tuple(map(int, getattr(args, k).split(","))) for k in ("warps", "per_thread", "block_n")
+            }
+            shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only, **tiles)
             every += shape_rows
             shown = [r for r in shape_rows if not r["candidate"].startswith("sweep")]
             for form, scaled_rows in (("best", False), ("best rows", True)):  # best tile of each form

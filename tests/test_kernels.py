@@ -95,12 +95,17 @@ def test_gemv_keeps_precision_under_an_outlier_activation(row_scaling):
 
 
 def test_default_tiles():
-    """The one-row kernel: 2 KB loads of 128 columns, up to 32 splits for about eight programs per SM;
-    the tensor-core kernel up to 16 rows: 128 columns, 4 warps, 384 programs and at most 8 groups
-    each; beyond: 64 or 128 columns, up to 8 splits for two programs per SM."""
+    """The one-row kernel: one warp, 16-byte loads, a group of 128 inputs per program (64 byte rows
+    for smaller groups); the tensor-core kernel up to 16 rows: 128 columns, 4 warps, 384 programs and
+    at most 8 groups each; beyond: 64 or 128 columns, up to 8 splits for two programs per SM."""
     one = qk.default_config(4096, 4096, 128, rows=1)
-    assert (one.block_n, one.sub_rows, one.split_k) == (128, 16, 32)
-    assert qk.default_config(4096, 22016, 128, rows=1).split_k == 8  # 172 column blocks x 8 >= 8 x 132
+    assert (one.block_n, one.sub_rows, one.split_k, one.num_warps) == (128, 4, 32, 1)
+    assert qk.default_config(11008, 4096, 128, rows=1).split_k == 86  # 86 groups, one each
+    assert qk.default_config(4096, 4096, 32, rows=1).split_k == 32  # 128 groups of 32, four each
+    assert (
+        qk.default_config(576, 1536, 64, rows=1).split_k,
+        qk.default_config(1536, 576, 64, rows=1).block_n,
+    ) == (5, 64)
     tiles = {
         shape: qk.default_config(*shape, 128, rows=8)
         for shape in ((4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096))

@@ -107,10 +107,14 @@ def default_config(
     groups = I // group
     warps, stages, max_groups = 4, 4, groups
     if bits == 4 and rows == 1:
+        # one warp, 16-byte loads, a group per program: as many small programs as the input allows
         block_n = 128 if O % 128 == 0 else 64
-        sub_rows = min(2048 // block_n, group // 2)
-        target, max_split = 8 * 132, 32
-    elif rows <= 16 and O % 128 == 0:
+        per_prog = max(1, 128 // group)  # groups below 128 inputs: 64 byte rows per program still
+        return KernelConfig(
+            block_n=block_n, split_k=-(-groups // per_prog), num_warps=1, num_stages=1,
+            sub_rows=min(512 // block_n, group // 2),
+        )  # fmt: skip
+    if rows <= 16 and O % 128 == 0:
         block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 4, 3
         target, max_split, max_groups = 384, 16, 8
     else:
