@@ -50,8 +50,6 @@ def configs(
 
     default = qk.default_config(I, O, group, rows, 4)
     yield "default", default
-    if rows == 1:  # the same tile with each group's scaling applied per tile row
-        yield "default rows", dataclasses.replace(default, row_scaling=True)
     if not sweep:
         return
     groups = I // group
@@ -70,7 +68,6 @@ def configs(
             if sk > groups or not 512 <= programs <= 16384:  # run 63: fewer were all >= 1.2x the best
                 continue
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
-            yield "sweep rows", qk.KernelConfig(bn, sk, nw, 1, sub_rows, row_scaling=True)
 
 
 def measure(
@@ -193,7 +190,6 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
         c = r["config"] or {}
         one_row = r["rows"] == 1 and not r["candidate"].endswith(" oi")
         kind = "" if not c else "one-row (FMA)" if one_row else "tensor cores"
-        kind += ", row scaling" if c.get("row_scaling") else ""
         kind += f", {c['num_stages']} stages" if c and not one_row else ""
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
@@ -228,14 +224,10 @@ def main(argv=None) -> int:
             }
             shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only, **tiles)
             every += shape_rows
-            shown = [r for r in shape_rows if not r["candidate"].startswith("sweep")]
-            for form, scaled_rows in (("best", False), ("best rows", True)):  # best tile of each form
-                tiles = [
-                    r for r in shape_rows if r["config"] and r["config"].get("row_scaling") == scaled_rows
-                ]
-                if tiles:
-                    shown.append({**min(tiles, key=lambda r: r["sum_us"]), "candidate": form})
-            table += shown
+            shown = [r for r in shape_rows if r["candidate"] != "sweep"]
+            best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
+            table += shown + [{**best, "candidate": "best"}]
+            shown.append(table[-1])
             print(markdown(shown, copy_gbps), flush=True)
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)

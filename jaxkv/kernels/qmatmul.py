@@ -37,8 +37,14 @@ Conventions
   shared by four bytes; no integer-to-float convert, no subtraction), one FMA (:func:`fma`)
   multiplies it by ``x``, and scale and zero point are applied once per group and column through
   ``sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)``. Each program
-  issues the loads of a whole group (``group/2 x block_n`` bytes) before using them.
-  Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
+  (one warp, :func:`default_config`) issues the loads of a whole group (``group/2 x block_n`` bytes)
+  before using them. Its loop spends 2.8 SASS instructions per weight (3.2 with the earlier 4
+  warps), and the column sums leave the tile's layout through shared memory once per group (4
+  stores, 4 ``ldmatrix``, a barrier; ``scripts/kernel_sass.py gemv``). Applying scale and zero
+  point to every tile row instead (stride-0 loads of the group's row, the rows summed once per
+  program) took that out of the loop for 12% more instructions: at one warp and a group per program
+  it tied (H100 run 64, within 0.4 us per shape), at 4 warps it was up to 1.12x slower (run 63),
+  so it was not kept. Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
   its last row and their outputs are dropped, so ``x`` is never padded); for 4-bit codes the kernel
   loads the even and the odd input rows with strided loads, so each nibble plane multiplies its own
   rows. ``split_k``
@@ -79,10 +85,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
-    # One-row kernel: apply each group's scale and zero point to every tile row (the rows summed once
-    # per program) instead of to the column sums (a cross-thread step per group). Candidate, timed
-    # against the column form by scripts/gemv_sweep.py.
-    row_scaling: bool = False
 
 
 def default_config(
@@ -91,10 +93,15 @@ def default_config(
     """A tile for ``[I, O]``, split along I when the output columns alone do not give enough
     programs (the decode layout ``"oi"`` always takes the tensor-core kernel, so one row there gets
     the tile of two). Tensor-core tiles: at least two programs per SM of an H100/H200 (132 SMs). The
-    one-row 4-bit kernel: 2 KB loads (16 bytes per thread) of 128 columns and about eight programs
-    per SM, as many as 32 splits. Each program issues a group's loads and then waits for them, so
-    the overlap comes from the programs beside it; on an H200 the swept best tile per shape was
-    within 3.4% of this one (scripts/gemv_sweep.py, results/bench/h200_run6_gemv_sweep.md). Up to
+    one-row 4-bit kernel: one warp of 16-byte loads (4 byte rows x 128 columns) and one group of 128
+    inputs per program (64 byte rows per program for smaller groups, so the float32 partial sums stay
+    1/16 of the weight's bytes). Each program issues its group's loads and then waits for them, so
+    the overlap comes from the programs beside it, and the more of them the better: on an H100 this
+    tile was the fastest of 1, 2 and 4 warps, 64 or 128 columns and splits of 2 to one group per
+    program for all four Llama-2-7B shapes (Q/K/V, O, gate/up, down: 13.8, 7.4, 22.4, 13.0 us with
+    the split sum, against 15.9, 8.2, 27.1, 14.2 for the earlier 4-warp tile of up to 32 splits;
+    results/bench/h100_run63_gemv_sweep.md, h100_run64_gemv_sweep.md), and the int4 decode step
+    went from 2.530 to 2.368 ms per token (h100_run64_b1_*.md). Up to
     16 rows (batch 2-16 decode), 128 columns and 4 warps, split until 384 programs and at most
     8 groups per program: since a group's row sum left the shuffles for the tensor cores, the best
     swept tiles at 8 rows for the four Llama-2-7B shapes all had 4 warps (H200, 85.4 us together
@@ -334,38 +341,21 @@ def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, row_scaling,
-    interpret,
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
 ):  # fmt: skip
     """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
-
-    def group_rows(ref, g):
-        """Row ``g`` of a per-group ``[groups, O]`` array over this program's columns, repeated
-        ``sub_rows`` times: a load of stride 0 on the GPU, so it arrives in the layout of the tile
-        (each thread its own columns) and needs no exchange between threads."""
-        if interpret:  # the interpreter takes no stride-0 slice
-            return jnp.broadcast_to(ref[(*lead, pl.ds(g, 1), cols)], (sub_rows, block_n))
-        return ref[(*lead, pl.ds(g, sub_rows, stride=0), cols)]
 
     def body(j, carry):
         out, zterm = carry
         g = first + j
         tiles = _load_group(p_ref, lead, cols, g, group, sub_rows)
+        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         acc = jnp.zeros((sub_rows, block_n), jnp.float32)
-        xs = jnp.zeros((sub_rows, 1), jnp.float32)  # per tile row: sum of the x it met
         for t, p in enumerate(tiles):
             xe, xo = _x_pair(x_ref, g * group + 2 * t * sub_rows, sub_rows)
             lo, hi = code_planes_f32(p, 4, interpret)
             acc = fma(hi, xo, fma(lo, xe, acc, interpret), interpret)
-            if row_scaling:
-                xs = xs + xe + xo
-        if row_scaling:
-            # sum_i x_i (c_i - z) s = 256 s sum_i x_i ((0.5 + c_i/256) - (0.5 + z/256)), per tile row
-            scale = group_rows(s_ref, g).astype(jnp.float32)
-            (zf,) = code_planes_f32(group_rows(z_ref, g), 4, interpret)[:1]
-            return fma(scale, fma(-zf, xs, acc, interpret), out, interpret), zterm
-        xsum = jnp.sum(x_ref[pl.ds(0, 1), pl.ds(g * group, group)].astype(jnp.float32))
         # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i)
         scale = s_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)  # [1, block_n]
         zero = z_ref[(*lead, pl.ds(g, 1), cols)].astype(jnp.float32)
@@ -378,10 +368,7 @@ def _gemv4_kernel(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    if row_scaling:
-        o_ref[...] = (256.0 * jnp.sum(out, axis=0, keepdims=True)).astype(o_ref.dtype)
-    else:
-        o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
+    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
@@ -423,9 +410,7 @@ def qmatmul(
     out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
-        kernel = functools.partial(
-            _gemv4_kernel, sub_rows=cfg.sub_rows, row_scaling=cfg.row_scaling, interpret=interpret, **tiling
-        )
+        kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
     else:
         kernel = functools.partial(_kernel, bits=bits, oi=oi, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)
