@@ -238,7 +238,7 @@ def measure(
 
     f = over_singles(kernel_2d, singles)
     record("pallas-2d", _time(f, x, singles) / COPIES, qbytes, kernel_2d(x, singles[0]))
-    default = qk.default_config(I, O, group)
+    default = qk.default_config(I, O, group, M, bits)
     t, out = kernel_time(default)
     record("pallas-default", t, qbytes, out, config=str(default))
     if sweep:
@@ -267,18 +267,21 @@ def measure(
 
 
 def _accept_out_shape() -> None:
-    """tokamax 0.0.12 (the newest on PyPI) calls ``plgpu.kernel(out_shape=...)``, an argument JAX
-    has since renamed ``out_type`` (run 62 on JAX 0.11.2: ``Mesh.__init__() got an unexpected keyword
-    argument 'out_shape'``); pass it on under the new name."""
+    """tokamax 0.0.12 (the newest on PyPI) calls ``plgpu.kernel(out_shape=..., scratch_shapes=...)``,
+    arguments JAX has since renamed ``out_type`` and ``scratch_types`` (JAX 0.11.2 on the device: run
+    62 ``Mesh.__init__() got an unexpected keyword argument 'out_shape'``, run 66 the same for
+    ``'scratch_shapes'``); pass them on under the new names."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     kernel = plgpu.kernel
     if getattr(kernel, "accepts_out_shape", False):
         return
 
-    def renamed(*args, out_shape=None, **kw):
+    def renamed(*args, out_shape=None, scratch_shapes=None, **kw):
         if out_shape is not None:
             kw["out_type"] = out_shape
+        if scratch_shapes is not None:
+            kw["scratch_types"] = scratch_shapes
         return kernel(*args, **kw)
 
     renamed.accepts_out_shape = True
