@@ -216,18 +216,15 @@ def main(argv=None) -> int:
     from jaxkv.bench import copy_bandwidth
 
     copy_gbps = copy_bandwidth()
+    tiles = {k: tuple(map(int, getattr(args, k).split(","))) for k in ("warps", "per_thread", "block_n")}
     table, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:
-            tiles = {
-                k: tuple(map(int, getattr(args, k).split(","))) for k in ("warps", "per_thread", "block_n")
-            }
             shape_rows = measure(I, O, args.group, args.repeats, args.rows, not args.default_only, **tiles)
             every += shape_rows
-            shown = [r for r in shape_rows if r["candidate"] != "sweep"]
             best = min((r for r in shape_rows if r["candidate"] != "bf16"), key=lambda r: r["sum_us"])
-            table += shown + [{**best, "candidate": "best"}]
-            shown.append(table[-1])
+            shown = [r for r in shape_rows if r["candidate"] != "sweep"] + [{**best, "candidate": "best"}]
+            table += shown
             print(markdown(shown, copy_gbps), flush=True)
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,9 @@ For each weight shape [I, O] (Llama-2-7B and Llama-3-8B with Q/K/V and gate/up f
                     einshape, immutabledict, tensorboardx, typeguard==2.13.3, jaxtyping,
                     wadler_lindig). ``--tokamax xla`` runs the same candidate through tokamax's XLA
                     reference (any backend: checks the wiring, times nothing of interest).
+                    tokamax 0.0.12 (the newest on PyPI) uses Mosaic GPU names that JAX 0.11.2 no
+                    longer has (``out_shape``, ``scratch_shapes``, ``untile_ref``; H100 runs 62-67),
+                    so its Mosaic GPU kernel runs only with an older JAX.
 
 * ``mosaic-own``     (``--mosaic-own``, 4-bit rows up to 16) ``jaxkv.kernels.mgpu_gemv``, a Mosaic GPU
                     kernel of our own (TMA pipeline into wgmma, the weight on the left), best split
@@ -266,28 +269,6 @@ def measure(
     return rows
 
 
-def _accept_out_shape() -> None:
-    """tokamax 0.0.12 (the newest on PyPI) calls ``plgpu.kernel(out_shape=..., scratch_shapes=...)``,
-    arguments JAX has since renamed ``out_type`` and ``scratch_types`` (JAX 0.11.2 on the device: run
-    62 ``Mesh.__init__() got an unexpected keyword argument 'out_shape'``, run 66 the same for
-    ``'scratch_shapes'``); pass them on under the new names."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    kernel = plgpu.kernel
-    if getattr(kernel, "accepts_out_shape", False):
-        return
-
-    def renamed(*args, out_shape=None, scratch_shapes=None, **kw):
-        if out_shape is not None:
-            kw["out_type"] = out_shape
-        if scratch_shapes is not None:
-            kw["scratch_types"] = scratch_shapes
-        return kernel(*args, **kw)
-
-    renamed.accepts_out_shape = True
-    plgpu.kernel = renamed
-
-
 def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
     """Time ``tokamax.ragged_dot`` over symmetric qwix copies of the bf16 weights ``wst [COPIES, I,
     O]`` (see the module docstring) and ``record`` it, or say why it could not run."""
@@ -300,7 +281,6 @@ def tokamax_candidate(x, wst, bits: int, group: int, impl: str, record) -> None:
     if not flags.FLAGS.is_parsed():
         # tokamax reads its absl flags on first use and would parse this script's argv as its own
         flags.FLAGS(sys.argv[:1])
-    _accept_out_shape()
     M = x.shape[0]
     qtype = {4: jnp.int4, 8: jnp.int8}[bits]
     tiles = {0: 1, 1: group, 2: 1}  # one scale per group of inputs and column, as jaxkv's

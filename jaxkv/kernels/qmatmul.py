@@ -44,13 +44,13 @@ Conventions
   point to every tile row instead (stride-0 loads of the group's row, the rows summed once per
   program) took that out of the loop for 12% more instructions: at one warp and a group per program
   it tied (H100 run 64, within 0.4 us per shape), at 4 warps it was up to 1.12x slower (run 63),
-  so it was not kept. Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
+  so it was not kept.
+  Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
   its last row and their outputs are dropped, so ``x`` is never padded); for 4-bit codes the kernel
   loads the even and the odd input rows with strided loads, so each nibble plane multiplies its own
-  rows. ``split_k``
-  programs share the input dimension of one column block and write float32 partial sums that XLA
-  adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with one split the kernel
-  writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
+  rows. ``split_k`` programs share the input dimension of one column block and write float32
+  partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
+  one split the kernel writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
   so the wrapper keeps them to (with splits) one reduction.
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
