@@ -70,18 +70,6 @@ def configs(
             yield "sweep", qk.KernelConfig(bn, sk, nw, 1, sub_rows)
 
 
-def oi_configs(default, O: int, oi_rows) -> list:
-    """The one-row kernel over the decode layout: ``oi_rows`` entries ``R:W`` or ``R:W:C``, R outputs
-    and W warps a program, C groups per loop step (default: each warp 512 bytes of a row per load)."""
-    out = []
-    for spec in oi_rows:
-        R, W, C = ([int(v) for v in spec.split(":")] + [0])[:3]
-        if O % R == 0:
-            cfg = dataclasses.replace(default, block_n=R, num_warps=W, split_k=1, chunk=C)
-            out.append(("sweep oi", cfg))
-    return out
-
-
 def measure(
     I: int, O: int, group: int, repeats: int, rows: int = 1, sweep: bool = True, **tiles
 ) -> list[dict]:
@@ -111,7 +99,6 @@ def measure(
     cases = []  # (label, config, jitted fn, weights, bytes)
     wb = [dequantize(stacked[i], jnp.bfloat16) for i in range(COPIES)]
     cases.append(("bf16", None, over_copies(lambda x, w: x @ w), wb, I * O * 2))
-    oi_rows = tiles.pop("oi_rows", ())
     for label, cfg in configs(I, O, group, rows, sweep, **tiles):
         f = over_copies(
             lambda x, w, cfg=cfg: qk.qmatmul(
@@ -121,13 +108,10 @@ def measure(
         cases.append((label, cfg, f, singles, qbytes))
     oi = [to_layout(w, "oi") for w in singles]
     d = qk.default_config(I, O, group, rows, 4, "oi")
-    for label, cfg in [("default oi", d)] + (oi_configs(d, O, oi_rows) if rows == 1 and sweep else []):
-        f = over_copies(
-            lambda x, w, cfg=cfg: qk.qmatmul(
-                x, w.packed, w.scale, w.zero, None, bits=4, group=group, layout="oi", config=cfg
-            )
-        )
-        cases.append((label, cfg, f, oi, qbytes))
+    f = over_copies(
+        lambda x, w: qk.qmatmul(x, w.packed, w.scale, w.zero, None, bits=4, group=group, layout="oi")
+    )
+    cases.append(("default oi", d, f, oi, qbytes))
     ok = []
     for label, cfg, f, ws, nbytes in cases:  # compile and check outside the traces
         try:
@@ -204,10 +188,8 @@ def markdown(table: list[dict], copy_gbps: float) -> str:
     ]
     for r in table:
         c = r["config"] or {}
-        one_row = r["rows"] == 1
+        one_row = r["rows"] == 1 and not r["candidate"].endswith(" oi")
         kind = "" if not c else "one-row (FMA)" if one_row else "tensor cores"
-        if one_row and r["candidate"].endswith(" oi"):
-            kind += f", decode layout, no split, chunk {c.get('chunk') or 'auto'}"
         kind += f", {c['num_stages']} stages" if c and not one_row else ""
         lines.append(
             f"| {r['I']}x{r['O']} | {r['candidate']} | {r['us']:.1f} | {r['gbps']:.0f} "
@@ -228,7 +210,6 @@ def main(argv=None) -> int:
     p.add_argument("--warps", default="1,4", help="one-row sweep: warps per program")
     p.add_argument("--per-thread", default="16", help="one-row sweep: packed bytes per thread and sub-tile")
     p.add_argument("--block-n", default="128", help="one-row sweep: output columns per program")
-    p.add_argument("--oi-rows", default="16:4", help="one-row decode-layout sweep: outputs:warps a program")
     p.add_argument("--out", default="results/bench/gemv_sweep")
     args = p.parse_args(argv)
 
@@ -236,7 +217,6 @@ def main(argv=None) -> int:
 
     copy_gbps = copy_bandwidth()
     tiles = {k: tuple(map(int, getattr(args, k).split(","))) for k in ("warps", "per_thread", "block_n")}
-    tiles["oi_rows"] = tuple(v for v in args.oi_rows.split(",") if v)
     table, every = [], []
     for name in args.shapes.split(","):
         for I, O in SHAPES[name]:

@@ -89,9 +89,6 @@ def test_default_tiles():
     one = qk.default_config(4096, 4096, 128, rows=1)
     assert (one.block_n, one.sub_rows, one.split_k, one.num_warps) == (128, 4, 32, 1)
     assert qk.default_config(11008, 4096, 128, rows=1).split_k == 86  # 86 groups, one each
-    oi = qk.default_config(11008, 4096, 128, rows=1, layout="oi")  # decode layout: no split
-    assert (oi.block_n, oi.split_k, oi.num_warps, qk.oi_chunk(oi, 128, 86)) == (16, 1, 4, 32)
-    assert qk.oi_chunk(oi, 128, 9) == 8  # at most the largest power of two within the groups
     assert qk.default_config(4096, 4096, 32, rows=1).split_k == 32  # 128 groups of 32, four each
     assert (
         qk.default_config(576, 1536, 64, rows=1).split_k,
@@ -273,8 +270,7 @@ def test_decode_layout_generates_the_same_tokens(kv, pivot):
     [
         (4, 8, 32, qk.KernelConfig(128, 1, 4, 3), False),  # the batch-8 tile, one split
         (4, 2, 64, qk.KernelConfig(64, 3, 4, 2), True),  # 4 groups over 3 splits: the last is short
-        (4, 1, 128, None, False),  # one row: every group of 16 outputs in one program, no split
-        (4, 1, 32, qk.KernelConfig(64, 1, 2, 1), True),  # one row, 64 outputs and 2 warps
+        (4, 1, 128, None, False),  # one row in this layout takes the tensor-core kernel
         (4, 33, 32, None, False),  # rows padded to 64
         (4, 5, 256, None, True),  # one group spans the inputs
         (8, 8, 64, None, False),  # 8-bit codes, transposed
@@ -298,37 +294,6 @@ def test_qmatmul_decode_layout_matches_float64(bits, M, group, config, sym):
     assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 4e-3
     other = qk.reference(np.asarray(x.astype(jnp.float32)), codes[1], scale[1], zero[1], group)
     assert np.linalg.norm(np.asarray(y, np.float64) - other) / np.linalg.norm(other) > 0.1
-
-
-@pytest.mark.parametrize(
-    "I,group,config",
-    [
-        (1408, 128, qk.KernelConfig(16, 1, 4, 1, chunk=4)),  # 11 groups: the last chunk overlaps
-        (576, 64, qk.KernelConfig(8, 1, 2, 1)),  # 9 groups, chunk 8: two chunks share 7
-        (512, 32, None),  # the default tile
-        (256, 256, qk.KernelConfig(32, 1, 1, 1)),  # one group spans the inputs
-    ],
-)
-def test_gemv_decode_layout_matches_float64(I, group, config):
-    """The one-row kernel over the decode layout reads every group once, including when the group
-    count is not a multiple of its chunk (the last chunk starts early; the shared groups masked)."""
-    rng = np.random.default_rng(I + group)
-    q, codes, scale, zero = _random_q(rng, 2, I, 128, 4, group)
-    oi = to_layout(q, "oi")
-    x = rng.standard_normal((1, I)).astype(np.float32)
-    x[0, 7] = 300.0  # a massive activation in one group must not swamp the others
-    x = jnp.asarray(x, jnp.bfloat16)
-    y = qk.qmatmul(
-        x, oi.packed, oi.scale, qk.zero_points(oi), jnp.int32(1), bits=4, group=group, layout="oi",
-        config=config, interpret=not ON_GPU,
-    )  # fmt: skip
-    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[1], scale[1], zero[1], group)
-    assert y.shape == (1, 128) and y.dtype == jnp.bfloat16
-    assert np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref) < 4e-3
-    without_last = qk.reference(
-        np.asarray(x.astype(jnp.float32))[:, : I - group], codes[1, : I - group], scale[1, :-1], zero[1, :-1], group
-    )  # fmt: skip
-    assert np.linalg.norm(np.asarray(y, np.float64) - without_last) / np.linalg.norm(ref) > 1e-2
 
 
 def test_decode_layout_packs_4bit_weights_for_the_batch(monkeypatch):

@@ -45,16 +45,6 @@ Conventions
   program) took that out of the loop for 12% more instructions: at one warp and a group per program
   it tied (H100 run 64, within 0.4 us per shape), at 4 warps it was up to 1.12x slower (run 63),
   so it was not kept.
-* One row over the decode layout ``"oi"`` takes :func:`_gemv4_oi_kernel`: a program owns
-  ``block_n`` outputs and reads all of their groups, so there is no split along the inputs: it writes
-  the model's dtype and XLA adds no partial sums after it (those sums, and the fusions they break,
-  cost about 0.2 ms of the one-row kernel's Llama-2-7B int4 step on an H100: run 65's profile,
-  README issue 7). Each warp loads 512 bytes of a row (16 a thread) per step of ``chunk`` groups; the
-  products of a 64-byte group row are summed over the 4 threads holding it, then the group's scale and
-  zero point apply as in the one-row kernel. SASS (``scripts/kernel_sass.py qmm1oi``, 16 outputs and
-  4 warps): 168 registers, 2120 instructions for 512 weights a thread (4.1 a weight, against 2.8 for
-  the one-row kernel): a multiply, an FMA and an add per byte, the sums' shuffles and the scales'
-  transposes. Not timed on a GPU yet, so ``decode_layout`` keeps one row in the canonical layout.
   Otherwise the tile has at least 16 rows (the smallest tensor-core tile; rows past ``x``'s re-read
   its last row and their outputs are dropped, so ``x`` is never padded); for 4-bit codes the kernel
   loads the even and the odd input rows with strided loads, so each nibble plane multiplies its own
@@ -66,7 +56,11 @@ Conventions
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
   FMA scheme of the one-row kernel for 2-8 rows (at 8 rows 2.6-2.7x slower than the tensor-core
-  kernel: an FMA per weight and row outweighs the conversions it saves).
+  kernel: an FMA per weight and row outweighs the conversions it saves). On an H100 (run 68,
+  ``results/bench/h100_run68_*``): one row over the decode layout with no split along the inputs
+  (16 outputs and all their groups per program, so no partial sums for XLA; commit f447e20), 1.4-1.8x
+  the one-row kernel's time per shape (1.1-1.5x with its split sum) and 3.126 against 2.359 ms per
+  token: 168 registers and 4.1 instructions per weight against 64 and 2.8.
 * GPU only (Triton lowering); :func:`supported` says when the kernel applies, and
   ``jaxkv.quant.qarray.einsum`` keeps the portable XLA path everywhere else (CPU, TPU, many rows).
   ``interpret=True`` runs the same kernel body on any backend (tests).
@@ -95,14 +89,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 4
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
-    chunk: int = 0  # one-row kernel over the decode layout: groups per loop step (0: 512 bytes a warp)
-
-
-def oi_chunk(cfg: KernelConfig, group: int, groups: int) -> int:
-    """Groups per loop step of the one-row kernel over the decode layout: by default each warp
-    loads 512 bytes of a row (16 per thread), at most the largest power of two within ``groups``."""
-    chunk = cfg.chunk or 512 * cfg.num_warps // (group // 2)
-    return min(chunk, 1 << (groups.bit_length() - 1))
 
 
 def default_config(
@@ -127,9 +113,6 @@ def default_config(
     Q/K/V, O, gate/up, down; results/bench/h200_run25_qmm_b8_sweep.md); this rule takes three of
     the four. Single tiles vary by up to 1.3x between runs (run 16 timed the same tile of Q/K/V at
     28.8 against run 15's 38.6 us), so near-ties are noise."""
-    if layout == "oi" and bits == 4 and rows == 1:
-        # all of a row's groups in one program (no split-K sum): 16 outputs, 4 warps
-        return KernelConfig(block_n=16, split_k=1, num_warps=4, num_stages=1)
     if layout == "oi":
         rows = max(rows, 2)
     groups = I // group
@@ -392,36 +375,6 @@ def _gemv4_kernel(
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
-def _gemv4_oi_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, groups, chunk, block_n, interpret):
-    """One row of ``x`` times 4-bit weights in the decode layout (``p_ref [L?, O, groups, group/2]``,
-    ``x_ref [groups, 2, group/2]``: each group's first and second half of inputs), every group of
-    ``block_n`` outputs in one program, so the output needs no split-K sum (module docstring)."""
-    n = pl.program_id(0)
-    lead = (layer_ref[0],) if p_ref.ndim == 4 else ()
-    outs = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    slots = jnp.arange(chunk, dtype=jnp.int32)
-
-    def body(c, acc):
-        # The last chunk starts early enough to stay inside the weight; the groups it shares with
-        # the chunk before are masked.
-        start = jnp.minimum(c * chunk, groups - chunk)
-        g = pl.ds(start, chunk)
-        p = p_ref[(*lead, outs, g, slice(None))]  # [block_n, chunk, group/2] uint8
-        xlo = x_ref[g, 0, :].astype(jnp.float32)[None]  # [1, chunk, group/2]: the low nibbles' inputs
-        xhi = x_ref[g, 1, :].astype(jnp.float32)[None]
-        lo, hi = code_planes_f32(p, 4, interpret)
-        # sum_i x_i (c_i - z) s = s (256 sum_i x_i (0.5 + c_i/256) - (128 + z) sum_i x_i), per group
-        dots = jnp.sum(fma(hi, xhi, lo * xlo, interpret), axis=2)  # [block_n, chunk]
-        xsum = jnp.sum(xlo + xhi, axis=2)  # [1, chunk]
-        scale = s_ref[(*lead, g, outs)].astype(jnp.float32).T  # [block_n, chunk]
-        zero = z_ref[(*lead, g, outs)].astype(jnp.float32).T
-        term = (256.0 * dots - (128.0 + zero) * xsum) * scale
-        return acc + jnp.where((start + slots >= c * chunk)[None, :], term, 0.0)
-
-    acc = jax.lax.fori_loop(0, -(-groups // chunk), body, jnp.zeros((block_n, chunk), jnp.float32))
-    o_ref[...] = jnp.sum(acc, axis=1)[None, :].astype(o_ref.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
@@ -448,16 +401,10 @@ def qmatmul(
     O = packed.shape[1 if oi else 2]
     cfg = config or default_config(I, O, group, M, bits, layout)
     gemv = bits == 4 and M == 1 and not oi
-    gemv_oi = bits == 4 and M == 1 and oi
     # Triton block shapes are powers of two; the tensor-core tile has at least 16 rows.
-    Mp = 1 if gemv or gemv_oi else max(16, 1 << (M - 1).bit_length())
+    Mp = 1 if gemv else max(16, 1 << (M - 1).bit_length())
     groups = I // group
-    if (
-        O % cfg.block_n
-        or cfg.split_k > groups
-        or (gemv and (group // 2) % cfg.sub_rows)
-        or (gemv_oi and cfg.split_k != 1)
-    ):
+    if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
     weights = (packed, scale, zero)
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
@@ -468,15 +415,6 @@ def qmatmul(
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
-    elif gemv_oi:
-        # each group's bytes as one row of group/2, x as each group's two halves (free reshapes)
-        packed = weights[0]
-        weights = (packed.reshape(*packed.shape[:-1], groups, group // 2), *weights[1:])
-        x = x.reshape(groups, 2, group // 2)
-        kernel = functools.partial(
-            _gemv4_oi_kernel, groups=groups, chunk=oi_chunk(cfg, group, groups), block_n=cfg.block_n,
-            interpret=interpret,
-        )  # fmt: skip
     else:
         kernel = functools.partial(_kernel, bits=bits, oi=oi, interpret=interpret, **tiling)
     full = pl.BlockSpec(memory_space=None)

@@ -31,8 +31,8 @@ Conventions
   took 76.0 us instead of 92.5 on an H100 (run 44, ``results/bench/h100_run44_qmm_layouts.md``).
   One row keeps the canonical layout: a one-row kernel over this one, the best of 14 tiles per
   shape, took 1.2-1.6x as long (each thread's few bytes of a column need as many ``x`` values as
-  weights). The one-row kernel over this layout now is another, without a split along the inputs
-  (``jaxkv.kernels.qmatmul``), not yet timed on a GPU. 8-bit: ``packed [..., O, I]``, the codes transposed; the kernel takes it (checked in the
+  weights), and one that reads all groups of 16 outputs per program, so no split-K sum follows it,
+  1.4-1.8x (H100 run 68, ``jaxkv.kernels.qmatmul``). 8-bit: ``packed [..., O, I]``, the codes transposed; the kernel takes it (checked in the
   interpreter only), but ``decode_layout`` does not choose it yet: it has not been timed on a GPU.
   Checkpoints, sharding and the Hugging Face layouts use the canonical layout; :func:`codes_of` and
   :func:`dequantize` read both.
