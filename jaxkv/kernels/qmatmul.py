@@ -50,8 +50,8 @@ Conventions
   loads the even and the odd input rows with strided loads, so each nibble plane multiplies its own
   rows. ``split_k`` programs share the input dimension of one column block and write float32
   partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
-  one split the kernel writes the output directly. Every XLA op around the kernel is a separate launch in a decode step,
-  so the wrapper keeps them to (with splits) one reduction.
+  one split the kernel writes the output directly. Every XLA op around the kernel is a separate
+  launch in a decode step, so the wrapper keeps them to (with splits) one reduction.
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the

@@ -32,8 +32,9 @@ Conventions
   One row keeps the canonical layout: a one-row kernel over this one, the best of 14 tiles per
   shape, took 1.2-1.6x as long (each thread's few bytes of a column need as many ``x`` values as
   weights), and one that reads all groups of 16 outputs per program, so no split-K sum follows it,
-  1.4-1.8x (H100 run 68, ``jaxkv.kernels.qmatmul``). 8-bit: ``packed [..., O, I]``, the codes transposed; the kernel takes it (checked in the
-  interpreter only), but ``decode_layout`` does not choose it yet: it has not been timed on a GPU.
+  1.4-1.8x (H100 run 68, ``jaxkv.kernels.qmatmul``). 8-bit: ``packed [..., O, I]``, the codes
+  transposed; the kernel takes it (checked in the interpreter only), but ``decode_layout`` does not
+  choose it yet: it has not been timed on a GPU.
   Checkpoints, sharding and the Hugging Face layouts use the canonical layout; :func:`codes_of` and
   :func:`dequantize` read both.
 * Metadata (``bits``, ``group``, ``sym``, compute ``dtype``, ``layout``) is static (not a pytree leaf). The
