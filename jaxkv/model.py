@@ -150,7 +150,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
         if full_precision_kernel_applies(q, ck, cfg):
             # one decode token: one Pallas launch attends and writes it (jaxkv.kernels.fpdecode)
-            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions)
+            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions, lp["wo"])
         else:
             b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
             ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")

@@ -626,6 +626,8 @@ def test_kv_merge_matches_float64(P, G, dtype):
         (20, 1, 33, "bfloat16", 1),  # a pivot longer than one tensor-core tile
         (5, 2, 300, "float32", 3),  # chunks of 128 slots, combined by merge with the pivot
         (0, 1, 200, "bfloat16", 4),  # chunks of 64: those past a query empty
+        (5, 2, 70, "float32", -1),  # one chunk and programs warming the L2 (jaxkv.kernels.l2warm)
+        (3, 4, 130, "bfloat16", -3),  # three chunks and warming programs
     ],
 )
 def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
@@ -633,7 +635,9 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     and the new token in one softmax (with ``chunks``, the slots split over programs and combined by
     ``kvdecode.merge``), against float64 numpy; the token lands in its slot and nothing else in the
     cache moves. Rows: a query deep in the body, one inside the pivot segment (sees part
-    of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot."""
+    of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot.
+    Negative ``chunks``: as many chunks, with extra programs warming the L2 with other arrays
+    (one too small to be viewed, so skipped), which changes nothing in the results."""
     from jaxkv.kernels import fpdecode
 
     rng = np.random.default_rng(P + 10 * G + S)
@@ -649,9 +653,13 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     positions = np.array([P + S // 2, min(P, 3) - 1 if P else -1, -1, P + S - 1], np.int32)
     heads = kvdecode.step_heads(*(jnp.asarray(a, dt) for a in (q, kn, vn)))
     scale = float(np.float32(1 / np.sqrt(H)))
+    warm = ()
+    if chunks < 0:
+        chunks = -chunks
+        warm = (jnp.ones((64, 1024), jnp.uint8), jnp.ones((3, 4096), jnp.float16), jnp.ones((7,), jnp.uint8))
     out, k2, v2 = fpdecode.attend(
         heads, jnp.asarray(positions), *(jnp.asarray(a, dt) for a in (pk, pv, ck, cv)), sm_scale=scale,
-        dtype=dt, chunks=chunks, interpret=not ON_GPU,
+        dtype=dt, chunks=chunks, warm=warm, warm_programs=5, interpret=not ON_GPU,
     )  # fmt: skip
     assert out.shape == (B, K, G, H) and out.dtype == dt
     want_k, want_v = ck.copy(), cv.copy()
@@ -706,6 +714,49 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, layout, split):
         jax.clear_caches()
         runs[impl] = generate(m, prefix, prompts, max_new_tokens=10, stop_at_eos=False).tokens
     assert runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 10
+
+
+@pytest.mark.parametrize("programs,max_bytes", [(1, None), (3, None), (5, 40960), (64, None)])
+def test_l2_warm_reads_every_byte_of_its_share(programs, max_bytes):
+    """``l2warm.warm``: each program reads a contiguous share of every view, together all of each
+    view's first ``max_bytes`` and nothing past them; more programs than tiles leave some idle. One
+    marked byte in an otherwise zero array shows which program read its tile."""
+    from jax.experimental import pallas as pl
+
+    from jaxkv.kernels import l2warm
+
+    tile = l2warm.ROW * l2warm.TILE_ROWS
+    n_a, n_b = 13, 3  # tiles: shares of 13, 5 (3 programs), 3 (5 programs), 1 (64 programs)
+    b = jnp.zeros((n_b * tile // 2,), jnp.float16)
+    views = l2warm.flat_bytes((jnp.zeros(n_a * tile, jnp.uint8), b, jnp.ones((5,), jnp.uint8)))
+    rows = l2warm.TILE_ROWS
+    assert [(v.shape, v.dtype) for v in views] == [
+        ((n_a * rows, 128), jnp.uint32),
+        ((n_b * rows, 128), jnp.uint32),
+    ]
+    seen = min(n_a, (max_bytes or n_a * tile) // tile)  # tiles of a within max_bytes
+    per = -(-seen // programs)
+
+    def run(a):
+        def kernel(a_ref, b_ref, o_ref):
+            i = pl.program_id(0)
+            o_ref[pl.ds(i, 1)] = l2warm.warm((a_ref, b_ref), i, programs, max_bytes, interpret=True).reshape(
+                1
+            )
+
+        full = pl.BlockSpec(memory_space=None)
+        return np.asarray(
+            pl.pallas_call(
+                kernel, grid=(programs,), in_specs=[full, full], out_specs=full,
+                out_shape=jax.ShapeDtypeStruct((programs,), jnp.uint32), interpret=True,
+            )(*l2warm.flat_bytes((jnp.asarray(a), b)))
+        )  # fmt: skip
+
+    for t in range(n_a):
+        a = np.zeros(n_a * tile, np.uint8)
+        a[t * tile + 77] = 0x80
+        readers = np.flatnonzero(run(a))
+        np.testing.assert_array_equal(readers, [t // per] if t < seen else [], err_msg=f"tile {t}")
 
 
 def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():
