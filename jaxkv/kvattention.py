@@ -464,7 +464,6 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
 
 
 WARM_NEXT_WEIGHT = True  # decode_full_precision warms the L2 with the output projection
-WARM_MAX_BYTES = 12 << 20  # of each of its arrays: the leading bytes (a bf16 Llama-2-7B O is 33.6 MB)
 
 
 def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
@@ -491,23 +490,16 @@ def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions
     positions ``[B, 1]``. The slots are split over programs when the sequences' KV heads are fewer
     than the GPU's cores and the cache is long (``fpdecode.chunks``). ``next_weight``, the output
     projection that reads the result (a QArray or an array), is read into the L2 by extra programs of
-    the same launch (``jaxkv.kernels.l2warm``; at most :data:`WARM_MAX_BYTES` of each array). Returns
+    the same launch when it fits ``jaxkv.kernels.l2warm.MAX_BYTES``. Returns
     ``(out [B, 1, N*H], cache_k, cache_v)``, the token written at slot ``position - P``."""
-    from jaxkv.kernels import fpdecode, kvdecode
-    from jaxkv.quant.qarray import QArray
+    from jaxkv.kernels import fpdecode, kvdecode, l2warm
 
     B, T, N, H = q.shape
     S, K = cache_k.shape[1], cache_k.shape[2]
-    if isinstance(next_weight, QArray):
-        warm = (next_weight.packed, next_weight.scale, next_weight.zero)
-    elif isinstance(next_weight, jax.Array):
-        warm = (next_weight,)
-    else:  # None, or a stacked weight's layer view: the stack is not warmed
-        warm = ()
     out, cache_k, cache_v = fpdecode.attend(
         kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
         sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, kvdecode.gpu_cores()),
-        warm=warm if WARM_NEXT_WEIGHT else (), warm_bytes=WARM_MAX_BYTES, interpret=jax.default_backend() != "gpu",
+        warm=l2warm.weight_views(next_weight) if WARM_NEXT_WEIGHT else (), interpret=jax.default_backend() != "gpu",
     )  # fmt: skip
     return out.reshape(B, T, N * H), cache_k, cache_v
 

@@ -638,7 +638,7 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot.
     Negative ``chunks``: as many chunks, with extra programs warming the L2 with other arrays
     (one too small to be viewed, so skipped), which changes nothing in the results."""
-    from jaxkv.kernels import fpdecode
+    from jaxkv.kernels import fpdecode, l2warm
 
     rng = np.random.default_rng(P + 10 * G + S)
     B, K, H = 4, 2, 64
@@ -657,6 +657,7 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     if chunks < 0:
         chunks = -chunks
         warm = (jnp.ones((64, 1024), jnp.uint8), jnp.ones((3, 4096), jnp.float16), jnp.ones((7,), jnp.uint8))
+        warm = l2warm.flat_bytes(warm)
     out, k2, v2 = fpdecode.attend(
         heads, jnp.asarray(positions), *(jnp.asarray(a, dt) for a in (pk, pv, ck, cv)), sm_scale=scale,
         dtype=dt, chunks=chunks, warm=warm, warm_programs=5, interpret=not ON_GPU,
@@ -716,11 +717,11 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, layout, split):
     assert runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 10
 
 
-@pytest.mark.parametrize("programs,max_bytes", [(1, None), (3, None), (5, 40960), (64, None)])
-def test_l2_warm_reads_every_byte_of_its_share(programs, max_bytes):
-    """``l2warm.warm``: each program reads a contiguous share of every view, together all of each
-    view's first ``max_bytes`` and nothing past them; more programs than tiles leave some idle. One
-    marked byte in an otherwise zero array shows which program read its tile."""
+@pytest.mark.parametrize("programs", [1, 3, 5, 64])
+def test_l2_warm_reads_every_byte_of_its_share(programs):
+    """``l2warm.warm``: each program reads a contiguous share of every view, together all of it;
+    more programs than tiles leave some idle. One marked byte in an otherwise zero array shows
+    which program read its tile."""
     from jax.experimental import pallas as pl
 
     from jaxkv.kernels import l2warm
@@ -734,15 +735,12 @@ def test_l2_warm_reads_every_byte_of_its_share(programs, max_bytes):
         ((n_a * rows, 128), jnp.uint32),
         ((n_b * rows, 128), jnp.uint32),
     ]
-    seen = min(n_a, (max_bytes or n_a * tile) // tile)  # tiles of a within max_bytes
-    per = -(-seen // programs)
+    per = -(-n_a // programs)
 
     def run(a):
         def kernel(a_ref, b_ref, o_ref):
             i = pl.program_id(0)
-            o_ref[pl.ds(i, 1)] = l2warm.warm((a_ref, b_ref), i, programs, max_bytes, interpret=True).reshape(
-                1
-            )
+            o_ref[pl.ds(i, 1)] = l2warm.warm((a_ref, b_ref), i, programs, interpret=True).reshape(1)
 
         full = pl.BlockSpec(memory_space=None)
         return np.asarray(
@@ -755,8 +753,93 @@ def test_l2_warm_reads_every_byte_of_its_share(programs, max_bytes):
     for t in range(n_a):
         a = np.zeros(n_a * tile, np.uint8)
         a[t * tile + 77] = 0x80
-        readers = np.flatnonzero(run(a))
-        np.testing.assert_array_equal(readers, [t // per] if t < seen else [], err_msg=f"tile {t}")
+        np.testing.assert_array_equal(np.flatnonzero(run(a)), [t // per], err_msg=f"tile {t}")
+
+
+def test_l2_warm_takes_whole_weights_that_fit():
+    """``l2warm.weight_views``: a QArray's codes, scales and zero points (a symmetric one has no
+    zero array), a plain array, nothing for a weight over ``MAX_BYTES`` or a stacked layer view."""
+    from jaxkv.kernels import l2warm
+    from jaxkv.quant.qarray import LayerOf, quantize_tensor
+
+    w = jax.random.normal(jax.random.key(0), (1024, 1024), jnp.float32)
+    q = quantize_tensor(w, bits=4, group=128, sym=False)
+    views = l2warm.weight_views(q)
+    assert [v.shape[0] * l2warm.ROW for v in views] == [512 * 1024, 8 * 1024 * 2, 8 * 1024]
+    assert len(l2warm.weight_views(quantize_tensor(w, bits=4, group=128, sym=True))) == 2
+    assert [v.shape[0] * l2warm.ROW for v in l2warm.weight_views(w)] == [1024 * 1024 * 4]
+    assert l2warm.weight_views(jnp.zeros((l2warm.MAX_BYTES // 2 + 4096,), jnp.float16)) == ()
+    assert l2warm.weight_views(LayerOf(q, jnp.int32(0))) == () and l2warm.weight_views(None) == ()
+
+
+@pytest.mark.parametrize(
+    "rows,dtype,warm", [(1, "bfloat16", True), (3, "float16", True), (2, "bfloat16", False)]
+)
+def test_rms_norm_kernel_matches_float64(rows, dtype, warm):
+    """``rmsnorm.rms_norm``: each row normalised in float32, rounded to the input dtype before the
+    gain (``jaxkv.model.rms_norm``'s roundings), against float64 numpy; the warming programs (with
+    views to read) change nothing; a massive activation in one row."""
+    from jaxkv.kernels import l2warm, rmsnorm
+    from jaxkv.model import rms_norm
+
+    rng = np.random.default_rng(rows)
+    dt = jnp.dtype(dtype)
+    x = jnp.asarray(rng.standard_normal((rows, 256)), dt).at[0, 3].set(2000.0)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 256), dt)
+    views = l2warm.flat_bytes((jnp.ones((8192,), jnp.uint8),)) if warm else ()
+    out = rmsnorm.rms_norm(x, g, views, eps=1e-5, warm_programs=3, interpret=not ON_GPU)
+    assert out.shape == x.shape and out.dtype == dt
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    normed = x64 / np.sqrt(np.mean(x64 * x64, axis=1, keepdims=True) + 1e-5)
+    want = np.asarray(g.astype(jnp.float32), np.float64) * np.asarray(
+        jnp.asarray(normed, jnp.float32).astype(dt), np.float64
+    )
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32), np.float64), want, rtol=1e-2, atol=1e-3)
+    np.testing.assert_array_equal(
+        np.asarray(out), np.asarray(rms_norm(x, g, 1e-5))
+    )  # XLA's roundings exactly
+
+
+def test_l2_warming_launches_generate_like_xla(monkeypatch):
+    """Greedy decoding of a bf16 model with int4 weights in the decode layout, its norms taken by
+    the warming RMSNorm kernel (forced off the GPU, run by Pallas' interpreter) and the attention
+    kernel warming the O projection, gives the tokens of XLA's norms and attention exactly."""
+    import jaxkv.model as model_mod
+    from jaxkv.generate import generate
+    from jaxkv.kernels import l2warm, rmsnorm
+
+    class M:
+        pass
+
+    cfg = dataclasses.replace(_tiny_cfg(), hidden_size=128, intermediate_size=256, head_dim=32)
+    params = init_params(cfg, jax.random.key(4), jnp.bfloat16)
+    layers = {
+        k: (quantize_tensor(v, 4, 32) if k.startswith("w") and v.ndim == 3 else v)
+        for k, v in params["layers"].items()
+    }
+    m = M()
+    m.cfg, m.params = cfg, decode_layout({**params, "layers": layers})
+    lp = m.params["layers"][0]
+    assert (
+        l2warm.weight_views(lp["wqkv"])
+        and l2warm.weight_views(lp["w_gate_up"])
+        and l2warm.weight_views(lp["wo"])
+    )
+    calls = []
+
+    def forced(rows, D, dtype, weight):
+        calls.append(rows)
+        return model_mod.WARM_NORM and rmsnorm.supported(rows, D, dtype)
+
+    monkeypatch.setattr(model_mod, "_norm_kernel_applies", forced)
+    prompts = [[1, 5, 9, 2, 7], [3, 4]]
+    runs = {}
+    for impl, warm in (("xla", False), ("kernel", True)):
+        monkeypatch.setenv("JAXKV_KV_DECODE", impl)
+        monkeypatch.setattr(model_mod, "WARM_NORM", warm)
+        jax.clear_caches()
+        runs[impl] = generate(m, None, prompts, max_new_tokens=6, stop_at_eos=False).tokens
+    assert calls and runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 6
 
 
 def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():

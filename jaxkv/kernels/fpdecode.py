@@ -61,7 +61,7 @@ def supported(head_dim: int, q_per_kv: int) -> bool:
 
 def _kernel(
     heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *refs, P, Pp, S, N, K, G, H, tile, chunk, split, sm_scale,
-    dtype, NC, n_warm, warm_per_head, warm_bytes, interpret,
+    dtype, NC, n_warm, warm_per_head, interpret,
 ):  # fmt: skip
     # refs: the views to warm (jaxkv.kernels.l2warm), the output (split: the partials m, l, o), the
     # warming programs' scratch output when there are views, then the cache outputs (aliased to ck, cv)
@@ -77,7 +77,7 @@ def _kernel(
     @pl.when(c >= NC)  # programs past the slot chunks read the next launch's weights into the L2
     def _():
         index = (b * K + h) * warm_per_head + (c - NC)
-        warm_out[pl.ds(index, 1)] = l2warm.warm(warm_refs, index, programs, warm_bytes, interpret).reshape(1)
+        warm_out[pl.ds(index, 1)] = l2warm.warm(warm_refs, index, programs, interpret).reshape(1)
 
     @pl.when(c < NC)
     def _():
@@ -183,13 +183,12 @@ def chunks(batch: int, kv_heads: int, slots: int, cores: int) -> int:
         "tile",
         "num_warps",
         "warm_programs",
-        "warm_bytes",
         "interpret",
     ),
 )
 def attend(
     heads, positions, pivot_k, pivot_v, k, v, *, sm_scale, dtype, chunks=1, tile=TILE, num_warps=NUM_WARPS,
-    warm=(), warm_programs=WARM_PROGRAMS, warm_bytes=None, interpret=False,
+    warm=(), warm_programs=WARM_PROGRAMS, interpret=False,
 ):  # fmt: skip
     """Attention of one decode query per sequence over a full-precision cache layer, the new token
     written in place (module docstring). ``heads [B, N + 2K, H]``, ``positions [B]`` int32,
@@ -197,8 +196,8 @@ def attend(
     place); ``dtype`` the products' operands (the model's dtype); ``chunks`` programs per sequence
     and KV head along the slots (:func:`chunks`): past one, each writes its softmax partials and
     ``jaxkv.kernels.kvdecode.merge`` combines them with the pivot segment (a second launch).
-    ``warm``: arrays that about ``warm_programs`` extra programs read into the L2 (at most
-    ``warm_bytes`` of each; ``jaxkv.kernels.l2warm``), the weights of the launch that follows.
+    ``warm``: ``jaxkv.kernels.l2warm`` views (the weights of the launch that follows) that about
+    ``warm_programs`` extra programs read into the L2.
 
     Returns ``(out [B, K, G, H] in heads.dtype, k, v)``."""
     B, S, K, H = k.shape
@@ -211,11 +210,11 @@ def attend(
     NC = -(-S // chunk)
     # the refs need an entry when there is no pivot; never read
     pk, pv = (pivot_k, pivot_v) if P else (jnp.zeros((1, K, H), heads.dtype),) * 2
-    views = l2warm.flat_bytes(warm)
+    views = tuple(warm)
     per_head = -(-warm_programs // (B * K)) if views else 0  # warming programs per sequence and KV head
     kernel = functools.partial(
         _kernel, P=P, Pp=Pp, S=S, N=N, K=K, G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale,
-        dtype=jnp.dtype(dtype), NC=NC, n_warm=len(views), warm_per_head=per_head, warm_bytes=warm_bytes,
+        dtype=jnp.dtype(dtype), NC=NC, n_warm=len(views), warm_per_head=per_head,
         interpret=interpret,
     )  # fmt: skip
     if split:

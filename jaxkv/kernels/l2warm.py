@@ -12,8 +12,12 @@ Conventions
   reshape: no copy; words, so that using what was read costs one bitwise or per 4 bytes).
   Arrays whose size is not a multiple of ``ROW * TILE_ROWS`` bytes are left out (warming is only a
   speed-up).
+* :func:`weight_views` gives a weight's views (a QArray's codes, scales and zero points, or an
+  array) when the whole weight fits :data:`MAX_BYTES`, and none otherwise: the matmuls that read
+  them run as one wave of programs, so a partly warm weight would leave the cold programs as slow
+  as before.
 * :func:`warm` runs inside a kernel: program ``index`` of ``count`` reads its contiguous share of
-  the first ``max_bytes`` of every view (all of it when None) in tiles of ``TILE_ROWS x ROW`` bytes, ``UNROLL`` loads issued before any is used, with
+  every view in tiles of ``TILE_ROWS x ROW`` bytes, ``UNROLL`` loads issued before any is used, with
   the L2 eviction hint ``evict_last``. It returns one int32 that the caller stores (in a scratch
   output it then discards) so that the loads are not removed as dead code.
 * GPU only in effect: the interpreter (tests off the GPU) performs the same reads without the hint.
@@ -29,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 ROW = 512  # bytes per row of a view: 4 warps x 32 threads x 4 bytes
 TILE_ROWS = 8  # rows per load (4 KB)
 UNROLL = 4  # loads issued per loop step before any is used (16 KB in flight per program)
+MAX_BYTES = 40 << 20  # the largest weight warmed (an H100's L2 holds 50 MB)
 
 
 def flat_bytes(arrays) -> tuple[jax.Array, ...]:
@@ -43,15 +48,28 @@ def flat_bytes(arrays) -> tuple[jax.Array, ...]:
     return tuple(views)
 
 
-def warm(refs, index, count: int, max_bytes: int | None = None, interpret: bool = False) -> jax.Array:
-    """Read program ``index``'s share (of ``count`` programs) of the first ``max_bytes`` of every
-    :func:`flat_bytes` view; returns the bitwise or of what it read, a uint32 scalar for the caller
+def weight_views(w) -> tuple[jax.Array, ...]:
+    """The :func:`flat_bytes` views of weight ``w`` (a QArray, an array, or anything else: none)
+    when all of it fits :data:`MAX_BYTES` (module docstring)."""
+    from jaxkv.quant.qarray import QArray
+
+    if isinstance(w, QArray):
+        arrays = (w.packed, w.scale, w.zero)
+    elif isinstance(w, jax.Array):
+        arrays = (w,)
+    else:  # None, or a stacked weight's layer view (jaxkv.quant.qarray.LayerOf)
+        return ()
+    if sum(a.size * a.dtype.itemsize for a in arrays if a is not None) > MAX_BYTES:
+        return ()
+    return flat_bytes(arrays)
+
+
+def warm(refs, index, count: int, interpret: bool = False) -> jax.Array:
+    """Read program ``index``'s share (of ``count`` programs) of every :func:`flat_bytes` view; returns the bitwise or of what it read, a uint32 scalar for the caller
     to store (module docstring)."""
     acc = jnp.zeros((TILE_ROWS, ROW // 4), jnp.uint32)
     for ref in refs:
         tiles = ref.shape[0] // TILE_ROWS
-        if max_bytes is not None:
-            tiles = max(1, min(tiles, max_bytes // (ROW * TILE_ROWS)))
         per = -(-tiles // count)  # contiguous tiles per program
         first = index * per
         mine = jnp.clip(tiles - first, 0, per)
