@@ -717,7 +717,7 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, layout, split):
     assert runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 10
 
 
-@pytest.mark.parametrize("programs", [1, 3, 5, 64])
+@pytest.mark.parametrize("programs", [3, 64])
 def test_l2_warm_reads_every_byte_of_its_share(programs):
     """``l2warm.warm``: each program reads a contiguous share of every view, together all of it;
     more programs than tiles leave some idle. One marked byte in an otherwise zero array shows
@@ -750,7 +750,7 @@ def test_l2_warm_reads_every_byte_of_its_share(programs):
             )(*l2warm.flat_bytes((jnp.asarray(a), b)))
         )  # fmt: skip
 
-    for t in range(n_a):
+    for t in (0, 4, 5, 12):  # the first and last tiles, and both sides of the 3-program boundary
         a = np.zeros(n_a * tile, np.uint8)
         a[t * tile + 77] = 0x80
         np.testing.assert_array_equal(np.flatnonzero(run(a)), [t // per], err_msg=f"tile {t}")
