@@ -463,9 +463,6 @@ def _decode_with_kernels(q, k, v, pivot_k, pivot_v, kside, vside, positions, n_o
     return out.reshape(B, T, N * H), kside, vside
 
 
-WARM_NEXT_WEIGHT = True  # decode_full_precision warms the L2 with the output projection
-
-
 def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
     """True when one decode token per sequence over an unquantized cache layer takes
     ``jaxkv.kernels.fpdecode`` (:func:`decode_impl` is ``"kernel"``, no mesh, no sliding window,
@@ -483,23 +480,21 @@ def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
     )
 
 
-def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions, next_weight=None):
+def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions):
     """One decode token per sequence over an unquantized cache layer through
     ``jaxkv.kernels.fpdecode.attend`` (:func:`full_precision_kernel_applies`): q ``[B, 1, N, H]``,
     k/v ``[B, 1, K, H]`` after RoPE, pivot ``[P, K, H]``, the layer's body ``[B, S, K, H]``,
     positions ``[B, 1]``. The slots are split over programs when the sequences' KV heads are fewer
-    than the GPU's cores and the cache is long (``fpdecode.chunks``). ``next_weight``, the output
-    projection that reads the result (a QArray or an array), is read into the L2 by extra programs of
-    the same launch when it fits ``jaxkv.kernels.l2warm.MAX_BYTES``. Returns
-    ``(out [B, 1, N*H], cache_k, cache_v)``, the token written at slot ``position - P``."""
-    from jaxkv.kernels import fpdecode, kvdecode, l2warm
+    than the GPU's cores and the cache is long (``fpdecode.chunks``). Returns ``(out [B, 1, N*H],
+    cache_k, cache_v)``, the token written at slot ``position - P``."""
+    from jaxkv.kernels import fpdecode, kvdecode
 
     B, T, N, H = q.shape
     S, K = cache_k.shape[1], cache_k.shape[2]
     out, cache_k, cache_v = fpdecode.attend(
         kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
         sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, kvdecode.gpu_cores()),
-        warm=l2warm.weight_views(next_weight) if WARM_NEXT_WEIGHT else (), interpret=jax.default_backend() != "gpu",
+        interpret=jax.default_backend() != "gpu",
     )  # fmt: skip
     return out.reshape(B, T, N * H), cache_k, cache_v
 

@@ -40,47 +40,13 @@ from jaxkv.sharding import constrain
 _MASKED = -1e30
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, next_weight=None) -> jax.Array:
-    """RMSNorm over the last axis (statistics in float32, as Hugging Face).
-
-    ``next_weight``: the weight of the matmul that reads the result (a QArray or an array; a
-    stacked layer view is ignored). For a decode step's few rows on one GPU the norm then runs as
-    one Pallas launch whose extra programs read that weight into the L2 (``jaxkv.kernels.rmsnorm``;
-    weights up to ``jaxkv.kernels.l2warm.MAX_BYTES``); otherwise XLA's two launches. Without a
-    weight to warm XLA's launches stay: the kernel alone made no measurable difference to an H100
-    decode step (run 61, README issue 7)."""
-    from jaxkv.kernels import l2warm
-
-    lead, D = x.shape[:-1], x.shape[-1]
-    rows = int(np.prod(lead))
-    warm = l2warm.weight_views(next_weight) if _norm_kernel_applies(rows, D, x.dtype, weight) else ()
-    if warm:
-        from jaxkv.kernels import rmsnorm
-
-        out = rmsnorm.rms_norm(
-            x.reshape(rows, D), weight, warm, eps=eps, interpret=jax.default_backend() != "gpu"
-        )
-        return out.reshape(*lead, D)
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis (statistics in float32, as Hugging Face). XLA's two launches per
+    norm stay: a one-launch Pallas kernel for decode's few rows made no measurable difference to an
+    H100 decode step (run 61, README issue 7) and was removed."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * normed.astype(x.dtype)
-
-
-WARM_NORM = True  # rms_norm with a next weight warms it from a Pallas launch on the GPU
-
-
-def _norm_kernel_applies(rows: int, D: int, dtype, weight) -> bool:
-    """Whether :func:`rms_norm` runs as ``jaxkv.kernels.rmsnorm``'s warming launch: on a GPU (or
-    forced in tests), for a decode step's rows, outside a device mesh."""
-    from jaxkv.kernels import rmsnorm
-
-    return (
-        WARM_NORM
-        and jax.default_backend() == "gpu"
-        and rmsnorm.supported(rows, D, dtype)
-        and weight.shape == (D,)
-        and jax.sharding.get_abstract_mesh().empty
-    )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -154,7 +120,7 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps, lp.get("wqkv"))
+    h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         q, k, v = jnp.split(dense(h, lp["wqkv"]), [N * H, (N + K) * H], axis=-1)
     else:
@@ -184,7 +150,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
         if full_precision_kernel_applies(q, ck, cfg):
             # one decode token: one Pallas launch attends and writes it (jaxkv.kernels.fpdecode)
-            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions, lp["wo"])
+            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions)
         else:
             b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
             ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")
@@ -198,7 +164,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         new_kv = (ck, cv)
 
     x = x + dense(attn, lp["wo"])
-    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps, lp.get("w_gate_up"))
+    h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
         gate, up = jnp.split(dense(h, lp["w_gate_up"]), 2, axis=-1)
     else:

@@ -105,20 +105,8 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         packed = (1, O, I * bits // 8) if layout == "oi" else (1, I * bits // 8, O)
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
-    elif name in ("fp", "fpwarm"):
-        from jaxkv.kernels import fpdecode
-
-        warps, stages, B1, S1 = fpdecode.NUM_WARPS, fpdecode.NUM_STAGES, 1, 384
-        # fpwarm: with the int4 O projection's codes, scales and zeros warmed into the L2
-        warm = (S((2048, 4096), jnp.uint8), S((32, 4096), jnp.float16), S((32, 4096), jnp.uint8))
-        fn = lambda h, pos, pk, pv, k, v, *w: fpdecode.attend(  # noqa: E731
-            h, pos, pk, pv, k, v, sm_scale=H**-0.5, dtype=jnp.bfloat16, warm=w
-        )
-        cache = S((B1, S1, K, H), jnp.bfloat16)
-        args = (S((B1, 3 * K, H), jnp.bfloat16), S((B1,), jnp.int32), S((P, K, H), jnp.bfloat16),
-                S((P, K, H), jnp.bfloat16), cache, cache, *(warm if name == "fpwarm" else ()))  # fmt: skip
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, fp, fpwarm")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

@@ -626,8 +626,6 @@ def test_kv_merge_matches_float64(P, G, dtype):
         (20, 1, 33, "bfloat16", 1),  # a pivot longer than one tensor-core tile
         (5, 2, 300, "float32", 3),  # chunks of 128 slots, combined by merge with the pivot
         (0, 1, 200, "bfloat16", 4),  # chunks of 64: those past a query empty
-        (5, 2, 70, "float32", -1),  # one chunk and programs warming the L2 (jaxkv.kernels.l2warm)
-        (3, 4, 130, "bfloat16", -3),  # three chunks and warming programs
     ],
 )
 def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
@@ -635,10 +633,8 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     and the new token in one softmax (with ``chunks``, the slots split over programs and combined by
     ``kvdecode.merge``), against float64 numpy; the token lands in its slot and nothing else in the
     cache moves. Rows: a query deep in the body, one inside the pivot segment (sees part
-    of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot.
-    Negative ``chunks``: as many chunks, with extra programs warming the L2 with other arrays
-    (one too small to be viewed, so skipped), which changes nothing in the results."""
-    from jaxkv.kernels import fpdecode, l2warm
+    of it, writes nothing), padding (-1: sees nothing, writes nothing), the body's last slot."""
+    from jaxkv.kernels import fpdecode
 
     rng = np.random.default_rng(P + 10 * G + S)
     B, K, H = 4, 2, 64
@@ -653,14 +649,9 @@ def test_fp_decode_matches_float64(P, G, S, dtype, chunks):
     positions = np.array([P + S // 2, min(P, 3) - 1 if P else -1, -1, P + S - 1], np.int32)
     heads = kvdecode.step_heads(*(jnp.asarray(a, dt) for a in (q, kn, vn)))
     scale = float(np.float32(1 / np.sqrt(H)))
-    warm = ()
-    if chunks < 0:
-        chunks = -chunks
-        warm = (jnp.ones((64, 1024), jnp.uint8), jnp.ones((3, 4096), jnp.float16), jnp.ones((7,), jnp.uint8))
-        warm = l2warm.flat_bytes(warm)
     out, k2, v2 = fpdecode.attend(
         heads, jnp.asarray(positions), *(jnp.asarray(a, dt) for a in (pk, pv, ck, cv)), sm_scale=scale,
-        dtype=dt, chunks=chunks, warm=warm, warm_programs=5, interpret=not ON_GPU,
+        dtype=dt, chunks=chunks, interpret=not ON_GPU,
     )  # fmt: skip
     assert out.shape == (B, K, G, H) and out.dtype == dt
     want_k, want_v = ck.copy(), cv.copy()
@@ -715,131 +706,6 @@ def test_fp_decode_kernel_generates_like_xla(monkeypatch, layout, split):
         jax.clear_caches()
         runs[impl] = generate(m, prefix, prompts, max_new_tokens=10, stop_at_eos=False).tokens
     assert runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 10
-
-
-@pytest.mark.parametrize("programs", [3, 64])
-def test_l2_warm_reads_every_byte_of_its_share(programs):
-    """``l2warm.warm``: each program reads a contiguous share of every view, together all of it;
-    more programs than tiles leave some idle. One marked byte in an otherwise zero array shows
-    which program read its tile."""
-    from jax.experimental import pallas as pl
-
-    from jaxkv.kernels import l2warm
-
-    tile = l2warm.ROW * l2warm.TILE_ROWS
-    n_a, n_b = 13, 3  # tiles: shares of 13, 5 (3 programs), 3 (5 programs), 1 (64 programs)
-    b = jnp.zeros((n_b * tile // 2,), jnp.float16)
-    views = l2warm.flat_bytes((jnp.zeros(n_a * tile, jnp.uint8), b, jnp.ones((5,), jnp.uint8)))
-    rows = l2warm.TILE_ROWS
-    assert [(v.shape, v.dtype) for v in views] == [
-        ((n_a * rows, 128), jnp.uint32),
-        ((n_b * rows, 128), jnp.uint32),
-    ]
-    per = -(-n_a // programs)
-
-    def run(a):
-        def kernel(a_ref, b_ref, o_ref):
-            i = pl.program_id(0)
-            o_ref[pl.ds(i, 1)] = l2warm.warm((a_ref, b_ref), i, programs, interpret=True).reshape(1)
-
-        full = pl.BlockSpec(memory_space=None)
-        return np.asarray(
-            pl.pallas_call(
-                kernel, grid=(programs,), in_specs=[full, full], out_specs=full,
-                out_shape=jax.ShapeDtypeStruct((programs,), jnp.uint32), interpret=True,
-            )(*l2warm.flat_bytes((jnp.asarray(a), b)))
-        )  # fmt: skip
-
-    for t in (0, 4, 5, 12):  # the first and last tiles, and both sides of the 3-program boundary
-        a = np.zeros(n_a * tile, np.uint8)
-        a[t * tile + 77] = 0x80
-        np.testing.assert_array_equal(np.flatnonzero(run(a)), [t // per], err_msg=f"tile {t}")
-
-
-def test_l2_warm_takes_whole_weights_that_fit():
-    """``l2warm.weight_views``: a QArray's codes, scales and zero points (a symmetric one has no
-    zero array), a plain array, nothing for a weight over ``MAX_BYTES`` or a stacked layer view."""
-    from jaxkv.kernels import l2warm
-    from jaxkv.quant.qarray import LayerOf, quantize_tensor
-
-    w = jax.random.normal(jax.random.key(0), (1024, 1024), jnp.float32)
-    q = quantize_tensor(w, bits=4, group=128, sym=False)
-    views = l2warm.weight_views(q)
-    assert [v.shape[0] * l2warm.ROW for v in views] == [512 * 1024, 8 * 1024 * 2, 8 * 1024]
-    assert len(l2warm.weight_views(quantize_tensor(w, bits=4, group=128, sym=True))) == 2
-    assert [v.shape[0] * l2warm.ROW for v in l2warm.weight_views(w)] == [1024 * 1024 * 4]
-    assert l2warm.weight_views(jnp.zeros((l2warm.MAX_BYTES // 2 + 4096,), jnp.float16)) == ()
-    assert l2warm.weight_views(LayerOf(q, jnp.int32(0))) == () and l2warm.weight_views(None) == ()
-
-
-@pytest.mark.parametrize(
-    "rows,dtype,warm", [(1, "bfloat16", True), (3, "float16", True), (2, "bfloat16", False)]
-)
-def test_rms_norm_kernel_matches_float64(rows, dtype, warm):
-    """``rmsnorm.rms_norm``: each row normalised in float32, rounded to the input dtype before the
-    gain (``jaxkv.model.rms_norm``'s roundings), against float64 numpy; the warming programs (with
-    views to read) change nothing; a massive activation in one row."""
-    from jaxkv.kernels import l2warm, rmsnorm
-    from jaxkv.model import rms_norm
-
-    rng = np.random.default_rng(rows)
-    dt = jnp.dtype(dtype)
-    x = jnp.asarray(rng.standard_normal((rows, 256)), dt).at[0, 3].set(2000.0)
-    g = jnp.asarray(rng.uniform(0.5, 1.5, 256), dt)
-    views = l2warm.flat_bytes((jnp.ones((8192,), jnp.uint8),)) if warm else ()
-    out = rmsnorm.rms_norm(x, g, views, eps=1e-5, warm_programs=3, interpret=not ON_GPU)
-    assert out.shape == x.shape and out.dtype == dt
-    x64 = np.asarray(x.astype(jnp.float32), np.float64)
-    normed = x64 / np.sqrt(np.mean(x64 * x64, axis=1, keepdims=True) + 1e-5)
-    want = np.asarray(g.astype(jnp.float32), np.float64) * np.asarray(
-        jnp.asarray(normed, jnp.float32).astype(dt), np.float64
-    )
-    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32), np.float64), want, rtol=1e-2, atol=1e-3)
-    np.testing.assert_array_equal(
-        np.asarray(out), np.asarray(rms_norm(x, g, 1e-5))
-    )  # XLA's roundings exactly
-
-
-def test_l2_warming_launches_generate_like_xla(monkeypatch):
-    """Greedy decoding of a bf16 model with int4 weights in the decode layout, its norms taken by
-    the warming RMSNorm kernel (forced off the GPU, run by Pallas' interpreter) and the attention
-    kernel warming the O projection, gives the tokens of XLA's norms and attention exactly."""
-    import jaxkv.model as model_mod
-    from jaxkv.generate import generate
-    from jaxkv.kernels import l2warm, rmsnorm
-
-    class M:
-        pass
-
-    cfg = dataclasses.replace(_tiny_cfg(), hidden_size=128, intermediate_size=256, head_dim=32)
-    params = init_params(cfg, jax.random.key(4), jnp.bfloat16)
-    layers = {
-        k: (quantize_tensor(v, 4, 32) if k.startswith("w") and v.ndim == 3 else v)
-        for k, v in params["layers"].items()
-    }
-    m = M()
-    m.cfg, m.params = cfg, decode_layout({**params, "layers": layers})
-    lp = m.params["layers"][0]
-    assert (
-        l2warm.weight_views(lp["wqkv"])
-        and l2warm.weight_views(lp["w_gate_up"])
-        and l2warm.weight_views(lp["wo"])
-    )
-    calls = []
-
-    def forced(rows, D, dtype, weight):
-        calls.append(rows)
-        return model_mod.WARM_NORM and rmsnorm.supported(rows, D, dtype)
-
-    monkeypatch.setattr(model_mod, "_norm_kernel_applies", forced)
-    prompts = [[1, 5, 9, 2, 7], [3, 4]]
-    runs = {}
-    for impl, warm in (("xla", False), ("kernel", True)):
-        monkeypatch.setenv("JAXKV_KV_DECODE", impl)
-        monkeypatch.setattr(model_mod, "WARM_NORM", warm)
-        jax.clear_caches()
-        runs[impl] = generate(m, None, prompts, max_new_tokens=6, stop_at_eos=False).tokens
-    assert calls and runs["kernel"] == runs["xla"] and len(runs["kernel"][0]) == 6
 
 
 def test_fp_decode_splits_long_caches_only_when_the_heads_do_not_fill_the_gpu():

@@ -43,14 +43,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxkv.kernels import kvdecode, l2warm
+from jaxkv.kernels import kvdecode
 from jaxkv.kernels.kvdecode import _F32, _MASKED, ROWS, _dot, _pow2, _pow2_ceil
 
 TILE = 64  # body slots per loop step
 CHUNK_SLOTS = 1024  # the fewest slots per program when the slots are split (:func:`chunks`)
 NUM_WARPS = 4
 NUM_STAGES = 3
-WARM_PROGRAMS = 264  # programs that warm the L2 with the next weights (two per SM of an H100)
 
 
 def supported(head_dim: int, q_per_kv: int) -> bool:
@@ -61,37 +60,11 @@ def supported(head_dim: int, q_per_kv: int) -> bool:
 
 def _kernel(
     heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *refs, P, Pp, S, N, K, G, H, tile, chunk, split, sm_scale,
-    dtype, NC, n_warm, warm_per_head, interpret,
-):  # fmt: skip
-    # refs: the views to warm (jaxkv.kernels.l2warm), the output (split: the partials m, l, o), the
-    # warming programs' scratch output when there are views, then the cache outputs (aliased to ck, cv)
-    warm_refs, refs = refs[:n_warm], refs[n_warm:]
-    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    if not n_warm:
-        _attend_program(b, h, c, heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *refs, P=P, Pp=Pp, S=S, N=N, K=K,
-                        G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale, dtype=dtype)  # fmt: skip
-        return
-    *outs, warm_out, ck_out, cv_out = refs
-    programs = heads_ref.shape[0] * K * warm_per_head
-
-    @pl.when(c >= NC)  # programs past the slot chunks read the next launch's weights into the L2
-    def _():
-        index = (b * K + h) * warm_per_head + (c - NC)
-        warm_out[pl.ds(index, 1)] = l2warm.warm(warm_refs, index, programs, interpret).reshape(1)
-
-    @pl.when(c < NC)
-    def _():
-        _attend_program(b, h, c, heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *outs, ck_out, cv_out, P=P, Pp=Pp,
-                        S=S, N=N, K=K, G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale,
-                        dtype=dtype)  # fmt: skip
-
-
-def _attend_program(
-    b, h, c, heads_ref, pos_ref, pk_ref, pv_ref, ck_ref, cv_ref, *refs, P, Pp, S, N, K, G, H, tile, chunk, split, sm_scale,
     dtype,
 ):  # fmt: skip
-    """Program ``(b, h, c)``'s attention: sequence ``b``, KV head ``h``, chunk ``c`` of the slots."""
+    # refs: the output (split: the partials m, l, o), then the cache outputs (aliased to ck, cv)
     *outs, ck_out, cv_out = refs
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     dot = _dot(dtype)
     pos = pos_ref[b]
     slot = pos - P
@@ -174,21 +147,10 @@ def chunks(batch: int, kv_heads: int, slots: int, cores: int) -> int:
     return kvdecode.chunks(batch, kv_heads, slots, cores, min_slots=CHUNK_SLOTS, per_core=1)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "sm_scale",
-        "dtype",
-        "chunks",
-        "tile",
-        "num_warps",
-        "warm_programs",
-        "interpret",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("sm_scale", "dtype", "chunks", "tile", "num_warps", "interpret"))
 def attend(
     heads, positions, pivot_k, pivot_v, k, v, *, sm_scale, dtype, chunks=1, tile=TILE, num_warps=NUM_WARPS,
-    warm=(), warm_programs=WARM_PROGRAMS, interpret=False,
+    interpret=False,
 ):  # fmt: skip
     """Attention of one decode query per sequence over a full-precision cache layer, the new token
     written in place (module docstring). ``heads [B, N + 2K, H]``, ``positions [B]`` int32,
@@ -196,8 +158,6 @@ def attend(
     place); ``dtype`` the products' operands (the model's dtype); ``chunks`` programs per sequence
     and KV head along the slots (:func:`chunks`): past one, each writes its softmax partials and
     ``jaxkv.kernels.kvdecode.merge`` combines them with the pivot segment (a second launch).
-    ``warm``: ``jaxkv.kernels.l2warm`` views (the weights of the launch that follows) that about
-    ``warm_programs`` extra programs read into the L2.
 
     Returns ``(out [B, K, G, H] in heads.dtype, k, v)``."""
     B, S, K, H = k.shape
@@ -210,12 +170,9 @@ def attend(
     NC = -(-S // chunk)
     # the refs need an entry when there is no pivot; never read
     pk, pv = (pivot_k, pivot_v) if P else (jnp.zeros((1, K, H), heads.dtype),) * 2
-    views = tuple(warm)
-    per_head = -(-warm_programs // (B * K)) if views else 0  # warming programs per sequence and KV head
     kernel = functools.partial(
         _kernel, P=P, Pp=Pp, S=S, N=N, K=K, G=G, H=H, tile=tile, chunk=chunk, split=split, sm_scale=sm_scale,
-        dtype=jnp.dtype(dtype), NC=NC, n_warm=len(views), warm_per_head=per_head,
-        interpret=interpret,
+        dtype=jnp.dtype(dtype),
     )  # fmt: skip
     if split:
         out_shape = [jax.ShapeDtypeStruct((B, K, NC, G), _F32)] * 2 + [
@@ -223,13 +180,11 @@ def attend(
         ]
     else:
         out_shape = [jax.ShapeDtypeStruct((B, K, G, H), heads.dtype)]
-    if views:  # the warming programs' scratch output (discarded)
-        out_shape.append(jax.ShapeDtypeStruct((B * K * per_head,), jnp.uint32))
     full = pl.BlockSpec(memory_space=None)
     *out, k, v = pl.pallas_call(
         kernel,
-        grid=(B, K, NC + per_head),
-        in_specs=[full] * (6 + len(views)),
+        grid=(B, K, NC),
+        in_specs=[full] * 6,
         out_specs=[full] * (len(out_shape) + 2),
         out_shape=[
             *out_shape,
@@ -240,9 +195,7 @@ def attend(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=NUM_STAGES),
         interpret=interpret,
         name="kv_decode_fp_partials" if split else "kv_decode_fp",
-    )(heads, positions.astype(jnp.int32), pk, pv, k, v, *views)
-    if views:
-        out = out[:-1]
+    )(heads, positions.astype(jnp.int32), pk, pv, k, v)
     if split:
         out = [
             kvdecode.merge(
