@@ -65,6 +65,57 @@ def test_qmatmul_matches_float64(bits, M, group, config, sym):
     assert np.linalg.norm(np.asarray(y, np.float64) - other) / np.linalg.norm(other) > 0.1
 
 
+@pytest.mark.parametrize(
+    "M,config",
+    [(1, None), (3, qk.KernelConfig(128, 1, 4, 3)), (3, qk.KernelConfig(128, 2, 4, 3))],
+)
+def test_qmatmul_row_scale_matches_float64(M, config):
+    """``row_scale``: each output row multiplied in float32 before the rounding to bf16 (the
+    one-row kernel's split sum, the tensor-core kernel with one split and with two)."""
+    rng = np.random.default_rng(M + 40)
+    q, codes, scale, zero = _random_q(rng, 1, 256, 256, 4, 64, False)
+    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.bfloat16)
+    r = rng.uniform(0.01, 10.0, M).astype(np.float32)
+    y = qk.qmatmul(
+        x, q.packed, q.scale, q.zero, None, jnp.asarray(r), bits=4, group=64, config=config,
+        interpret=not ON_GPU,
+    )  # fmt: skip
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[0], scale[0], zero[0], 64) * r[:, None]
+    assert y.shape == (M, 256) and y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=8e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_norm_dense_moves_the_norm_past_the_kernel(monkeypatch):
+    """``model.norm_dense`` on the quantized kernel's path (forced, run by Pallas' interpreter):
+    ``norm_weight * x`` into the kernel and ``1/rms`` per output row after it, against float64 numpy
+    of ``rms_norm(x) @ w``, as close as the plain order (``rms_norm`` then ``dense``) with its own
+    bf16 roundings; a massive activation in one row."""
+    import functools
+
+    import jaxkv.quant.qarray as qa
+    from jaxkv.model import dense, norm_dense, rms_norm
+
+    rng = np.random.default_rng(3)
+    q, codes, scale, zero = _random_q(rng, 1, 256, 384, 4, 64, False)
+    w = jax.tree.map(lambda a: a[0], q)
+    x = jnp.asarray(rng.standard_normal((2, 1, 256)), jnp.bfloat16).at[0, 0, 5].set(300.0)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 256), jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64).reshape(2, 256)
+    h64 = x64 / np.sqrt(np.mean(x64**2, axis=1, keepdims=True) + 1e-5) * np.asarray(g.astype(jnp.float32))
+    ref = qk.reference(h64, codes[0], scale[0], zero[0], 64)
+    plain = np.asarray(dense(rms_norm(x, g, 1e-5), w), np.float64).reshape(2, 384)
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
+    monkeypatch.setattr(qk, "qmatmul", functools.partial(qk.qmatmul, interpret=not ON_GPU))
+    (moved,) = norm_dense(x, g, 1e-5, [w])
+    moved = np.asarray(moved, np.float64).reshape(2, 384)
+    for y in (plain, moved):
+        assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 6e-3
+    assert not np.array_equal(plain, moved)  # the kernel's order was taken, not the plain one
+    with pytest.raises(ValueError, match="row_scale"):
+        monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
+        qa.matmul(x, w, row_scale=jnp.ones((2, 1)))
+
+
 def test_gemv_keeps_precision_under_an_outlier_activation():
     """The one-row kernel offsets every code by a constant it removes through the zero point; a
     massive activation (the pivot tokens' kind, 1000x the rest) must not swamp the small terms.

@@ -382,6 +382,7 @@ def qmatmul(
     scale: jax.Array,
     zero: jax.Array,
     layer: jax.Array,
+    row_scale: jax.Array | None = None,
     *,
     bits: int,
     group: int,
@@ -394,7 +395,9 @@ def qmatmul(
     ``packed [L, I*bits/8, O]`` uint8 (layout ``"io"``) or ``[L, O, I*bits/8]`` (``"oi"``; module
     docstring), ``scale``/``zero`` ``[L, I/group, O]`` (zero uint8; symmetric weights pass their
     implicit zero point as an array), ``layer`` an int32 scalar, or None when ``L == 1`` (the kernel
-    then needs no layer offset).
+    then needs no layer offset). ``row_scale [M]`` (float32), when given, multiplies each output row
+    in float32 before the rounding to ``x.dtype``, in the launch that adds the split-K partial sums
+    (``jaxkv.model`` passes RMSNorm's ``1/rms`` this way, so the norm needs no scaling launch).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -410,8 +413,9 @@ def qmatmul(
     if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
         weights = tuple(a.reshape(a.shape[1:]) for a in weights)
         layer = 0
-    # One split writes x.dtype directly; several write float32 partial sums that XLA adds.
-    out_dtype = x.dtype if cfg.split_k == 1 else jnp.float32
+    # One split writes x.dtype directly (float32 when rows are scaled after); several write float32
+    # partial sums that XLA adds.
+    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
@@ -428,8 +432,10 @@ def qmatmul(
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
-    y = out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0)
-    return y[:M].astype(x.dtype)
+    y = (out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0))[:M]
+    if row_scale is not None:
+        y = y * row_scale.reshape(M, 1).astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
 def zero_points(w) -> jax.Array:

@@ -402,6 +402,13 @@ def _use_kernel(x: jax.Array, w: QArray) -> bool:
     return qk.supported(int(np.prod(x.shape[:-1])), I, O, w.bits, w.group)
 
 
+def kernel_applies(x: jax.Array, w) -> bool:
+    """Whether :func:`matmul` of ``x`` by ``w`` (a QArray or :class:`LayerOf` one; anything else:
+    False) runs on the GPU kernel's path."""
+    q = w.stacked if isinstance(w, LayerOf) else w
+    return isinstance(q, QArray) and _use_kernel(x, q)
+
+
 def _kernels_enabled() -> bool:
     return os.environ.get("JAXKV_QMATMUL", "auto") != "xla" and jax.default_backend() == "gpu"
 
@@ -424,9 +431,10 @@ def decode_layout_for(w: QArray, rows: int) -> str:
     return "oi" if fast else "io"
 
 
-def matmul(x: jax.Array, w) -> jax.Array:
+def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     """``x [..., I] @ w [I, O]`` for a 2-D QArray (or a :class:`LayerOf` one), dequantizing on the fly;
-    returns ``x.dtype``.
+    returns ``x.dtype``. ``row_scale [...]`` (float32; the GPU kernel's path only,
+    :func:`kernel_applies`) multiplies each output row before the rounding to ``x.dtype``.
 
     Evaluation orders, chosen statically, none with a lasting float copy of ``w``:
     * GPU, few rows (decode): the Pallas kernel of ``jaxkv.kernels.qmatmul`` over the packed bytes.
@@ -443,6 +451,8 @@ def matmul(x: jax.Array, w) -> jax.Array:
     if q.ndim != (3 if isinstance(w, LayerOf) else 2):
         raise ValueError(f"matmul needs a 2-D QArray (slice the stacked axis first), got shape {w.shape}")
     I, O = q.shape[-2:]
+    if row_scale is not None and not _use_kernel(x, q):
+        raise ValueError("row_scale is applied by the GPU kernel's path only (qarray.kernel_applies)")
     if _use_kernel(x, q):
         from jaxkv.kernels import qmatmul as qk
 
@@ -452,8 +462,9 @@ def matmul(x: jax.Array, w) -> jax.Array:
             stacked, index = jax.tree.map(lambda a: a[None], q), None
         x2 = x.reshape(-1, I)
         zero = qk.zero_points(stacked)
+        rs = None if row_scale is None else row_scale.reshape(-1)
         y = qk.qmatmul(
-            x2, stacked.packed, stacked.scale, zero, index, bits=q.bits, group=q.group, layout=q.layout
+            x2, stacked.packed, stacked.scale, zero, index, rs, bits=q.bits, group=q.group, layout=q.layout
         )
         return y.reshape(*x.shape[:-1], O)
     if isinstance(w, LayerOf):
