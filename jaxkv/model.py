@@ -44,9 +44,14 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis (statistics in float32, as Hugging Face). XLA's two launches per
     norm stay: a one-launch Pallas kernel for decode's few rows made no measurable difference to an
     H100 decode step (run 61, README issue 7) and was removed."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x.astype(jnp.float32) * _inv_rms(x, eps)[..., None]
     return weight * normed.astype(x.dtype)
+
+
+def _inv_rms(x: jax.Array, eps: float) -> jax.Array:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last axis, in float32 (``x.shape[:-1]``)."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -106,10 +111,8 @@ def norm_dense(x: jax.Array, norm_weight: jax.Array, eps: float, weights: list) 
     if not all(kernel_applies(x, w) for w in weights):
         h = rms_norm(x, norm_weight, eps)
         return [dense(h, w) for w in weights]
-    x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)  # [...]
     gx = norm_weight * x
-    return [matmul(gx, w, row_scale=inv_rms) for w in weights]
+    return [matmul(gx, w, row_scale=_inv_rms(x, eps)) for w in weights]
 
 
 def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:

@@ -111,8 +111,8 @@ def test_norm_dense_moves_the_norm_past_the_kernel(monkeypatch):
     for y in (plain, moved):
         assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 6e-3
     assert not np.array_equal(plain, moved)  # the kernel's order was taken, not the plain one
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
     with pytest.raises(ValueError, match="row_scale"):
-        monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
         qa.matmul(x, w, row_scale=jnp.ones((2, 1)))
 
 

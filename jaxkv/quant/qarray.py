@@ -451,9 +451,10 @@ def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     if q.ndim != (3 if isinstance(w, LayerOf) else 2):
         raise ValueError(f"matmul needs a 2-D QArray (slice the stacked axis first), got shape {w.shape}")
     I, O = q.shape[-2:]
-    if row_scale is not None and not _use_kernel(x, q):
+    on_kernel = _use_kernel(x, q)
+    if row_scale is not None and not on_kernel:
         raise ValueError("row_scale is applied by the GPU kernel's path only (qarray.kernel_applies)")
-    if _use_kernel(x, q):
+    if on_kernel:
         from jaxkv.kernels import qmatmul as qk
 
         if isinstance(w, LayerOf):
