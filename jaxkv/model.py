@@ -141,11 +141,40 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
     return out.astype(values.dtype).reshape(B, T, N * H)
 
 
+def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
+    """Whether the block runs on the GPU's quantized decode kernel with each matmul's split-K sum
+    fused into what follows it (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
+    (:func:`fuse_projections`) and every product on the kernel (``qarray.kernel_applies``)."""
+    from jaxkv.kernels import epilogue
+    from jaxkv.quant.qarray import kernel_applies
+
+    return (
+        "wqkv" in lp
+        and "w_gate_up" in lp
+        and all(kernel_applies(x, lp[n]) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
+        and epilogue.applies(cfg.hidden_size, cfg.intermediate_size, cfg.head_dim)
+    )
+
+
 def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
     RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
-    B, T, _ = x.shape
+    B, T, D = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if _on_epilogues(x, lp, cfg):
+        # one launch after the matmul: its split sum, the norm's 1/rms, biases and RoPE
+        from jaxkv.kernels import epilogue
+        from jaxkv.quant.qarray import matmul_partials
+
+        x32 = x.astype(jnp.float32).reshape(B * T, D)
+        sumsq = jnp.sum(x32 * x32, axis=-1)[None]  # [1, B*T]
+        partials = matmul_partials(lp["attn_norm"] * x, lp["wqkv"])
+        bias = jnp.concatenate([lp["bq"], lp["bk"], lp["bv"]]) if cfg.attention_bias else None
+        q, k, v = epilogue.qkv_rope(
+            partials, sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq), bias,
+            heads=N, kv_heads=K, head_dim=H, hidden=D, eps=cfg.rms_norm_eps, dtype=x.dtype,
+        )  # fmt: skip
+        return q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         (qkv,) = norm_dense(x, lp["attn_norm"], cfg.rms_norm_eps, [lp["wqkv"]])
         q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
@@ -189,6 +218,21 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
             attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
+    if _on_epilogues(x, lp, cfg):
+        # one launch after O (its split sum, the residual add, the MLP norm's inputs), one after
+        # gate/up (its split sum, the norm's 1/rms, SiLU(gate) * up): jaxkv.kernels.epilogue
+        from jaxkv.kernels import epilogue
+        from jaxkv.quant.qarray import matmul_partials
+
+        D = x.shape[-1]
+        x2, gx, sumsq = epilogue.residual_norm(
+            x.reshape(B * T, D), matmul_partials(attn, lp["wo"]), lp["mlp_norm"]
+        )
+        h = epilogue.silu_mul(
+            matmul_partials(gx, lp["w_gate_up"]), sumsq, hidden=D, eps=cfg.rms_norm_eps, dtype=x.dtype
+        )
+        x = x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])
+        return constrain(x), new_kv
     x = x + dense(attn, lp["wo"])
     if "w_gate_up" in lp:
         (gate_up,) = norm_dense(x, lp["mlp_norm"], cfg.rms_norm_eps, [lp["w_gate_up"]])

@@ -783,3 +783,134 @@ def test_kv_decode_splits_the_body_until_every_core_has_its_programs():
     assert kvdecode.chunks(1, 32, 4352, 132) == 5  # capped by the cache: 5 chunks of >= 1024 slots
     assert kvdecode.chunks(1, 32, 300, 132) == 1  # short
     assert kvdecode.chunks(1, 32, 4352, 0) == 1  # no cores known (CPU)
+
+
+def _sumsq_parts(x64: np.ndarray, n: int) -> np.ndarray:
+    """Partial sums of squares ``[n, M]`` of rows ``x64 [M, D]`` over ``n`` column blocks."""
+    return np.stack([(c**2).sum(axis=1) for c in np.array_split(x64, n, axis=1)]).astype(np.float32)
+
+
+def test_epilogue_residual_norm_matches_float64():
+    """``epilogue.residual_norm``: 5 splits (loaded as 4 + 1), 2 rows of 16 padded ones, two column
+    blocks: ``x + sum(partials)``, ``norm_weight * x_new`` and per-block sums of squares."""
+    from jaxkv.kernels import epilogue
+
+    rng = np.random.default_rng(11)
+    S, M, Mp, D = 5, 2, 16, 256
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.bfloat16)
+    p = rng.standard_normal((S, Mp, D)).astype(np.float32)
+    w = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.bfloat16)
+    xn, gx, ss = epilogue.residual_norm(x, jnp.asarray(p), w, interpret=not ON_GPU)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64) + p[:, :M].astype(np.float64).sum(0)
+    assert xn.dtype == gx.dtype == jnp.bfloat16 and ss.shape == (2, M)
+    np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=2**-8, atol=1e-6)
+    xr = np.asarray(xn, np.float64)  # the norm sees the stored (rounded) stream, as XLA's norm does
+    np.testing.assert_allclose(np.asarray(gx, np.float64), xr * np.asarray(w, np.float64), rtol=2**-8)
+    np.testing.assert_allclose(np.asarray(ss, np.float64), _sumsq_parts(xr, 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_epilogue_qkv_rope_matches_float64(bias):
+    """``epilogue.qkv_rope``: grouped heads (4 query, 2 key/value), 3 splits, the norm's ``1/rms``
+    from 3 partial sums of squares, optional biases, RoPE at two positions, against float64."""
+    from jaxkv.kernels import epilogue
+    from jaxkv.model import rope_inv_freq
+
+    rng = np.random.default_rng(12)
+    N, K, H, S, M, D, eps = 4, 2, 32, 3, 2, 96, 1e-5
+    cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=64, num_layers=1, num_heads=N,
+                      num_kv_heads=K, head_dim=H)  # fmt: skip
+    inv_freq = rope_inv_freq(cfg)
+    p = rng.standard_normal((S, M, (N + 2 * K) * H)).astype(np.float32)
+    xrow = rng.standard_normal((M, D)) * 3
+    ss = _sumsq_parts(xrow, 3)
+    b = rng.standard_normal((N + 2 * K) * H).astype(np.float32) if bias else None
+    pos = np.array([7, 100], np.int32)
+    q, k, v = epilogue.qkv_rope(
+        jnp.asarray(p), jnp.asarray(ss), jnp.asarray(pos), jnp.asarray(inv_freq),
+        None if b is None else jnp.asarray(b, jnp.bfloat16), heads=N, kv_heads=K, head_dim=H, hidden=D,
+        eps=eps, dtype=jnp.bfloat16, interpret=not ON_GPU,
+    )  # fmt: skip
+    r = 1 / np.sqrt((xrow**2).mean(axis=1, keepdims=True) + eps)
+    y = p.astype(np.float64).sum(0) * r
+    if b is not None:
+        y = y + np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)
+    y = y.reshape(M, N + 2 * K, H)
+    ang = pos[:, None, None].astype(np.float64) * inv_freq.astype(np.float64)
+    y1, y2 = y[..., : H // 2], y[..., H // 2 :]
+    rot = np.concatenate([y1 * np.cos(ang) - y2 * np.sin(ang), y2 * np.cos(ang) + y1 * np.sin(ang)], -1)
+    want = (rot[:, :N], rot[:, N : N + K], y[:, N + K :])
+    for got, ref in zip((q, k, v), want, strict=True):
+        assert got.dtype == jnp.bfloat16
+        ref = ref.reshape(M, -1)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), ref, rtol=2**-7, atol=1e-3 * np.abs(ref).max()
+        )
+
+
+def test_epilogue_silu_mul_matches_float64():
+    """``epilogue.silu_mul``: 33 splits (32 + 1), one row, three column blocks of 64 (F = 192):
+    ``SiLU(gate * r) * (up * r)`` with the norm's ``1/rms`` r."""
+    from jaxkv.kernels import epilogue
+
+    rng = np.random.default_rng(13)
+    S, F, D, eps = 33, 192, 64, 1e-6
+    p = rng.standard_normal((S, 1, 2 * F)).astype(np.float32)
+    xrow = rng.standard_normal((1, D))
+    h = epilogue.silu_mul(
+        jnp.asarray(p), jnp.asarray(_sumsq_parts(xrow, 1)), hidden=D, eps=eps, dtype=jnp.bfloat16,
+        interpret=not ON_GPU,
+    )  # fmt: skip
+    y = p.astype(np.float64).sum(0) / np.sqrt((xrow**2).mean() + eps)
+    gate, up = y[:, :F], y[:, F:]
+    ref = gate / (1 + np.exp(-gate)) * up
+    assert h.shape == (1, F) and h.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=2**-7, atol=1e-3 * np.abs(ref).max())
+
+
+def test_decode_with_epilogues_matches_xla_path(monkeypatch):
+    """A decode step of an int4 model with fused projections and attention biases (grouped heads)
+    on the kernel path with its fused split-K epilogues (forced; Pallas' interpreter off the GPU)
+    against the portable XLA path: the epilogues run (Q/K/V's is counted) and the logits agree as
+    closely as the kernel path without them."""
+    import functools
+
+    import jaxkv.quant.qarray as qa
+    from jaxkv.kernels import epilogue
+    from jaxkv.kvcache import init_cache
+
+    cfg = ModelConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=32, max_position_embeddings=256, attention_bias=True,
+    )  # fmt: skip
+    params = init_params(cfg, jax.random.key(1), jnp.bfloat16)
+    layers = {k: (quantize_tensor(v, 4, 64) if v.ndim == 3 else v) for k, v in params["layers"].items()}
+    layers.update({k: layers[k] + 0.1 for k in ("bq", "bk", "bv")})
+    params = fuse_projections({**params, "layers": layers})
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+
+    def run():
+        jax.clear_caches()
+        cache = init_cache(cfg, 2, 16, jnp.bfloat16)
+        _, cache = jax.jit(forward, static_argnames="cfg")(params, tokens[:, :11], pos[:, :11], cache, cfg)
+        logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 11:], pos[:, 11:], cache, cfg)
+        return np.asarray(logits, np.float64)
+
+    monkeypatch.setenv("JAXKV_QMATMUL", "xla")
+    slow = run()
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
+    monkeypatch.setattr(qk, "qmatmul", functools.partial(qk.qmatmul, interpret=not ON_GPU))
+    calls = []
+    for name in ("qkv_rope", "residual_norm", "silu_mul"):
+        fn = functools.partial(getattr(epilogue, name), interpret=not ON_GPU)
+        if name == "qkv_rope":
+            fn = functools.partial(lambda fn, *a, **k: (calls.append(a[0].shape), fn(*a, **k))[1], fn)
+        monkeypatch.setattr(epilogue, name, fn)
+    fused = run()
+    assert calls  # the epilogues ran (one trace per forward)
+    monkeypatch.setattr(epilogue, "applies", lambda *a: False)
+    unfused = run()
+    err = np.linalg.norm(fused - slow) / np.linalg.norm(slow)
+    assert err < 1.5 * np.linalg.norm(unfused - slow) / np.linalg.norm(slow) + 1e-3 and err < 2e-2
+    assert not np.array_equal(fused, unfused)

@@ -375,7 +375,7 @@ def _gemv4_kernel(
     o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "partials", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -388,6 +388,7 @@ def qmatmul(
     group: int,
     layout: str = "io",
     config: KernelConfig | None = None,
+    partials: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
@@ -398,6 +399,9 @@ def qmatmul(
     then needs no layer offset). ``row_scale [M]`` (float32), when given, multiplies each output row
     in float32 before the rounding to ``x.dtype``, in the launch that adds the split-K partial sums
     (``jaxkv.model`` passes RMSNorm's ``1/rms`` this way, so the norm needs no scaling launch).
+    ``partials=True`` returns the kernel's float32 output as it is, ``[split_k, Mp, O]`` with
+    ``Mp >= M`` rows (rows past ``M`` are padding), for a launch that adds the splits together with
+    what comes next (``jaxkv.kernels.epilogue``).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -415,7 +419,9 @@ def qmatmul(
         layer = 0
     # One split writes x.dtype directly (float32 when rows are scaled after); several write float32
     # partial sums that XLA adds.
-    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None else jnp.float32
+    if partials and row_scale is not None:
+        raise ValueError("row_scale applies to the summed output; with partials=True the caller sums")
+    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None and not partials else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
@@ -432,6 +438,8 @@ def qmatmul(
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
+    if partials:
+        return out
     y = (out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0))[:M]
     if row_scale is not None:
         y = y * row_scale.reshape(M, 1).astype(jnp.float32)

@@ -455,19 +455,8 @@ def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     if row_scale is not None and not on_kernel:
         raise ValueError("row_scale is applied by the GPU kernel's path only (qarray.kernel_applies)")
     if on_kernel:
-        from jaxkv.kernels import qmatmul as qk
-
-        if isinstance(w, LayerOf):
-            stacked, index = q, w.index
-        else:
-            stacked, index = jax.tree.map(lambda a: a[None], q), None
-        x2 = x.reshape(-1, I)
-        zero = qk.zero_points(stacked)
         rs = None if row_scale is None else row_scale.reshape(-1)
-        y = qk.qmatmul(
-            x2, stacked.packed, stacked.scale, zero, index, rs, bits=q.bits, group=q.group, layout=q.layout
-        )
-        return y.reshape(*x.shape[:-1], O)
+        return _on_kernel(x.reshape(-1, I), w, rs).reshape(*x.shape[:-1], O)
     if isinstance(w, LayerOf):
         w = w.get()
     ng = I // w.group
@@ -485,6 +474,31 @@ def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     if w.layout == "oi":
         return jnp.einsum("...i,oi->...o", x, _dequantize_rows(w, x.dtype))
     return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
+
+
+def _on_kernel(x2: jax.Array, w, row_scale=None, partials: bool = False) -> jax.Array:
+    """``jaxkv.kernels.qmatmul.qmatmul`` of rows ``x2 [M, I]`` by ``w`` (QArray or LayerOf)."""
+    from jaxkv.kernels import qmatmul as qk
+
+    if isinstance(w, LayerOf):
+        stacked, index = w.stacked, w.index
+    else:
+        stacked, index = jax.tree.map(lambda a: a[None], w), None
+    zero = qk.zero_points(stacked)
+    return qk.qmatmul(
+        x2, stacked.packed, stacked.scale, zero, index, row_scale,
+        bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=partials,
+    )  # fmt: skip
+
+
+def matmul_partials(x: jax.Array, w) -> jax.Array:
+    """The GPU kernel's split-K partial products of ``x [..., I] @ w``, unsummed: ``[splits, Mp, O]``
+    float32 over the ``M = prod(x.shape[:-1])`` rows of ``x`` (``Mp >= M``; rows past ``M`` are
+    padding). For a launch that adds them together with the next operation
+    (``jaxkv.kernels.epilogue``); the kernel's path only (:func:`kernel_applies`)."""
+    if not kernel_applies(x, w):
+        raise ValueError("matmul_partials runs on the GPU kernel's path only (qarray.kernel_applies)")
+    return _on_kernel(x.reshape(-1, x.shape[-1]), w, partials=True)
 
 
 def einsum(eqn: str, x: jax.Array, w) -> jax.Array:
