@@ -156,9 +156,11 @@ def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
     )
 
 
-def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
+def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None):
     """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
-    RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
+    RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys.
+    ``normed``: ``(attn_norm * x [B*T, D], partial sums of squares [n, B*T])`` when the previous
+    block's last epilogue computed them (``jaxkv.kernels.epilogue``; used on that path only)."""
     B, T, D = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if _on_epilogues(x, lp, cfg):
@@ -166,9 +168,11 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
         from jaxkv.kernels import epilogue
         from jaxkv.quant.qarray import matmul_partials
 
-        x32 = x.astype(jnp.float32).reshape(B * T, D)
-        sumsq = jnp.sum(x32 * x32, axis=-1)[None]  # [1, B*T]
-        partials = matmul_partials(lp["attn_norm"] * x, lp["wqkv"])
+        if normed is None:
+            x32 = x.astype(jnp.float32).reshape(B * T, D)
+            normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
+        gx, sumsq = normed
+        partials = matmul_partials(gx, lp["wqkv"])
         bias = jnp.concatenate([lp["bq"], lp["bk"], lp["bv"]]) if cfg.attention_bias else None
         q, k, v = epilogue.qkv_rope(
             partials, sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq), bias,
@@ -187,14 +191,23 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     return q, k, v.reshape(B, T, K, H)
 
 
-def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
+def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, next_norm=None):
     """One decoder block. cache_kv is None or (pivot_k, pivot_v, k, v, write_slot, lengths).
 
     ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
     (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
+
+    On the fused epilogues' path (``jaxkv.kernels.epilogue``) with ``next_norm`` (the next RMSNorm's
+    weight: the next block's attention norm, or the final norm) the block returns the stream as
+    ``(x, next_norm * x, partial sums of squares)``, computed in the launch of its last residual add,
+    and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can carry it pass
+    ``next_norm``: the per-layer loop of :func:`decode_layout`'s parameters.
     """
+    normed = None
+    if isinstance(x, tuple):
+        x, *normed = x
     B, T, _ = x.shape
-    q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
+    q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg, normed)
 
     if attend is not None:
         attn, new_kv = attend(q, k, v)
@@ -231,8 +244,11 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None):
         h = epilogue.silu_mul(
             matmul_partials(gx, lp["w_gate_up"]), sumsq, hidden=D, eps=cfg.rms_norm_eps, dtype=x.dtype
         )
-        x = x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])
-        return constrain(x), new_kv
+        if next_norm is None:
+            return constrain(x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])), new_kv
+        # the residual add and the next norm's inputs in one launch: the stream leaves as a tuple
+        x2, gx, sumsq = epilogue.residual_norm(x2, matmul_partials(h, lp["w_down"]), next_norm)
+        return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq), new_kv
     x = x + dense(attn, lp["wo"])
     if "w_gate_up" in lp:
         (gate_up,) = norm_dense(x, lp["mlp_norm"], cfg.rms_norm_eps, [lp["w_gate_up"]])
@@ -289,12 +305,29 @@ def decoder(
     def body(x, xs):
         i, pk, pv, ck, cv = xs
         lp = layer_at(params["layers"], i)
-        x, (ck, cv) = _layer(x, lp, positions, inv_freq, (pk, pv, ck, cv, slot, lengths), cfg)
-        return x, ((x if collect else None), ck, cv)
+        cache_kv = (pk, pv, ck, cv, slot, lengths)
+        x, (ck, cv) = _layer(x, lp, positions, inv_freq, cache_kv, cfg, next_norm=_next_norm(params, i))
+        return x, ((_stream_x(x) if collect else None), ck, cv)
 
     xs = (jnp.arange(cfg.num_layers), cache.pivot_k, cache.pivot_v, cache.k, cache.v)
     x, (outs, new_k, new_v) = _over_layers(body, x, xs, params["layers"], 0)
-    return x, cache.replace(k=new_k, v=new_v, lengths=lengths.astype(jnp.int32)), outs
+    return _stream_x(x), cache.replace(k=new_k, v=new_v, lengths=lengths.astype(jnp.int32)), outs
+
+
+def _next_norm(params, i):
+    """The RMSNorm weight after block ``i`` (the next block's attention norm, or the final norm)
+    where the layer loop can carry the stream as a tuple (:func:`_layer`): over
+    :func:`decode_layout`'s per-layer parameters (``i`` a Python int); else None (a scan's carry
+    keeps one form)."""
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return None
+    return layers[i + 1]["attn_norm"] if i + 1 < len(layers) else params["final_norm"]
+
+
+def _stream_x(x):
+    """The residual stream ``x`` of a loop carry that may hold the next norm's inputs too."""
+    return x[0] if isinstance(x, tuple) else x
 
 
 def layer_at(layers: dict, i: jax.Array) -> dict:
@@ -489,8 +522,8 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
 
                 return attend_smoothed(cached, q, k, v, (pk, pv), ks.wkv, vs.wkv)
 
-            x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend=attend)
-            return x, ((x if collect else None), ks, vs)
+            x, (ks, vs) = _layer(x, lp, positions, inv_freq, None, cfg, attend, _next_norm(params, i))
+            return x, ((_stream_x(x) if collect else None), ks, vs)
 
         xs = (
             jnp.arange(seg.start, seg.stop),
@@ -503,7 +536,7 @@ def _decoder_quant_cache(params, x, positions, cache: KVCache, cfg: ModelConfig,
         segments.append(seg.replace(k=ks, v=vs))
         outs.append(o)
     return (
-        x,
+        _stream_x(x),
         cache.replace(segments=tuple(segments), lengths=n_new),
         (jnp.concatenate(outs) if collect else None),
     )
