@@ -480,19 +480,21 @@ def full_precision_kernel_applies(q, cache_k, cfg: ModelConfig) -> bool:
     )
 
 
-def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions):
+def decode_full_precision(q, k, v, pivot_k, pivot_v, cache_k, cache_v, positions, heads=None):
     """One decode token per sequence over an unquantized cache layer through
     ``jaxkv.kernels.fpdecode.attend`` (:func:`full_precision_kernel_applies`): q ``[B, 1, N, H]``,
     k/v ``[B, 1, K, H]`` after RoPE, pivot ``[P, K, H]``, the layer's body ``[B, S, K, H]``,
-    positions ``[B, 1]``. The slots are split over programs when the sequences' KV heads are fewer
-    than the GPU's cores and the cache is long (``fpdecode.chunks``). Returns ``(out [B, 1, N*H],
-    cache_k, cache_v)``, the token written at slot ``position - P``."""
+    positions ``[B, 1]``; ``heads``, when the caller has them, the same q, k and v as the one array
+    ``[B, N+2K, H]`` the kernel reads (saves the launch that concatenates them). The slots are split
+    over programs when the sequences' KV heads are fewer than the GPU's cores and the cache is long
+    (``fpdecode.chunks``). Returns ``(out [B, 1, N*H], cache_k, cache_v)``, the token written at slot
+    ``position - P``."""
     from jaxkv.kernels import fpdecode, kvdecode
 
     B, T, N, H = q.shape
     S, K = cache_k.shape[1], cache_k.shape[2]
     out, cache_k, cache_v = fpdecode.attend(
-        kvdecode.step_heads(q, k, v), positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
+        kvdecode.step_heads(q, k, v) if heads is None else heads, positions[:, 0], pivot_k, pivot_v, cache_k, cache_v,
         sm_scale=float(np.float32(1.0 / np.sqrt(H))), dtype=q.dtype, chunks=fpdecode.chunks(B, K, S, kvdecode.gpu_cores()),
         interpret=jax.default_backend() != "gpu",
     )  # fmt: skip

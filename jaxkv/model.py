@@ -152,33 +152,45 @@ def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
         "wqkv" in lp
         and "w_gate_up" in lp
         and all(kernel_applies(x, lp[n]) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
-        and epilogue.applies(cfg.hidden_size, cfg.intermediate_size, cfg.head_dim)
+        and epilogue.applies(int(np.prod(x.shape[:-1])), cfg.hidden_size, cfg.intermediate_size, cfg.head_dim)
     )
 
 
-def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None):
+def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None) -> jax.Array:
+    """On the fused epilogues' path (:func:`_on_epilogues`): the block's query, key and value heads
+    ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul and one epilogue launch (its split
+    sum, the norm's 1/rms, biases, RoPE). ``normed``: ``(attn_norm * x, partial sums of squares
+    [n, B*T])`` when the previous block's last epilogue computed them."""
+    from jaxkv.kernels import epilogue
+    from jaxkv.quant.qarray import matmul_partials
+
+    B, T, D = x.shape
+    if normed is None:
+        x32 = x.astype(jnp.float32).reshape(B * T, D)
+        normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
+    gx, sumsq = normed
+    bias = jnp.concatenate([lp["bq"], lp["bk"], lp["bv"]]) if cfg.attention_bias else None
+    return epilogue.qkv_rope(
+        matmul_partials(gx, lp["wqkv"]), sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq),
+        bias, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden=D,
+        eps=cfg.rms_norm_eps, dtype=x.dtype,
+    )  # fmt: skip
+
+
+def _split_heads(heads: jax.Array, B: int, T: int, cfg: ModelConfig):
+    """``[B*T, N+2K, H]`` -> q ``[B, T, N, H]``, k and v ``[B, T, K, H]``."""
+    N, K = cfg.num_heads, cfg.num_kv_heads
+    q, k, v = jnp.split(heads.reshape(B, T, N + 2 * K, cfg.head_dim), [N, N + K], axis=2)
+    return q, k, v
+
+
+def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
-    RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys.
-    ``normed``: ``(attn_norm * x [B*T, D], partial sums of squares [n, B*T])`` when the previous
-    block's last epilogue computed them (``jaxkv.kernels.epilogue``; used on that path only)."""
+    RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
     B, T, D = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if _on_epilogues(x, lp, cfg):
-        # one launch after the matmul: its split sum, the norm's 1/rms, biases and RoPE
-        from jaxkv.kernels import epilogue
-        from jaxkv.quant.qarray import matmul_partials
-
-        if normed is None:
-            x32 = x.astype(jnp.float32).reshape(B * T, D)
-            normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
-        gx, sumsq = normed
-        partials = matmul_partials(gx, lp["wqkv"])
-        bias = jnp.concatenate([lp["bq"], lp["bk"], lp["bv"]]) if cfg.attention_bias else None
-        q, k, v = epilogue.qkv_rope(
-            partials, sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq), bias,
-            heads=N, kv_heads=K, head_dim=H, hidden=D, eps=cfg.rms_norm_eps, dtype=x.dtype,
-        )  # fmt: skip
-        return q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
+        return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg), B, T, cfg)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         (qkv,) = norm_dense(x, lp["attn_norm"], cfg.rms_norm_eps, [lp["wqkv"]])
         q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
@@ -207,7 +219,12 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
     if isinstance(x, tuple):
         x, *normed = x
     B, T, _ = x.shape
-    q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg, normed)
+    heads = None  # the token's heads as one array, where an epilogue made them so
+    if _on_epilogues(x, lp, cfg):
+        heads = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed)
+        q, k, v = _split_heads(heads, B, T, cfg)
+    else:
+        q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
 
     if attend is not None:
         attn, new_kv = attend(q, k, v)
@@ -218,7 +235,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
         pivot_k, pivot_v, ck, cv, slot, lengths = cache_kv
         if full_precision_kernel_applies(q, ck, cfg):
             # one decode token: one Pallas launch attends and writes it (jaxkv.kernels.fpdecode)
-            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions)
+            attn, ck, cv = decode_full_precision(q, k, v, pivot_k, pivot_v, ck, cv, positions, heads)
         else:
             b_idx = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
             ck = ck.at[b_idx, slot].set(k.astype(ck.dtype), mode="drop")

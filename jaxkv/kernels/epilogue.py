@@ -34,13 +34,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 _CHUNK = 32  # splits per load: a [32, 128] float32 tile is 32 registers a thread at 4 warps
-_COLS = 128  # output columns per program of residual_norm and silu_mul (at most)
-_WARPS = 4
+COLUMNS = 128  # output columns per program of residual_norm and silu_mul (at most)
+WARPS = 4
 
 
-def _columns(n: int) -> int | None:
-    """The largest power of two <= ``_COLS`` dividing ``n`` (at least 16), else None."""
-    b = _COLS
+def _columns(n: int, most: int = COLUMNS) -> int | None:
+    """The largest power of two <= ``most`` dividing ``n`` (at least 16), else None."""
+    b = most
     while b >= 16:
         if n % b == 0:
             return b
@@ -48,12 +48,14 @@ def _columns(n: int) -> int | None:
     return None
 
 
-def applies(hidden: int, intermediate: int, head_dim: int) -> bool:
-    """Whether the epilogues take a block of these sizes: power-of-two column blocks of at least 16
-    must tile the hidden and intermediate sizes, and RoPE's half head must be a power of two."""
+def applies(rows: int, hidden: int, intermediate: int, head_dim: int) -> bool:
+    """Whether the epilogues take a block of these sizes: one row (batch-1 decode; at 8 rows the
+    Llama-2-7B step with a K4V2 cache was 1.6% slower with them, H200 run 72), power-of-two column
+    blocks of at least 16 tiling the hidden and intermediate sizes, a power-of-two half head."""
     half = head_dim // 2
     return (
-        _columns(hidden) is not None
+        rows == 1
+        and _columns(hidden) is not None
         and _columns(intermediate) is not None
         and half >= 16
         and half & (half - 1) == 0
@@ -77,7 +79,7 @@ def _inv_rms(sumsq_ref, row, hidden: int, eps: float) -> jax.Array:
     return jax.lax.rsqrt(ss * (1.0 / hidden) + eps)
 
 
-def _call(kernel, grid, inputs, out_shape, name, interpret):
+def _call(kernel, grid, inputs, out_shape, warps, name, interpret):
     full = pl.BlockSpec(memory_space=None)
     return pl.pallas_call(
         kernel,
@@ -85,7 +87,7 @@ def _call(kernel, grid, inputs, out_shape, name, interpret):
         in_specs=[full] * len(inputs),
         out_specs=[full] * len(out_shape),
         out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name=name,
     )(*inputs)
@@ -102,30 +104,37 @@ def _residual_norm_kernel(x_ref, p_ref, w_ref, xo_ref, gx_ref, ss_ref, *, block)
     ss_ref[pl.ds(j, 1), pl.ds(row, 1)] = jnp.sum(x32 * x32).reshape(1, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def residual_norm(x: jax.Array, partials: jax.Array, norm_weight: jax.Array, *, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("columns", "warps", "interpret"))
+def residual_norm(
+    x: jax.Array,
+    partials: jax.Array,
+    norm_weight: jax.Array,
+    *,
+    columns: int = COLUMNS,
+    warps: int = WARPS,
+    interpret: bool = False,
+):
     """The residual add after a matmul, and the next RMSNorm's inputs, in one launch.
 
     ``x [M, D]`` the residual stream, ``partials [S, Mp, D]`` the matmul's; returns ``x_new = x +
     sum(partials)`` (in ``x.dtype``), ``norm_weight * x_new`` (the next matmul's input under
     ``jaxkv.model.norm_dense``) and ``x_new``'s partial sums of squares ``[D/block, M]`` float32
-    (for its ``1/rms``).
+    (for its ``1/rms``). ``columns``: output columns per program, at most (a power of two).
     """
     M, D = x.shape
-    block = _columns(D)
+    block = _columns(D, columns)
     out_shape = [
         jax.ShapeDtypeStruct((M, D), x.dtype),
         jax.ShapeDtypeStruct((M, D), x.dtype),
         jax.ShapeDtypeStruct((D // block, M), jnp.float32),
     ]
     kernel = functools.partial(_residual_norm_kernel, block=block)
-    return _call(
-        kernel, (M, D // block), (x, partials, norm_weight), out_shape, "epilogue_residual_norm", interpret
-    )
+    inputs = (x, partials, norm_weight)
+    return _call(kernel, (M, D // block), inputs, out_shape, warps, "epilogue_residual_norm", interpret)
 
 
 def _qkv_rope_kernel(
-    p_ref, ss_ref, pos_ref, freq_ref, b_ref, q_ref, k_ref, v_ref, *, heads, kv_heads, head_dim, hidden, eps
+    p_ref, ss_ref, pos_ref, freq_ref, b_ref, o_ref, *, heads, kv_heads, head_dim, hidden, eps
 ):  # fmt: skip
     row, h = pl.program_id(0), pl.program_id(1)
     half = head_dim // 2
@@ -136,23 +145,16 @@ def _qkv_rope_kernel(
     if b_ref is not None:
         y1 = y1 + b_ref[pl.ds(base, half)].astype(jnp.float32)
         y2 = y2 + b_ref[pl.ds(base + half, half)].astype(jnp.float32)
-    # rotate-half RoPE (Hugging Face layout) for query and key heads
+    # rotate-half RoPE (Hugging Face layout) on query and key heads; value heads pass
     angles = pos_ref[row].astype(jnp.float32) * freq_ref[...]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    r1, r2 = y1 * cos - y2 * sin, y2 * cos + y1 * sin
-
-    def write(ref, head, a, b):
-        start = pl.multiple_of(head * head_dim, head_dim)
-        ref[row, pl.ds(start, half)] = a.astype(ref.dtype)
-        ref[row, pl.ds(start + half, half)] = b.astype(ref.dtype)
-
-    pl.when(h < heads)(lambda: write(q_ref, h, r1, r2))
-    pl.when((h >= heads) & (h < heads + kv_heads))(lambda: write(k_ref, h - heads, r1, r2))
-    pl.when(h >= heads + kv_heads)(lambda: write(v_ref, h - heads - kv_heads, y1, y2))
+    rotate = h < heads + kv_heads
+    o_ref[row, h, pl.ds(0, half)] = jnp.where(rotate, y1 * cos - y2 * sin, y1).astype(o_ref.dtype)
+    o_ref[row, h, pl.ds(half, half)] = jnp.where(rotate, y2 * cos + y1 * sin, y2).astype(o_ref.dtype)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("heads", "kv_heads", "head_dim", "hidden", "eps", "dtype", "interpret")
+    jax.jit, static_argnames=("heads", "kv_heads", "head_dim", "hidden", "eps", "dtype", "warps", "interpret")
 )  # fmt: skip
 def qkv_rope(
     partials: jax.Array,
@@ -167,33 +169,31 @@ def qkv_rope(
     hidden: int,
     eps: float,
     dtype,
+    warps: int = WARPS,
     interpret: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys and values from the fused Q/K/V matmul's partials ``[S, Mp, (N+2K)H]``, in one
-    launch: the split sum, the attention norm's ``1/rms`` (``sumsq [n, M]`` of a row of width
-    ``hidden``), the projections' biases (``bias [(N+2K)H]`` or None) and rotate-half RoPE (Hugging
-    Face layout) on queries and keys at ``positions [M]`` (int32) with ``inv_freq [H/2]`` float32
-    (``jaxkv.model.rope_inv_freq``). Returns ``q [M, N*H]``, ``k [M, K*H]``, ``v [M, K*H]`` in
-    ``dtype``; one program per row and head."""
+) -> jax.Array:
+    """The token's query, key and value heads from the fused Q/K/V matmul's partials
+    ``[S, Mp, (N+2K)H]``, in one launch: the split sum, the attention norm's ``1/rms``
+    (``sumsq [n, M]`` of a row of width ``hidden``), the projections' biases (``bias [(N+2K)H]`` or
+    None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``positions [M]`` (int32)
+    with ``inv_freq [H/2]`` float32 (``jaxkv.model.rope_inv_freq``). Returns ``[M, N+2K, H]`` in
+    ``dtype``, queries first, then keys, then values: the layout the decode attention kernels read
+    (``jaxkv.kernels.kvdecode.step_heads``). One program per row and head."""
     M = sumsq.shape[1]
     N, K, H = heads, kv_heads, head_dim
     statics = dict(heads=N, kv_heads=K, head_dim=H, hidden=hidden, eps=eps)
     if bias is None:
 
-        def kernel(p_ref, ss_ref, pos_ref, freq_ref, q_ref, k_ref, v_ref):
-            _qkv_rope_kernel(p_ref, ss_ref, pos_ref, freq_ref, None, q_ref, k_ref, v_ref, **statics)
+        def kernel(p_ref, ss_ref, pos_ref, freq_ref, o_ref):
+            _qkv_rope_kernel(p_ref, ss_ref, pos_ref, freq_ref, None, o_ref, **statics)
 
         inputs = (partials, sumsq, positions, inv_freq)
     else:
         kernel = functools.partial(_qkv_rope_kernel, **statics)
         inputs = (partials, sumsq, positions, inv_freq, bias)
-    out_shape = [
-        jax.ShapeDtypeStruct((M, N * H), dtype),
-        jax.ShapeDtypeStruct((M, K * H), dtype),
-        jax.ShapeDtypeStruct((M, K * H), dtype),
-    ]
-    q, k, v = _call(kernel, (M, N + 2 * K), inputs, out_shape, "epilogue_qkv_rope", interpret)
-    return q, k, v
+    out_shape = [jax.ShapeDtypeStruct((M, N + 2 * K, H), dtype)]
+    (out,) = _call(kernel, (M, N + 2 * K), inputs, out_shape, warps, "epilogue_qkv_rope", interpret)
+    return out
 
 
 def _silu_mul_kernel(p_ref, ss_ref, h_ref, *, block, ffn, hidden, eps):
@@ -205,17 +205,28 @@ def _silu_mul_kernel(p_ref, ss_ref, h_ref, *, block, ffn, hidden, eps):
     h_ref[row, pl.ds(start, block)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(h_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("hidden", "eps", "dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("hidden", "eps", "dtype", "columns", "warps", "interpret"))
 def silu_mul(
-    partials: jax.Array, sumsq: jax.Array, *, hidden: int, eps: float, dtype, interpret: bool = False
+    partials: jax.Array,
+    sumsq: jax.Array,
+    *,
+    hidden: int,
+    eps: float,
+    dtype,
+    columns: int = COLUMNS,
+    warps: int = WARPS,
+    interpret: bool = False,
 ) -> jax.Array:
     """``SiLU(gate) * up`` from the fused gate/up matmul's partials ``[S, Mp, 2F]`` (gate columns
     first), in one launch: the split sum, the MLP norm's ``1/rms`` (``sumsq [n, M]`` of a row of
-    width ``hidden``) and the product. Returns ``[M, F]`` in ``dtype``."""
+    width ``hidden``) and the product. Returns ``[M, F]`` in ``dtype``; ``columns`` as in
+    :func:`residual_norm`."""
     M = sumsq.shape[1]
     ffn = partials.shape[2] // 2
-    block = _columns(ffn)
+    block = _columns(ffn, columns)
     kernel = functools.partial(_silu_mul_kernel, block=block, ffn=ffn, hidden=hidden, eps=eps)
     out_shape = [jax.ShapeDtypeStruct((M, ffn), dtype)]
-    (h,) = _call(kernel, (M, ffn // block), (partials, sumsq), out_shape, "epilogue_silu_mul", interpret)
+    (h,) = _call(
+        kernel, (M, ffn // block), (partials, sumsq), out_shape, warps, "epilogue_silu_mul", interpret
+    )
     return h
