@@ -21,6 +21,15 @@ def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     assert launch["warps"] == (warps or 1)
 
 
+@pytest.mark.parametrize("name", ["epi-qkv", "epi-residual", "epi-residual-down", "epi-silu"])
+def test_epilogues_lower_to_triton_ir(tmp_path, name):
+    """The batch-1 split-K epilogues lower for CUDA: loads of the partial sums, stores of the results."""
+    launch = kernel_sass.lower(name, tmp_path, None)
+    ir = (tmp_path / f"{name}.ttir").read_text()
+    assert "tt.func public" in ir and "tt.load" in ir and "tt.store" in ir
+    assert launch == {"warps": 4, "stages": 1}
+
+
 def test_unknown_kernel_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown kernel"):
         kernel_sass.lower("attention", tmp_path, None)
