@@ -866,7 +866,7 @@ def test_epilogue_silu_mul_matches_float64():
 
 @pytest.mark.parametrize("layers,kv", [("stacked", None), ("per_layer", None), ("per_layer", "K8V8-g16")])
 def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
-    """Prefill (11 rows: no epilogues) and a batch-1 decode step of an int4 model with fused
+    """Prefill (5 rows: no epilogues) and a batch-1 decode step of an int4 model with fused
     projections and attention biases (grouped heads) on the kernel path with its fused split-K
     epilogues (forced; Pallas' interpreter off the GPU) against the portable XLA path. Over stacked
     layers (a scan: each block ends with the plain residual add) and over :func:`decode_layout`'s
@@ -891,15 +891,15 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
     qlayers.update({k: qlayers[k] + 0.1 for k in ("bq", "bk", "bv")})
     params = {**params, "layers": qlayers}
     params = fuse_projections(params) if layers == "stacked" else decode_layout(params)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (1, 12)), jnp.int32)
-    pos = jnp.arange(12)[None]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 512, (1, 6)), jnp.int32)
+    pos = jnp.arange(6)[None]
     monkeypatch.setenv("JAXKV_KV_DECODE", "kernel")
 
     def run():
         jax.clear_caches()
         cache = init_cache(cfg, 1, 16, jnp.bfloat16, kv=parse_kv(kv) if kv else None)
-        _, cache = jax.jit(forward, static_argnames="cfg")(params, tokens[:, :11], pos[:, :11], cache, cfg)
-        logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 11:], pos[:, 11:], cache, cfg)
+        _, cache = jax.jit(forward, static_argnames="cfg")(params, tokens[:, :5], pos[:, :5], cache, cfg)
+        logits, _ = jax.jit(forward, static_argnames="cfg")(params, tokens[:, 5:], pos[:, 5:], cache, cfg)
         return np.asarray(logits, np.float64)
 
     monkeypatch.setenv("JAXKV_QMATMUL", "xla")
