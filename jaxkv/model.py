@@ -191,7 +191,7 @@ def _split_heads(heads: jax.Array, B: int, T: int, cfg: ModelConfig):
 def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     """A block's queries ``[B, T, N, H]``, keys and values ``[B, T, K, H]`` from its input ``x``:
     RMSNorm, the projections (fused or separate), their biases, RoPE on queries and keys."""
-    B, T, D = x.shape
+    B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if _on_epilogues(x, lp, cfg):
         return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg), B, T, cfg)

@@ -933,3 +933,29 @@ def test_epilogues_apply_to_one_row_only():
     assert not epilogue.applies(8, 4096, 11008, 128)
     assert not epilogue.applies(1, 4096, 11008, 96)  # half head 48
     assert not epilogue.applies(1, 4104, 11008, 128)  # 4104 = 8 x 513
+
+
+def test_qmatmul_partials_sum_to_the_product(monkeypatch):
+    """``qmatmul(..., partials=True)``: the one-row kernel's float32 split sums as they are (two
+    groups of 64 inputs a program: 2 splits), adding up to float64 numpy's product; with ``row_scale`` it is refused, and
+    ``qarray.matmul_partials`` off the kernel's path too."""
+    import jaxkv.quant.qarray as qa
+
+    rng = np.random.default_rng(21)
+    q, codes, scale, zero = _random_q(rng, 1, 256, 128, 4, 64, False)
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.bfloat16)
+    parts = qk.qmatmul(
+        x, q.packed, q.scale, q.zero, None, bits=4, group=64, partials=True, interpret=not ON_GPU
+    )
+    assert parts.shape == (2, 1, 128) and parts.dtype == jnp.float32
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[0], scale[0], zero[0], 64)
+    np.testing.assert_allclose(
+        np.asarray(parts, np.float64).sum(0), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()
+    )
+    with pytest.raises(ValueError, match="row_scale"):
+        qk.qmatmul(
+            x, q.packed, q.scale, q.zero, None, jnp.ones(1), bits=4, group=64, partials=True, interpret=True
+        )
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
+    with pytest.raises(ValueError, match="kernel's path only"):
+        qa.matmul_partials(x, jax.tree.map(lambda a: a[0], q))
