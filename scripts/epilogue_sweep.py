@@ -111,6 +111,27 @@ def cases(columns, warps):
     return out
 
 
+def per_call(kernels, n_cases: int, repeats: int) -> list[tuple[float, int]]:
+    """(median GPU microseconds of one call, launches per call) of each case, from the trace's
+    ``(start, name, us)`` kernels: cases lie apart by the host's pauses (gaps over half of
+    ``PAUSE_S``), a case's calls follow one another ``repeats`` times. Groups before the cases
+    (the profiler's own launches) are dropped."""
+    groups, last = [], None
+    for start, _, dur in kernels:
+        if last is None or start - last > PAUSE_S * 1e6 / 2:
+            groups.append([])
+        groups[-1].append(dur)
+        last = start + dur
+    groups = [g for g in groups if len(g) >= repeats][-n_cases:]
+    if len(groups) != n_cases or any(len(g) % repeats for g in groups):
+        raise RuntimeError(f"{[len(g) for g in groups]} kernels in the trace's groups for {n_cases} cases")
+    out = []
+    for g in groups:
+        n = len(g) // repeats
+        out.append((statistics.median(sum(g[i * n : (i + 1) * n]) for i in range(repeats)), n))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--columns", default="32,64,128", help="output columns per program to sweep")
@@ -134,30 +155,17 @@ def main(argv=None) -> int:
         err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         checked.append((name, tile, fn, fargs, err))
     with tempfile.TemporaryDirectory() as tmp:
-        starts = []
         with jax.profiler.trace(tmp):
             for _, _, fn, fargs, _ in checked:
                 time.sleep(PAUSE_S)
-                starts.append(time.perf_counter())
                 for _ in range(args.repeats):
                     jax.block_until_ready(fn(*fargs))
         kernels = gpu_kernels(trace_file(tmp))
-    # split the kernels into cases at the pauses, then into calls at the host's synchronisations
-    groups, last = [], None
-    for start, name, dur in kernels:
-        if last is None or start - last > PAUSE_S * 1e6 / 2:
-            groups.append([])
-        groups[-1].append((start, name, dur))
-        last = start + dur
-    groups = [g for g in groups if len(g) >= args.repeats][-len(checked) :]
-    if len(groups) != len(checked):
-        raise RuntimeError(f"{len(groups)} groups of kernels in the trace for {len(checked)} cases")
     rows = []
-    for (name, tile, _, _, err), g in zip(checked, groups, strict=True):
-        per_call = len(g) // args.repeats
-        calls = [sum(d for _, _, d in g[i * per_call : (i + 1) * per_call]) for i in range(args.repeats)]
-        rows.append({"step": name, "tile": tile, "us": statistics.median(calls), "launches": per_call,
-                     "rel_err": err})  # fmt: skip
+    for (name, tile, _, _, err), (us, launches) in zip(
+        checked, per_call(kernels, len(checked), args.repeats), strict=True
+    ):
+        rows.append({"step": name, "tile": tile, "us": us, "launches": launches, "rel_err": err})
     dev = jax.devices()[0].device_kind
     lines = [
         f"# Split-K epilogues at Llama-2-7B batch 1 on {dev}",
