@@ -173,10 +173,10 @@ def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None) -
         x32 = x.astype(jnp.float32).reshape(B * T, D)
         normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
     gx, sumsq = normed
-    bias = jnp.concatenate([lp["bq"], lp["bk"], lp["bv"]]) if cfg.attention_bias else None
+    biases = (lp["bq"], lp["bk"], lp["bv"]) if cfg.attention_bias else None
     return epilogue.qkv_rope(
         matmul_partials(gx, lp["wqkv"]), sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq),
-        bias, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden=D,
+        biases, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden=D,
         eps=cfg.rms_norm_eps, dtype=x.dtype,
     )  # fmt: skip
 
@@ -223,8 +223,9 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
     if isinstance(x, tuple):
         x, *normed = x
     B, T, _ = x.shape
+    fused = _on_epilogues(x, lp, cfg)
     heads = None  # the token's heads as one array, where an epilogue made them so
-    if _on_epilogues(x, lp, cfg):
+    if fused:
         heads = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed)
         q, k, v = _split_heads(heads, B, T, cfg)
     else:
@@ -252,7 +253,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
             attn = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, cfg, pivot)
         new_kv = (ck, cv)
 
-    if _on_epilogues(x, lp, cfg):
+    if fused:
         # one launch after O (its split sum, the residual add, the MLP norm's inputs), one after
         # gate/up (its split sum, the norm's 1/rms, SiLU(gate) * up): jaxkv.kernels.epilogue
         from jaxkv.kernels import epilogue

@@ -828,7 +828,7 @@ def test_epilogue_qkv_rope_matches_float64(bias):
     pos = np.array([7, 100], np.int32)
     heads = epilogue.qkv_rope(
         jnp.asarray(p), jnp.asarray(ss), jnp.asarray(pos), jnp.asarray(inv_freq),
-        None if b is None else jnp.asarray(b, jnp.bfloat16), heads=N, kv_heads=K, head_dim=H, hidden=D,
+        None if b is None else tuple(jnp.split(jnp.asarray(b, jnp.bfloat16), [N * H, (N + K) * H])), heads=N, kv_heads=K, head_dim=H, hidden=D,
         eps=eps, dtype=jnp.bfloat16, interpret=not ON_GPU,
     )  # fmt: skip
     r = 1 / np.sqrt((xrow**2).mean(axis=1, keepdims=True) + eps)

@@ -133,18 +133,28 @@ def residual_norm(
     return _call(kernel, (M, D // block), inputs, out_shape, warps, "epilogue_residual_norm", interpret)
 
 
-def _qkv_rope_kernel(
-    p_ref, ss_ref, pos_ref, freq_ref, b_ref, o_ref, *, heads, kv_heads, head_dim, hidden, eps
-):  # fmt: skip
+def _qkv_rope_kernel(p_ref, ss_ref, pos_ref, freq_ref, *refs, heads, kv_heads, head_dim, hidden, eps):
+    *b_refs, o_ref = refs  # the query, key and value biases, when the model has them
     row, h = pl.program_id(0), pl.program_id(1)
     half = head_dim // 2
     base = pl.multiple_of(h * head_dim, head_dim)
     r = _inv_rms(ss_ref, row, hidden, eps)
     y1 = _sum_splits(p_ref, p_ref.shape[0], (row, pl.ds(base, half))) * r
     y2 = _sum_splits(p_ref, p_ref.shape[0], (row, pl.ds(base + half, half))) * r
-    if b_ref is not None:
-        y1 = y1 + b_ref[pl.ds(base, half)].astype(jnp.float32)
-        y2 = y2 + b_ref[pl.ds(base + half, half)].astype(jnp.float32)
+    if b_refs:
+
+        def bias(start):
+            """This head's bias from ``start`` on: each side read at its row clamped into range
+            (no branches), the head's side selected."""
+            firsts = (0, heads, heads + kv_heads)
+            bq, bk, bv = (
+                ref[pl.ds(jnp.clip(h - f, 0, ref.shape[0] // head_dim - 1) * head_dim + start, half)]
+                for f, ref in zip(firsts, b_refs, strict=True)
+            )
+            b = jnp.where(h < heads, bq, jnp.where(h < heads + kv_heads, bk, bv))
+            return b.astype(jnp.float32)
+
+        y1, y2 = y1 + bias(0), y2 + bias(half)
     # rotate-half RoPE (Hugging Face layout) on query and key heads; value heads pass
     angles = pos_ref[row].astype(jnp.float32) * freq_ref[...]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -161,7 +171,7 @@ def qkv_rope(
     sumsq: jax.Array,
     positions: jax.Array,
     inv_freq: jax.Array,
-    bias: jax.Array | None,
+    biases: tuple | None,
     *,
     heads: int,
     kv_heads: int,
@@ -174,23 +184,15 @@ def qkv_rope(
 ) -> jax.Array:
     """The token's query, key and value heads from the fused Q/K/V matmul's partials
     ``[S, Mp, (N+2K)H]``, in one launch: the split sum, the attention norm's ``1/rms``
-    (``sumsq [n, M]`` of a row of width ``hidden``), the projections' biases (``bias [(N+2K)H]`` or
-    None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``positions [M]`` (int32)
+    (``sumsq [n, M]`` of a row of width ``hidden``), the projections' biases (``(bq [N*H], bk [K*H],
+    bv [K*H])`` or None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``positions [M]`` (int32)
     with ``inv_freq [H/2]`` float32 (``jaxkv.model.rope_inv_freq``). Returns ``[M, N+2K, H]`` in
     ``dtype``, queries first, then keys, then values: the layout the decode attention kernels read
     (``jaxkv.kernels.kvdecode.step_heads``). One program per row and head."""
     M = sumsq.shape[1]
     N, K, H = heads, kv_heads, head_dim
-    statics = dict(heads=N, kv_heads=K, head_dim=H, hidden=hidden, eps=eps)
-    if bias is None:
-
-        def kernel(p_ref, ss_ref, pos_ref, freq_ref, o_ref):
-            _qkv_rope_kernel(p_ref, ss_ref, pos_ref, freq_ref, None, o_ref, **statics)
-
-        inputs = (partials, sumsq, positions, inv_freq)
-    else:
-        kernel = functools.partial(_qkv_rope_kernel, **statics)
-        inputs = (partials, sumsq, positions, inv_freq, bias)
+    kernel = functools.partial(_qkv_rope_kernel, heads=N, kv_heads=K, head_dim=H, hidden=hidden, eps=eps)
+    inputs = (partials, sumsq, positions, inv_freq, *(biases or ()))
     out_shape = [jax.ShapeDtypeStruct((M, N + 2 * K, H), dtype)]
     (out,) = _call(kernel, (M, N + 2 * K), inputs, out_shape, warps, "epilogue_qkv_rope", interpret)
     return out
