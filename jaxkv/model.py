@@ -12,9 +12,10 @@ Conventions
 * Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
   logits are returned in float32, as Hugging Face does.
 * On a GPU at batch-1 decode with fused projections on the int4 kernel (:func:`_on_epilogues`) each
-  matmul's split-K partial sums are added in one launch with what follows them
+  matmul's launch adds its split-K partial sums and does what follows them
   (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a block's last launch
-  also computes the next norm's inputs, and the loop carries the stream as ``(x, gx, sumsq)``.
+  also computes the next norm's inputs, and the loop carries the stream as ``(x, gx, sumsq,
+  counters)``.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
 """
 
@@ -146,38 +147,45 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
 
 
 def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
-    """Whether the block runs on the GPU's quantized decode kernel with each matmul's split-K sum
-    fused into what follows it (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
-    (:func:`fuse_projections`) and every product on the kernel (``qarray.kernel_applies``)."""
+    """Whether the block runs on the GPU's one-row int4 kernel with what follows each matmul done in
+    the matmul's launch (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
+    (:func:`fuse_projections`), one row, and every product on that kernel (``qarray.tail_applies``)
+    with the epilogues' column blocks."""
     from jaxkv.kernels import epilogue
-    from jaxkv.quant.qarray import kernel_applies
+    from jaxkv.quant.qarray import tail_applies
 
-    return (
-        "wqkv" in lp
-        and "w_gate_up" in lp
-        and all(kernel_applies(x, lp[n]) for n in ("wqkv", "wo", "w_gate_up", "w_down"))
-        and epilogue.applies(int(np.prod(x.shape[:-1])), cfg.hidden_size, cfg.intermediate_size, cfg.head_dim)
-    )
+    D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    if not ("wqkv" in lp and "w_gate_up" in lp and epilogue.applies(int(np.prod(x.shape[:-1])), D, F, H)):
+        return False
+    blocks = {
+        "wqkv": H,
+        "wo": epilogue.columns(D),
+        "w_gate_up": epilogue.columns(F),
+        "w_down": epilogue.columns(D),
+    }
+    return all(tail_applies(x, lp[name], block) for name, block in blocks.items())
 
 
-def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None) -> jax.Array:
-    """On the fused epilogues' path (:func:`_on_epilogues`): the block's query, key and value heads
-    ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul and one epilogue launch (its split
-    sum, the norm's 1/rms, biases, RoPE). ``normed``: ``(attn_norm * x, partial sums of squares
-    [n, B*T])`` when the previous block's last epilogue computed them."""
+def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None, counters=None):
+    """On the epilogues' path (:func:`_on_epilogues`): the block's query, key and value heads
+    ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul, whose launch also adds its splits,
+    applies the norm's 1/rms and the biases, and rotates. ``normed``: ``(attn_norm * x, partial sums of
+    squares [n, B*T])`` when the previous block's last launch computed them; ``counters`` the tail
+    counters (``epilogue.new_counters``, new when None). Returns ``(heads, counters)``."""
     from jaxkv.kernels import epilogue
-    from jaxkv.quant.qarray import matmul_partials
 
     B, T, D = x.shape
     if normed is None:
         x32 = x.astype(jnp.float32).reshape(B * T, D)
         normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
+    if counters is None:
+        counters = epilogue.new_counters(cfg.num_heads + 2 * cfg.num_kv_heads, D, cfg.intermediate_size)
     gx, sumsq = normed
     biases = (lp["bq"], lp["bk"], lp["bv"]) if cfg.attention_bias else None
     return epilogue.qkv_rope(
-        matmul_partials(gx, lp["wqkv"]), sumsq, positions.reshape(-1).astype(jnp.int32), jnp.asarray(inv_freq),
-        biases, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden=D,
-        eps=cfg.rms_norm_eps, dtype=x.dtype,
+        gx.reshape(B * T, D), lp["wqkv"], sumsq, positions.reshape(()).astype(jnp.int32), jnp.asarray(inv_freq),
+        biases, counters, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        eps=cfg.rms_norm_eps,
     )  # fmt: skip
 
 
@@ -194,7 +202,7 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if _on_epilogues(x, lp, cfg):
-        return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg), B, T, cfg)
+        return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg)[0], B, T, cfg)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         (qkv,) = norm_dense(x, lp["attn_norm"], cfg.rms_norm_eps, [lp["wqkv"]])
         q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
@@ -213,20 +221,21 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
     ``attend(q, k, v) -> (attn [B,T,N*H], new_kv)``, when given, replaces both attention branches
     (quantized caches and the quantized cache-free forward of ``jaxkv.kvattention``).
 
-    On the fused epilogues' path (``jaxkv.kernels.epilogue``) with ``next_norm`` (the next RMSNorm's
+    On the epilogues' path (``jaxkv.kernels.epilogue``) with ``next_norm`` (the next RMSNorm's
     weight: the next block's attention norm, or the final norm) the block returns the stream as
-    ``(x, next_norm * x, partial sums of squares)``, computed in the launch of its last residual add,
-    and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can carry it pass
-    ``next_norm``: the per-layer loop of :func:`decode_layout`'s parameters.
+    ``(x, next_norm * x, partial sums of squares, tail counters)``, computed in the launch of its
+    down projection, and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can
+    carry it pass ``next_norm``: the per-layer loop of :func:`decode_layout`'s parameters.
     """
-    normed = None
+    normed, counters = None, None
     if isinstance(x, tuple):
-        x, *normed = x
+        x, gx, sumsq, counters = x
+        normed = (gx, sumsq)
     B, T, _ = x.shape
     fused = _on_epilogues(x, lp, cfg)
     heads = None  # the token's heads as one array, where an epilogue made them so
     if fused:
-        heads = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed)
+        heads, counters = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed, counters)
         q, k, v = _split_heads(heads, B, T, cfg)
     else:
         q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
@@ -254,23 +263,21 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
         new_kv = (ck, cv)
 
     if fused:
-        # one launch after O (its split sum, the residual add, the MLP norm's inputs), one after
-        # gate/up (its split sum, the norm's 1/rms, SiLU(gate) * up): jaxkv.kernels.epilogue
+        # O's launch also adds the residual and computes the MLP norm's inputs; gate/up's applies the
+        # norm's 1/rms and SiLU(gate) * up (jaxkv.kernels.epilogue)
         from jaxkv.kernels import epilogue
-        from jaxkv.quant.qarray import matmul_partials
 
         D = x.shape[-1]
-        x2, gx, sumsq = epilogue.residual_norm(
-            x.reshape(B * T, D), matmul_partials(attn, lp["wo"]), lp["mlp_norm"]
+        x2, gx, sumsq, counters = epilogue.residual_norm(
+            attn.reshape(B * T, -1), lp["wo"], x.reshape(B * T, D), lp["mlp_norm"], counters
         )
-        h = epilogue.silu_mul(
-            matmul_partials(gx, lp["w_gate_up"]), sumsq, hidden=D, eps=cfg.rms_norm_eps, dtype=x.dtype
-        )
+        h, counters = epilogue.silu_mul(gx, lp["w_gate_up"], sumsq, counters, eps=cfg.rms_norm_eps)
         if next_norm is None:
             return constrain(x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])), new_kv
-        # the residual add and the next norm's inputs in one launch: the stream leaves as a tuple
-        x2, gx, sumsq = epilogue.residual_norm(x2, matmul_partials(h, lp["w_down"]), next_norm)
-        return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq), new_kv
+        # down's launch adds the residual and computes the next norm's inputs: the stream leaves as
+        # a tuple
+        x2, gx, sumsq, counters = epilogue.residual_norm(h, lp["w_down"], x2, next_norm, counters)
+        return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq, counters), new_kv
     x = x + dense(attn, lp["wo"])
     if "w_gate_up" in lp:
         (gate_up,) = norm_dense(x, lp["mlp_norm"], cfg.rms_norm_eps, [lp["w_gate_up"]])

@@ -21,13 +21,16 @@ def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     assert launch["warps"] == (warps or 1)
 
 
-@pytest.mark.parametrize("name", ["epi-qkv", "epi-residual", "epi-residual-down", "epi-silu"])
-def test_epilogues_lower_to_triton_ir(tmp_path, name):
-    """The batch-1 split-K epilogues lower for CUDA: loads of the partial sums, stores of the results."""
+@pytest.mark.parametrize("name", ["tail-qkv", "tail-o", "tail-down", "tail-silu"])
+def test_matmul_tails_lower_to_triton_ir(tmp_path, name):
+    """The one-row kernel with its epilogue lowers for CUDA: a barrier, then the counter's
+    acquire-release atomic at GPU scope (in sm_90a SASS: ``MEMBAR.ALL.GPU``, ``ATOMG``, ``CCTL.IVALL``),
+    one warp."""
     launch = kernel_sass.lower(name, tmp_path, None)
     ir = (tmp_path / f"{name}.ttir").read_text()
-    assert "tt.func public" in ir and "tt.load" in ir and "tt.store" in ir
-    assert launch == {"warps": 4, "stages": 1}
+    assert "tt.func public" in ir and "tt.atomic_rmw add, acq_rel, gpu" in ir
+    assert ir.index("gpu.barrier") < ir.index("tt.atomic_rmw")
+    assert launch == {"warps": 1, "stages": 1}
 
 
 def test_unknown_kernel_is_refused(tmp_path):

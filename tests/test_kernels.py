@@ -790,78 +790,128 @@ def _sumsq_parts(x64: np.ndarray, n: int) -> np.ndarray:
     return np.stack([(c**2).sum(axis=1) for c in np.array_split(x64, n, axis=1)]).astype(np.float32)
 
 
-def test_epilogue_residual_norm_matches_float64():
-    """``epilogue.residual_norm``: 5 splits (loaded as 4 + 1), 2 rows of 16 padded ones, two column
-    blocks: ``x + sum(partials)``, ``norm_weight * x_new`` and per-block sums of squares."""
+@pytest.fixture
+def tail_kernel(monkeypatch):
+    """The epilogues' matmul launch (``qmatmul_tail``) forced on (Pallas' interpreter off the GPU)."""
+    import functools
+
+    import jaxkv.quant.qarray as qa
+
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
+    monkeypatch.setattr(qk, "qmatmul_tail", functools.partial(qk.qmatmul_tail, interpret=not ON_GPU))
+
+
+def _tail_weight(rng, I, O, group):
+    """A random asymmetric int4 weight ``[I, O]`` and its float64 dequantized values."""
+    q, codes, scale, zero = _random_q(rng, 1, I, O, 4, group)
+    q = jax.tree.map(lambda a: a[0], q)
+    w64 = (codes[0].astype(np.float64).reshape(I // group, group, O) - zero[0][:, None]) * scale[0][:, None]
+    return q, w64.reshape(I, O)
+
+
+def test_epilogue_residual_norm_matches_float64(tail_kernel):
+    """``epilogue.residual_norm``: one row of 22 groups of 64 (11 splits, summed as 8 + 2 + 1) times an
+    int4 weight, added to the residual, ``norm_weight * x_new`` and per-block sums of squares (two
+    blocks of 128), all in the matmul's launch; the counters come back zero and serve a second
+    launch."""
     from jaxkv.kernels import epilogue
 
     rng = np.random.default_rng(11)
-    S, M, Mp, D = 5, 2, 16, 256
-    x = jnp.asarray(rng.standard_normal((M, D)), jnp.bfloat16)
-    p = rng.standard_normal((S, Mp, D)).astype(np.float32)
+    I, D = 22 * 64, 256
+    q, w64 = _tail_weight(rng, I, D, 64)
+    h = jnp.asarray(rng.standard_normal((1, I)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((1, D)) * 4, jnp.bfloat16)
     w = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.bfloat16)
-    xn, gx, ss = epilogue.residual_norm(x, jnp.asarray(p), w, interpret=not ON_GPU)
-    x64 = np.asarray(x.astype(jnp.float32), np.float64) + p[:, :M].astype(np.float64).sum(0)
-    assert xn.dtype == gx.dtype == jnp.bfloat16 and ss.shape == (2, M)
-    np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=2**-8, atol=1e-6)
-    xr = np.asarray(xn, np.float64)  # the norm sees the stored (rounded) stream, as XLA's norm does
-    np.testing.assert_allclose(np.asarray(gx, np.float64), xr * np.asarray(w, np.float64), rtol=2**-8)
-    np.testing.assert_allclose(np.asarray(ss, np.float64), _sumsq_parts(xr, 2), rtol=1e-5)
+    counters = epilogue.new_counters(4, D, 4 * D)
+    for _ in range(2):
+        xn, gx, ss, counters = epilogue.residual_norm(h, q, x, w, counters)
+        x64 = np.asarray(x, np.float64) + np.asarray(h, np.float64) @ w64
+        assert xn.dtype == gx.dtype == jnp.bfloat16 and ss.shape == (2, 1)
+        np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=2**-7, atol=2e-3 * np.abs(x64).max())
+        xr = np.asarray(xn, np.float64)  # the norm sees the stored (rounded) stream, as XLA's norm does
+        np.testing.assert_allclose(np.asarray(gx, np.float64), xr * np.asarray(w, np.float64), rtol=2**-8)
+        np.testing.assert_allclose(np.asarray(ss, np.float64), _sumsq_parts(xr, 2), rtol=1e-5)
+        assert not np.asarray(counters).any()
+        x = xn
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_epilogue_qkv_rope_matches_float64(bias):
-    """``epilogue.qkv_rope``: grouped heads (4 query, 2 key/value), 3 splits, the norm's ``1/rms``
-    from 3 partial sums of squares, optional biases, RoPE at two positions, against float64."""
+def test_epilogue_qkv_rope_matches_float64(tail_kernel, bias):
+    """``epilogue.qkv_rope``: grouped heads (4 query, 2 key/value, 32 wide: a head per tail block),
+    12 groups of 32 (3 splits), the norm's ``1/rms`` from 3 partial sums of squares, optional biases,
+    RoPE at position 100, against float64."""
     from jaxkv.kernels import epilogue
     from jaxkv.model import rope_inv_freq
 
     rng = np.random.default_rng(12)
-    N, K, H, S, M, D, eps = 4, 2, 32, 3, 2, 96, 1e-5
+    N, K, H, D, eps = 4, 2, 32, 384, 1e-5
     cfg = ModelConfig(vocab_size=8, hidden_size=D, intermediate_size=64, num_layers=1, num_heads=N,
                       num_kv_heads=K, head_dim=H)  # fmt: skip
     inv_freq = rope_inv_freq(cfg)
-    p = rng.standard_normal((S, M, (N + 2 * K) * H)).astype(np.float32)
-    xrow = rng.standard_normal((M, D)) * 3
-    ss = _sumsq_parts(xrow, 3)
+    q, w64 = _tail_weight(rng, D, (N + 2 * K) * H, 32)
+    gx = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
+    xrow = rng.standard_normal((1, D)) * 3  # the norm's input row, of which gx is a scaling
     b = rng.standard_normal((N + 2 * K) * H).astype(np.float32) if bias else None
-    pos = np.array([7, 100], np.int32)
-    heads = epilogue.qkv_rope(
-        jnp.asarray(p), jnp.asarray(ss), jnp.asarray(pos), jnp.asarray(inv_freq),
-        None if b is None else tuple(jnp.split(jnp.asarray(b, jnp.bfloat16), [N * H, (N + K) * H])), heads=N, kv_heads=K, head_dim=H, hidden=D,
-        eps=eps, dtype=jnp.bfloat16, interpret=not ON_GPU,
+    biases = None if b is None else tuple(jnp.split(jnp.asarray(b, jnp.bfloat16), [N * H, (N + K) * H]))
+    counters = epilogue.new_counters(N + 2 * K, D, 64)
+    heads, counters = epilogue.qkv_rope(
+        gx, q, jnp.asarray(_sumsq_parts(xrow, 3)), jnp.int32(100), jnp.asarray(inv_freq),
+        biases, counters, heads=N, kv_heads=K, head_dim=H, eps=eps,
     )  # fmt: skip
     r = 1 / np.sqrt((xrow**2).mean(axis=1, keepdims=True) + eps)
-    y = p.astype(np.float64).sum(0) * r
+    y = np.asarray(gx, np.float64) @ w64 * r
     if b is not None:
         y = y + np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)
-    y = y.reshape(M, N + 2 * K, H)
-    ang = pos[:, None, None].astype(np.float64) * inv_freq.astype(np.float64)
+    y = y.reshape(1, N + 2 * K, H)
+    ang = 100.0 * inv_freq.astype(np.float64)
     y1, y2 = y[..., : H // 2], y[..., H // 2 :]
     rot = np.concatenate([y1 * np.cos(ang) - y2 * np.sin(ang), y2 * np.cos(ang) + y1 * np.sin(ang)], -1)
     ref = np.concatenate([rot[:, : N + K], y[:, N + K :]], axis=1)  # values are not rotated
-    assert heads.shape == (M, N + 2 * K, H) and heads.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(heads, np.float64), ref, rtol=2**-7, atol=1e-3 * np.abs(ref).max())
+    assert heads.shape == (1, N + 2 * K, H) and heads.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(heads, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
+    assert not np.asarray(counters).any()
 
 
-def test_epilogue_silu_mul_matches_float64():
-    """``epilogue.silu_mul``: 33 splits (32 + 1), one row, three column blocks of 64 (F = 192):
-    ``SiLU(gate * r) * (up * r)`` with the norm's ``1/rms`` r."""
+def test_epilogue_silu_mul_matches_float64(tail_kernel):
+    """``epilogue.silu_mul``: 33 groups of 64 (17 splits, 8 + 8 + 1), three tail blocks of 64 gate
+    and 64 up columns each (F = 192; 34 programs arrive at each): ``SiLU(gate * r) * (up * r)`` with
+    the norm's ``1/rms`` r."""
     from jaxkv.kernels import epilogue
 
     rng = np.random.default_rng(13)
-    S, F, D, eps = 33, 192, 64, 1e-6
-    p = rng.standard_normal((S, 1, 2 * F)).astype(np.float32)
+    D, F, eps = 33 * 64, 192, 1e-6
+    q, w64 = _tail_weight(rng, D, 2 * F, 64)
+    gx = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
     xrow = rng.standard_normal((1, D))
-    h = epilogue.silu_mul(
-        jnp.asarray(p), jnp.asarray(_sumsq_parts(xrow, 1)), hidden=D, eps=eps, dtype=jnp.bfloat16,
-        interpret=not ON_GPU,
-    )  # fmt: skip
-    y = p.astype(np.float64).sum(0) / np.sqrt((xrow**2).mean() + eps)
+    h, counters = epilogue.silu_mul(
+        gx, q, jnp.asarray(_sumsq_parts(xrow, 1)), epilogue.new_counters(1, D, F), eps=eps
+    )
+    y = np.asarray(gx, np.float64) @ w64 / np.sqrt((xrow**2).mean() + eps)
     gate, up = y[:, :F], y[:, F:]
     ref = gate / (1 + np.exp(-gate)) * up
     assert h.shape == (1, F) and h.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=2**-7, atol=1e-3 * np.abs(ref).max())
+    np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
+    assert not np.asarray(counters).any()
+
+
+def test_matmul_tail_refuses_what_it_cannot_take(tail_kernel, monkeypatch):
+    """Too few counters for the tail's blocks, a weight whose columns the tail blocks do not tile,
+    and (with the kernel off) ``qarray.matmul_tail`` are refused with a clear error."""
+    import jaxkv.quant.qarray as qa
+    from jaxkv.kernels import epilogue
+
+    rng = np.random.default_rng(14)
+    q, _ = _tail_weight(rng, 128, 256, 64)
+    h, x = jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="1 counters for 2 tail blocks"):
+        epilogue.residual_norm(h, q, x, x[0], jnp.zeros((1,), jnp.int32))
+    tail = epilogue.ResidualNorm(block_n=128, blocks=3)  # 2 column blocks do not split into 3
+    with pytest.raises(ValueError, match="in blocks of 128"):
+        qk.qmatmul_tail(h, q.packed[None], q.scale[None], q.zero[None], None, jnp.zeros((4,), jnp.int32),
+                        (x, x[0]), bits=4, group=64, tail=tail, tail_out=(), interpret=True)  # fmt: skip
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
+    with pytest.raises(ValueError, match="one-row path only"):
+        epilogue.residual_norm(h, q, x, x[0], jnp.zeros((2,), jnp.int32))
 
 
 @pytest.mark.parametrize("layers,kv", [("stacked", None), ("per_layer", None), ("per_layer", "K8V8-g16")])
@@ -906,10 +956,12 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
     slow = run()
     monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
     monkeypatch.setattr(qk, "qmatmul", functools.partial(qk.qmatmul, interpret=not ON_GPU))
+    monkeypatch.setattr(qk, "qmatmul_tail", functools.partial(qk.qmatmul_tail, interpret=not ON_GPU))
     calls = []
     for name in ("qkv_rope", "residual_norm", "silu_mul"):
-        fn = functools.partial(getattr(epilogue, name), interpret=not ON_GPU)
-        fn = functools.partial(lambda fn, name, *a, **k: (calls.append(name), fn(*a, **k))[1], fn, name)
+        fn = functools.partial(
+            lambda fn, name, *a, **k: (calls.append(name), fn(*a, **k))[1], getattr(epilogue, name), name
+        )
         monkeypatch.setattr(epilogue, name, fn)
     fused = run()
     # the decode step's trace only: a scan traces its block once, the loop each of the 2 blocks,
@@ -925,37 +977,13 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
 
 
 def test_epilogues_apply_to_one_row_only():
-    """The epilogues take batch-1 decode only (``epilogue.applies``: measured slower at 8 rows), and
-    shapes whose columns and half heads tile into powers of two."""
+    """The epilogues take batch-1 decode only (``epilogue.applies``), and shapes whose columns tile
+    into power-of-two blocks and whose heads are powers of two; the counters cover the largest tail."""
     from jaxkv.kernels import epilogue
 
     assert epilogue.applies(1, 4096, 11008, 128)
     assert not epilogue.applies(8, 4096, 11008, 128)
-    assert not epilogue.applies(1, 4096, 11008, 96)  # half head 48
+    assert not epilogue.applies(1, 4096, 11008, 96)  # head 96
     assert not epilogue.applies(1, 4104, 11008, 128)  # 4104 = 8 x 513
-
-
-def test_qmatmul_partials_sum_to_the_product(monkeypatch):
-    """``qmatmul(..., partials=True)``: the one-row kernel's float32 split sums as they are (two
-    groups of 64 inputs a program: 2 splits), adding up to float64 numpy's product; with ``row_scale`` it is refused, and
-    ``qarray.matmul_partials`` off the kernel's path too."""
-    import jaxkv.quant.qarray as qa
-
-    rng = np.random.default_rng(21)
-    q, codes, scale, zero = _random_q(rng, 1, 256, 128, 4, 64, False)
-    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.bfloat16)
-    parts = qk.qmatmul(
-        x, q.packed, q.scale, q.zero, None, bits=4, group=64, partials=True, interpret=not ON_GPU
-    )
-    assert parts.shape == (2, 1, 128) and parts.dtype == jnp.float32
-    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[0], scale[0], zero[0], 64)
-    np.testing.assert_allclose(
-        np.asarray(parts, np.float64).sum(0), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()
-    )
-    with pytest.raises(ValueError, match="row_scale"):
-        qk.qmatmul(
-            x, q.packed, q.scale, q.zero, None, jnp.ones(1), bits=4, group=64, partials=True, interpret=True
-        )
-    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
-    with pytest.raises(ValueError, match="kernel's path only"):
-        qa.matmul_partials(x, jax.tree.map(lambda a: a[0], q))
+    assert epilogue.new_counters(96, 4096, 11008).shape == (96,)  # Llama-2-7B: 96 heads, 86 FFN blocks
+    assert epilogue.new_counters(15, 576, 1536).shape == (15,)  # SmolLM2-135M: 9 + 2 x 3 heads

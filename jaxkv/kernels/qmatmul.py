@@ -346,10 +346,11 @@ def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
     return xe, xo
 
 
-def _gemv4_kernel(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
-):  # fmt: skip
-    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
+def _gemv4_row(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+):
+    """This program's float32 ``[1, block_n]`` share of one row of ``x`` times 4-bit weights
+    (batch-1 decode; see the module docstring): its columns over its split's groups."""
     lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
 
     def body(j, carry):
@@ -374,10 +375,47 @@ def _gemv4_kernel(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
+    return jnp.sum(out, axis=0, keepdims=True) - zterm
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "partials", "interpret"))
+def _gemv4_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, **tiling):
+    """One row of ``x`` times 4-bit weights: this program's share, written to its block of ``o``."""
+    o_ref[...] = _gemv4_row(layer_ref, x_ref, p_ref, s_ref, z_ref, **tiling).astype(o_ref.dtype)
+
+
+def _gemv4_tail_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, *refs, tail, n_inputs, arrivals, tiling):
+    """:func:`_gemv4_kernel` whose last program per tail block adds the splits and runs ``tail``
+    (:func:`qmatmul_tail`). ``refs``: the tail's inputs, the counters (aliased by the output
+    ``count_ref``), then the outputs: the float32 partial sums ``[S, 1, O]``, the counters, the
+    tail's outputs."""
+    tail_in, (part_ref, count_ref, *tail_out) = refs[:n_inputs], refs[n_inputs + 1 :]
+    interpret = tiling["interpret"]
+    n, k = pl.program_id(0), pl.program_id(1)
+    block_n = tiling["block_n"]
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    part_ref[pl.ds(k, 1), 0, cols] = _gemv4_row(layer_ref, x_ref, p_ref, s_ref, z_ref, **tiling)
+    # Every thread's partial stores happen before the counter's release (one thread's atomic, at GPU
+    # scope, acquire-release), as a CTA barrier then a release orders them (CUTLASS's semaphores and
+    # split-K serial reduction rely on the same).
+    if not interpret:
+        pltriton.debug_barrier()
+    block = n % tail.blocks
+    arrived = pltriton.atomic_add(count_ref, (block,), jnp.int32(1))
+
+    @pl.when(arrived == arrivals - 1)
+    def _():  # the last of the block's programs: all of its partial sums are in
+        tail(block, part_ref, *tail_in, *tail_out)
+        count_ref[pl.ds(block, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
+
+
+def _weights_2d(weights, layer):
+    """One layer (``layer`` None): drop the unit axis (free) so the kernel indexes 2-D refs."""
+    if layer is None:
+        return tuple(a.reshape(a.shape[1:]) for a in weights), jnp.zeros((1,), jnp.int32)
+    return weights, jnp.reshape(layer, (1,)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -390,7 +428,6 @@ def qmatmul(
     group: int,
     layout: str = "io",
     config: KernelConfig | None = None,
-    partials: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
@@ -401,9 +438,6 @@ def qmatmul(
     then needs no layer offset). ``row_scale [M]`` (float32), when given, multiplies each output row
     in float32 before the rounding to ``x.dtype``, in the launch that adds the split-K partial sums
     (``jaxkv.model`` passes RMSNorm's ``1/rms`` this way, so the norm needs no scaling launch).
-    ``partials=True`` returns the kernel's float32 output as it is, ``[split_k, Mp, O]`` with
-    ``Mp >= M`` rows (rows past ``M`` are padding), for a launch that adds the splits together with
-    what comes next (``jaxkv.kernels.epilogue``).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -415,15 +449,10 @@ def qmatmul(
     groups = I // group
     if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
-    weights = (packed, scale, zero)
-    if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
-        weights = tuple(a.reshape(a.shape[1:]) for a in weights)
-        layer = 0
+    weights, layer = _weights_2d((packed, scale, zero), layer)
     # One split writes x.dtype directly (float32 when rows are scaled after); several write float32
     # partial sums that XLA adds.
-    if partials and row_scale is not None:
-        raise ValueError("row_scale applies to the summed output; with partials=True the caller sums")
-    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None and not partials else jnp.float32
+    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
@@ -439,13 +468,95 @@ def qmatmul(
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
-    if partials:
-        return out
+    )(layer, x, *weights)
     y = (out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0))[:M]
     if row_scale is not None:
         y = y * row_scale.reshape(M, 1).astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def tail_applies(I: int, O: int, bits: int, group: int, layout: str, block_n: int) -> bool:
+    """Whether :func:`qmatmul_tail` takes one row by this weight with tail blocks of ``block_n``
+    output columns: the one-row 4-bit kernel's case (``"io"`` layout) with ``block_n`` a power of two
+    of at least 16 dividing ``O``."""
+    return (
+        bits == 4
+        and layout == "io"
+        and supported(1, I, O, bits, group)
+        and block_n >= 16
+        and block_n & (block_n - 1) == 0
+        and O % block_n == 0
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "tail", "tail_out", "interpret"))
+def qmatmul_tail(
+    x: jax.Array,
+    packed: jax.Array,
+    scale: jax.Array,
+    zero: jax.Array,
+    layer: jax.Array,
+    counters: jax.Array,
+    tail_inputs: tuple,
+    *,
+    bits: int,
+    group: int,
+    tail,
+    tail_out: tuple,
+    interpret: bool = False,
+):
+    """One row ``x [1, I]`` times ``w[layer]`` (as :func:`qmatmul`, 4-bit ``"io"`` weights only:
+    :func:`tail_applies`) with what follows the product in the same launch: the last program to
+    finish each tail block (``tail.blocks`` of them; program ``n`` of ``O / tail.block_n`` column
+    blocks counts towards block ``n % tail.blocks``) adds that block's float32 split-K partial sums
+    and calls ``tail(block, partials_ref, *input_refs, *output_refs)``
+    (``jaxkv.kernels.epilogue``). Which program is last is decided by a per-block atomic counter in
+    ``counters`` (int32, all zero, at least ``tail.blocks`` of them), which that program resets to
+    zero, so one buffer serves every launch in turn. Returns ``(outputs, counters)``: ``outputs``
+    shaped as ``tail_out`` (``jax.ShapeDtypeStruct``s), ``counters`` zero again (the same buffer,
+    aliased; pass it on to the next launch).
+
+    Why: the split sum and the next operation in their own launch cost 2.4-4.3 us each on an H200
+    whatever their size (run 72; four a layer), where one program's extra work at the end of the
+    matmul costs less than one launch."""
+    M, I = x.shape
+    O = packed.shape[2]
+    block_n = tail.block_n
+    if M != 1 or not tail_applies(I, O, bits, group, "io", block_n) or (O // block_n) % tail.blocks:
+        raise ValueError(f"qmatmul_tail takes one row of 4-bit [{I}, {O}] weights in blocks of {block_n}")
+    if counters.shape[0] < tail.blocks:
+        raise ValueError(f"{counters.shape[0]} counters for {tail.blocks} tail blocks")
+    cfg = default_config(I, O, group, 1, bits, "io")
+    cfg = dataclasses.replace(cfg, block_n=block_n, sub_rows=min(512 // block_n, group // 2))
+    groups = I // group
+    weights, layer = _weights_2d((packed, scale, zero), layer)
+    tiling = dict(
+        group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=block_n,
+        sub_rows=cfg.sub_rows, interpret=interpret,
+    )  # fmt: skip
+    arrivals = cfg.split_k * (O // block_n) // tail.blocks
+    kernel = functools.partial(
+        _gemv4_tail_kernel, tail=tail, n_inputs=len(tail_inputs), arrivals=arrivals, tiling=tiling
+    )
+    inputs = (layer, x, *weights, *tail_inputs, counters)
+    full = pl.BlockSpec(memory_space=None)
+    out_shape = [
+        jax.ShapeDtypeStruct((cfg.split_k, 1, O), jnp.float32),
+        jax.ShapeDtypeStruct(counters.shape, counters.dtype),
+        *tail_out,
+    ]
+    _, counters, *outs = pl.pallas_call(
+        kernel,
+        grid=(O // block_n, cfg.split_k),
+        in_specs=[full] * len(inputs),
+        out_specs=[full] * len(out_shape),
+        out_shape=out_shape,
+        input_output_aliases={len(inputs) - 1: 1},
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"qmatmul_int{bits}_gemv_{tail.name}",
+    )(*inputs)
+    return tuple(outs), counters
 
 
 def zero_points(w) -> jax.Array:

@@ -382,6 +382,11 @@ class LayerOf:
     stacked: object  # QArray or jax.Array [L, ...]
     index: jax.Array
 
+    @property
+    def shape(self) -> tuple:
+        """One layer's shape."""
+        return tuple(self.stacked.shape[1:])
+
     def get(self):
         return self.stacked[self.index]
 
@@ -476,29 +481,50 @@ def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
 
 
-def _on_kernel(x2: jax.Array, w, row_scale=None, partials: bool = False) -> jax.Array:
+def _stacked(w):
+    """``(stacked QArray [L, ...], layer index or None)`` of a QArray or :class:`LayerOf` one."""
+    if isinstance(w, LayerOf):
+        return w.stacked, w.index
+    return jax.tree.map(lambda a: a[None], w), None
+
+
+def _on_kernel(x2: jax.Array, w, row_scale=None) -> jax.Array:
     """``jaxkv.kernels.qmatmul.qmatmul`` of rows ``x2 [M, I]`` by ``w`` (QArray or LayerOf)."""
     from jaxkv.kernels import qmatmul as qk
 
-    if isinstance(w, LayerOf):
-        stacked, index = w.stacked, w.index
-    else:
-        stacked, index = jax.tree.map(lambda a: a[None], w), None
-    zero = qk.zero_points(stacked)
+    stacked, index = _stacked(w)
     return qk.qmatmul(
-        x2, stacked.packed, stacked.scale, zero, index, row_scale,
-        bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=partials,
+        x2, stacked.packed, stacked.scale, qk.zero_points(stacked), index, row_scale,
+        bits=stacked.bits, group=stacked.group, layout=stacked.layout,
     )  # fmt: skip
 
 
-def matmul_partials(x: jax.Array, w) -> jax.Array:
-    """The GPU kernel's split-K partial products of ``x [..., I] @ w``, unsummed: ``[splits, Mp, O]``
-    float32 over the ``M = prod(x.shape[:-1])`` rows of ``x`` (``Mp >= M``; rows past ``M`` are
-    padding). For a launch that adds them together with the next operation
-    (``jaxkv.kernels.epilogue``); the kernel's path only (:func:`kernel_applies`)."""
-    if not kernel_applies(x, w):
-        raise ValueError("matmul_partials runs on the GPU kernel's path only (qarray.kernel_applies)")
-    return _on_kernel(x.reshape(-1, x.shape[-1]), w, partials=True)
+def tail_applies(x: jax.Array, w, block_n: int) -> bool:
+    """Whether :func:`matmul_tail` takes ``x @ w`` with tail blocks of ``block_n`` output columns: the
+    GPU kernel's path (:func:`kernel_applies`) at one row of 4-bit weights in the ``"io"`` layout
+    (``jaxkv.kernels.qmatmul.tail_applies``)."""
+    from jaxkv.kernels import qmatmul as qk
+
+    if not kernel_applies(x, w) or int(np.prod(x.shape[:-1])) != 1:
+        return False
+    q = w.stacked if isinstance(w, LayerOf) else w
+    I, O = q.shape[-2:]
+    return qk.tail_applies(I, O, q.bits, q.group, q.layout, block_n)
+
+
+def matmul_tail(x: jax.Array, w, counters: jax.Array, tail, inputs: tuple, out: tuple):
+    """``x [..., I] @ w`` for one row, with ``tail`` (``jaxkv.kernels.epilogue``) run on the product in
+    the same launch (``jaxkv.kernels.qmatmul.qmatmul_tail``, which says what ``counters``, ``inputs``
+    and ``out`` are). Returns ``(outputs, counters)``; the kernel's path only (:func:`tail_applies`)."""
+    from jaxkv.kernels import qmatmul as qk
+
+    if not tail_applies(x, w, tail.block_n):
+        raise ValueError("matmul_tail runs on the GPU kernel's one-row path only (qarray.tail_applies)")
+    stacked, index = _stacked(w)
+    return qk.qmatmul_tail(
+        x.reshape(1, x.shape[-1]), stacked.packed, stacked.scale, qk.zero_points(stacked), index, counters,
+        inputs, bits=stacked.bits, group=stacked.group, tail=tail, tail_out=out,
+    )  # fmt: skip
 
 
 def einsum(eqn: str, x: jax.Array, w) -> jax.Array:
