@@ -475,6 +475,11 @@ def qmatmul(
     return y.astype(x.dtype)
 
 
+# Splits of the one-row kernel's when it runs a tail, divided by this: fewer partial sums for the
+# last program to load, more groups for each program.
+TAIL_SPLIT_DIVISOR = 1
+
+
 def tail_applies(I: int, O: int, bits: int, group: int, layout: str, block_n: int) -> bool:
     """Whether :func:`qmatmul_tail` takes one row by this weight with tail blocks of ``block_n``
     output columns: the one-row 4-bit kernel's case (``"io"`` layout) with ``block_n`` a power of two
@@ -527,8 +532,9 @@ def qmatmul_tail(
     if counters.shape[0] < tail.blocks:
         raise ValueError(f"{counters.shape[0]} counters for {tail.blocks} tail blocks")
     cfg = default_config(I, O, group, 1, bits, "io")
-    cfg = dataclasses.replace(cfg, block_n=block_n, sub_rows=min(512 // block_n, group // 2))
     groups = I // group
+    split_k = -(-cfg.split_k // TAIL_SPLIT_DIVISOR)
+    cfg = dataclasses.replace(cfg, block_n=block_n, split_k=split_k, sub_rows=min(512 // block_n, group // 2))
     weights, layer = _weights_2d((packed, scale, zero), layer)
     tiling = dict(
         group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=block_n,
