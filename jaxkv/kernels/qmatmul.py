@@ -51,9 +51,10 @@ Conventions
   rows. ``split_k`` programs share the input dimension of one column block and write float32
   partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
   one split the kernel writes the output directly. Every XLA op around the kernel is a separate
-  launch in a decode step, so the wrapper keeps them to (with splits) one reduction; at batch 1 the
-  model takes the partial sums as they are (``partials=True``) and adds them in the launch of what
-  follows the matmul (``jaxkv.kernels.epilogue``).
+  launch in a decode step, so the wrapper keeps them to (with splits) one reduction. At batch 1 the
+  model's matmuls add their splits in their own launch instead (:func:`qmatmul_tail`): the last
+  program to finish a column block, told by an atomic counter, sums the block's partials and runs
+  what follows the product there (``jaxkv.kernels.epilogue``).
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
