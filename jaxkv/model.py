@@ -12,10 +12,10 @@ Conventions
 * Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
   logits are returned in float32, as Hugging Face does.
 * On a GPU at batch-1 decode with fused projections on the int4 kernel (:func:`_on_epilogues`) each
-  matmul's launch adds its split-K partial sums and does what follows them
-  (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a block's last launch
-  also computes the next norm's inputs, and the loop carries the stream as ``(x, gx, sumsq,
-  counters)``.
+  matmul's split-K partial sums are added together with what follows them, in a launch of their own
+  or in the matmul's (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a
+  block's last epilogue also computes the next norm's inputs, and the loop carries the stream as
+  ``(x, gx, sumsq, counters)``.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
 """
 
@@ -147,8 +147,8 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
 
 
 def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
-    """Whether the block runs on the GPU's one-row int4 kernel with what follows each matmul done in
-    the matmul's launch (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
+    """Whether the block runs on the GPU's one-row int4 kernel with each matmul's split sum and what
+    follows it done together (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
     (:func:`fuse_projections`), one row, and every product on that kernel (``qarray.tail_applies``)
     with the epilogues' column blocks."""
     from jaxkv.kernels import epilogue
@@ -168,8 +168,8 @@ def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
 
 def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None, counters=None):
     """On the epilogues' path (:func:`_on_epilogues`): the block's query, key and value heads
-    ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul, whose launch also adds its splits,
-    applies the norm's 1/rms and the biases, and rotates. ``normed``: ``(attn_norm * x, partial sums of
+    ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul and its epilogue (the split sum,
+    the norm's 1/rms, the biases, RoPE). ``normed``: ``(attn_norm * x, partial sums of
     squares [n, B*T])`` when the previous block's last launch computed them; ``counters`` the tail
     counters (``epilogue.new_counters``, new when None). Returns ``(heads, counters)``."""
     from jaxkv.kernels import epilogue
@@ -223,8 +223,8 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
 
     On the epilogues' path (``jaxkv.kernels.epilogue``) with ``next_norm`` (the next RMSNorm's
     weight: the next block's attention norm, or the final norm) the block returns the stream as
-    ``(x, next_norm * x, partial sums of squares, tail counters)``, computed in the launch of its
-    down projection, and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can
+    ``(x, next_norm * x, partial sums of squares, tail counters)``, computed by its down
+    projection's epilogue, and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can
     carry it pass ``next_norm``: the per-layer loop of :func:`decode_layout`'s parameters.
     """
     normed, counters = None, None
@@ -263,7 +263,7 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
         new_kv = (ck, cv)
 
     if fused:
-        # O's launch also adds the residual and computes the MLP norm's inputs; gate/up's applies the
+        # O's epilogue adds the residual and computes the MLP norm's inputs; gate/up's applies the
         # norm's 1/rms and SiLU(gate) * up (jaxkv.kernels.epilogue)
         from jaxkv.kernels import epilogue
 
@@ -274,8 +274,8 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
         h, counters = epilogue.silu_mul(gx, lp["w_gate_up"], sumsq, counters, eps=cfg.rms_norm_eps)
         if next_norm is None:
             return constrain(x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])), new_kv
-        # down's launch adds the residual and computes the next norm's inputs: the stream leaves as
-        # a tuple
+        # down's epilogue adds the residual and computes the next norm's inputs: the stream leaves
+        # as a tuple
         x2, gx, sumsq, counters = epilogue.residual_norm(h, lp["w_down"], x2, next_norm, counters)
         return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq, counters), new_kv
     x = x + dense(attn, lp["wo"])

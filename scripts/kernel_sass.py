@@ -19,9 +19,10 @@ Kernels (Llama-2-7B shapes; decode at batch 8 and 4352 cache slots, K4V2 at grou
 ``kv`` (``kvdecode.body_partials``), ``merge`` (``kvdecode.merge`` with the key window and 4 pivot
 slots), ``qmmN`` (``qmatmul`` with N rows on the 4096 x 12288 Q/K/V weight, group 128; N = 1 is the
 one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs), either
-with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``); the one-row kernel with the
-epilogues of batch-1 decode in its launch (``qmatmul_tail``, ``jaxkv.kernels.epilogue``): ``tail-qkv``,
-``tail-o`` (O's 32 splits and the residual), ``tail-down`` (86 splits), ``tail-silu``. ``--warps`` overrides the kernels' warps per program.
+with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``); the split-K epilogues of
+batch-1 decode (``jaxkv.kernels.epilogue``) in the one-row kernel's launch (``qmatmul_tail``):
+``tail-qkv``, ``tail-o`` (O's 32 splits and the residual), ``tail-down`` (86 splits), ``tail-silu``;
+in launches of their own: ``epi-qkv``, ``epi-o``, ``epi-down``, ``epi-silu``. ``--warps`` overrides the kernels' warps per program.
 """
 
 from __future__ import annotations
@@ -107,35 +108,40 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         packed = (1, O, I * bits // 8) if layout == "oi" else (1, I * bits // 8, O)
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
-    elif name in ("tail-qkv", "tail-o", "tail-down", "tail-silu"):
+    elif re.fullmatch(r"(tail|epi)-(qkv|o|down|silu)", name):
+        import dataclasses
+
         from jaxkv.kernels import epilogue, qmatmul
 
+        where, which = name.split("-")
         D, F, N, group = 4096, 11008, 32, 128
-        I, O = {"tail-qkv": (D, 3 * N * H), "tail-o": (D, D), "tail-down": (F, D), "tail-silu": (D, 2 * F)}[
-            name
-        ]
+        I, O = {"qkv": (D, 3 * N * H), "o": (D, D), "down": (F, D), "silu": (D, 2 * F)}[which]
         sumsq, row = S((1, 1), jnp.float32), S((1, D), jnp.bfloat16)
-        if name == "tail-qkv":
+        if which == "qkv":
             tail = epilogue.QkvRope(block_n=H, blocks=3 * N, heads=N, kv_heads=N, hidden=D, eps=1e-5)
-            inputs, shapes = (
-                (sumsq, S((H // 2,), jnp.float32), S((H // 2,), jnp.float32)),
-                (S((1, 3 * N, H), jnp.bfloat16),),
-            )
-        elif name == "tail-silu":
+            rope = S((H // 2,), jnp.float32)
+            inputs, shapes = (sumsq, rope, rope), (S((1, 3 * N, H), jnp.bfloat16),)
+        elif which == "silu":
             tail = epilogue.SiluMul(block_n=128, blocks=F // 128, hidden=D, eps=1e-5)
             inputs, shapes = (sumsq,), (S((1, F), jnp.bfloat16),)
         else:
             tail = epilogue.ResidualNorm(block_n=128, blocks=D // 128)
             inputs, shapes = (row, S((D,), jnp.bfloat16)), (row, row, S((D // 128, 1), jnp.float32))
         cfg = qmatmul.default_config(I, O, group, 1, 4, "io")
-        warps, stages = cfg.num_warps, cfg.num_stages
-        fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
-            x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=shapes
-        )
-        args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
-                S((1, I // group, O), jnp.uint8), S((128,), jnp.int32), *inputs)  # fmt: skip
+        if where == "epi":  # a launch of its own over the partial sums
+            tail = dataclasses.replace(tail, in_matmul=False)
+            warps, stages = epilogue.WARPS, 1
+            fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
+            args = (S((cfg.split_k, 1, O), jnp.float32), *inputs)
+        else:
+            warps, stages = cfg.num_warps, cfg.num_stages
+            fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
+                x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=shapes
+            )
+            args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
+                    S((1, I // group, O), jnp.uint8), S((128,), jnp.int32), *inputs)  # fmt: skip
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, tail-*")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, tail-*, epi-*")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))

@@ -33,6 +33,15 @@ def test_matmul_tails_lower_to_triton_ir(tmp_path, name):
     assert launch == {"warps": 1, "stages": 1}
 
 
+@pytest.mark.parametrize("name", ["epi-qkv", "epi-down"])
+def test_epilogue_launches_lower_to_triton_ir(tmp_path, name):
+    """The same epilogues in launches of their own (``epilogue.launch``, 4 warps) lower for CUDA."""
+    launch = kernel_sass.lower(name, tmp_path, None)
+    ir = (tmp_path / f"{name}.ttir").read_text()
+    assert "tt.func public" in ir and "tt.load" in ir and "tt.atomic_rmw" not in ir
+    assert launch == {"warps": 4, "stages": 1}
+
+
 def test_unknown_kernel_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown kernel"):
         kernel_sass.lower("attention", tmp_path, None)

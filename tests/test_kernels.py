@@ -269,6 +269,7 @@ def test_bench_rejects_unknown_modes_before_running():
     cases = (
         ("--qmatmul", "auto,tensor"),
         ("--kv-decode", "flash"),
+        ("--epilogue", "fused"),
         ("--weights", "int3"),
         ("--peers", "hf,vllm"),
     )
@@ -283,6 +284,9 @@ def test_bench_rejects_unknown_modes_before_running():
     from jaxkv.kvattention import DECODE_IMPLS
 
     assert set(bench.KV_DECODES) == set(DECODE_IMPLS)  # the bench offers every JAXKV_KV_DECODE
+    from jaxkv.kernels import epilogue
+
+    assert bench.EPILOGUES == epilogue.MODES  # and every JAXKV_EPILOGUE
 
 
 @pytest.mark.parametrize("kv,pivot", [(None, None), ("K4V2-g16", None), (None, [11, 3]), ("K4V2-g16", [11])])
@@ -790,15 +794,24 @@ def _sumsq_parts(x64: np.ndarray, n: int) -> np.ndarray:
     return np.stack([(c**2).sum(axis=1) for c in np.array_split(x64, n, axis=1)]).astype(np.float32)
 
 
-@pytest.fixture
-def tail_kernel(monkeypatch):
-    """The epilogues' matmul launch (``qmatmul_tail``) forced on (Pallas' interpreter off the GPU)."""
+def _force_epilogues(monkeypatch, mode: str) -> None:
+    """The epilogues forced on (Pallas' interpreter off the GPU), in a launch of their own after
+    ``qmatmul(..., partials=True)`` or in the matmul's launch (``qmatmul_tail``): ``JAXKV_EPILOGUE``."""
     import functools
 
     import jaxkv.quant.qarray as qa
+    from jaxkv.kernels import epilogue
 
+    monkeypatch.setenv("JAXKV_EPILOGUE", mode)
     monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
-    monkeypatch.setattr(qk, "qmatmul_tail", functools.partial(qk.qmatmul_tail, interpret=not ON_GPU))
+    for module, name in ((qk, "qmatmul"), (qk, "qmatmul_tail"), (epilogue, "launch")):
+        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), interpret=not ON_GPU))
+
+
+@pytest.fixture(params=["launch", "tail"])
+def epilogue_mode(request, monkeypatch):
+    _force_epilogues(monkeypatch, request.param)
+    return request.param
 
 
 def _tail_weight(rng, I, O, group):
@@ -809,11 +822,11 @@ def _tail_weight(rng, I, O, group):
     return q, w64.reshape(I, O)
 
 
-def test_epilogue_residual_norm_matches_float64(tail_kernel):
+def test_epilogue_residual_norm_matches_float64(epilogue_mode):
     """``epilogue.residual_norm``: one row of 22 groups of 64 (11 splits, summed as 8 + 2 + 1) times an
     int4 weight, added to the residual, ``norm_weight * x_new`` and per-block sums of squares (two
-    blocks of 128), all in the matmul's launch; the counters come back zero and serve a second
-    launch."""
+    blocks of 128), in either place (``JAXKV_EPILOGUE``); the counters come back zero and serve a
+    second launch."""
     from jaxkv.kernels import epilogue
 
     rng = np.random.default_rng(11)
@@ -836,7 +849,7 @@ def test_epilogue_residual_norm_matches_float64(tail_kernel):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_epilogue_qkv_rope_matches_float64(tail_kernel, bias):
+def test_epilogue_qkv_rope_matches_float64(epilogue_mode, bias):
     """``epilogue.qkv_rope``: grouped heads (4 query, 2 key/value, 32 wide: a head per tail block),
     12 groups of 32 (3 splits), the norm's ``1/rms`` from 3 partial sums of squares, optional biases,
     RoPE at position 100, against float64."""
@@ -872,7 +885,7 @@ def test_epilogue_qkv_rope_matches_float64(tail_kernel, bias):
     assert not np.asarray(counters).any()
 
 
-def test_epilogue_silu_mul_matches_float64(tail_kernel):
+def test_epilogue_silu_mul_matches_float64(epilogue_mode):
     """``epilogue.silu_mul``: 33 groups of 64 (17 splits, 8 + 8 + 1), three tail blocks of 64 gate
     and 64 up columns each (F = 192; 34 programs arrive at each): ``SiLU(gate * r) * (up * r)`` with
     the norm's ``1/rms`` r."""
@@ -894,12 +907,14 @@ def test_epilogue_silu_mul_matches_float64(tail_kernel):
     assert not np.asarray(counters).any()
 
 
-def test_matmul_tail_refuses_what_it_cannot_take(tail_kernel, monkeypatch):
+def test_matmul_tail_refuses_what_it_cannot_take(monkeypatch):
     """Too few counters for the tail's blocks, a weight whose columns the tail blocks do not tile,
-    and (with the kernel off) ``qarray.matmul_tail`` are refused with a clear error."""
+    and (with the kernel off) ``qarray.matmul_tail`` are refused with a clear error; so is an
+    unknown ``JAXKV_EPILOGUE``."""
     import jaxkv.quant.qarray as qa
     from jaxkv.kernels import epilogue
 
+    _force_epilogues(monkeypatch, "tail")
     rng = np.random.default_rng(14)
     q, _ = _tail_weight(rng, 128, 256, 64)
     h, x = jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 256), jnp.bfloat16)
@@ -912,13 +927,25 @@ def test_matmul_tail_refuses_what_it_cannot_take(tail_kernel, monkeypatch):
     monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
     with pytest.raises(ValueError, match="one-row path only"):
         epilogue.residual_norm(h, q, x, x[0], jnp.zeros((2,), jnp.int32))
+    monkeypatch.setenv("JAXKV_EPILOGUE", "fused")
+    with pytest.raises(ValueError, match="JAXKV_EPILOGUE='fused' is not one of"):
+        epilogue.mode()
 
 
-@pytest.mark.parametrize("layers,kv", [("stacked", None), ("per_layer", None), ("per_layer", "K8V8-g16")])
-def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
+@pytest.mark.parametrize(
+    "layers,kv,mode",
+    [
+        ("stacked", None, "tail"),
+        ("per_layer", None, "tail"),
+        ("per_layer", "K8V8-g16", "tail"),
+        ("per_layer", None, "launch"),
+    ],
+)
+def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv, mode):
     """Prefill (5 rows: no epilogues) and a batch-1 decode step of an int4 model with fused
     projections and attention biases (grouped heads) on the kernel path with its fused split-K
-    epilogues (forced; Pallas' interpreter off the GPU) against the portable XLA path. Over stacked
+    epilogues (forced; Pallas' interpreter off the GPU; in the matmul's launch or, once, in launches
+    of their own: ``JAXKV_EPILOGUE``) against the portable XLA path. Over stacked
     layers (a scan: each block ends with the plain residual add) and over :func:`decode_layout`'s
     per-layer ones (a Python loop: each block's last launch computes the next norm's inputs too);
     a bf16 cache through the decode attention kernel (which takes the epilogue's heads as they are)
@@ -927,7 +954,6 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
     K8V4 the fused path measured 2.6% from XLA's, the unfused 1.5-1.6%, stacked and per-layer alike.)"""
     import functools
 
-    import jaxkv.quant.qarray as qa
     from jaxkv.bench import parse_kv
     from jaxkv.kernels import epilogue
     from jaxkv.kvcache import init_cache
@@ -954,9 +980,7 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv):
 
     monkeypatch.setenv("JAXKV_QMATMUL", "xla")
     slow = run()
-    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
-    monkeypatch.setattr(qk, "qmatmul", functools.partial(qk.qmatmul, interpret=not ON_GPU))
-    monkeypatch.setattr(qk, "qmatmul_tail", functools.partial(qk.qmatmul_tail, interpret=not ON_GPU))
+    _force_epilogues(monkeypatch, mode)
     calls = []
     for name in ("qkv_rope", "residual_norm", "silu_mul"):
         fn = functools.partial(
@@ -987,3 +1011,29 @@ def test_epilogues_apply_to_one_row_only():
     assert not epilogue.applies(1, 4104, 11008, 128)  # 4104 = 8 x 513
     assert epilogue.new_counters(96, 4096, 11008).shape == (96,)  # Llama-2-7B: 96 heads, 86 FFN blocks
     assert epilogue.new_counters(15, 576, 1536).shape == (15,)  # SmolLM2-135M: 9 + 2 x 3 heads
+
+
+def test_qmatmul_partials_sum_to_the_product(monkeypatch):
+    """``qmatmul(..., partials=True)``: the one-row kernel's float32 split sums as they are (two
+    groups of 64 inputs a program: 2 splits), adding up to float64 numpy's product; with ``row_scale`` it is refused, and
+    ``qarray.matmul_partials`` off the kernel's path too."""
+    import jaxkv.quant.qarray as qa
+
+    rng = np.random.default_rng(21)
+    q, codes, scale, zero = _random_q(rng, 1, 256, 128, 4, 64, False)
+    x = jnp.asarray(rng.standard_normal((1, 256)), jnp.bfloat16)
+    parts = qk.qmatmul(
+        x, q.packed, q.scale, q.zero, None, bits=4, group=64, partials=True, interpret=not ON_GPU
+    )
+    assert parts.shape == (2, 1, 128) and parts.dtype == jnp.float32
+    ref = qk.reference(np.asarray(x.astype(jnp.float32)), codes[0], scale[0], zero[0], 64)
+    np.testing.assert_allclose(
+        np.asarray(parts, np.float64).sum(0), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max()
+    )
+    with pytest.raises(ValueError, match="row_scale"):
+        qk.qmatmul(
+            x, q.packed, q.scale, q.zero, None, jnp.ones(1), bits=4, group=64, partials=True, interpret=True
+        )
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
+    with pytest.raises(ValueError, match="kernel's path only"):
+        qa.matmul_partials(x, jax.tree.map(lambda a: a[0], q))

@@ -1,34 +1,41 @@
-"""The decode step's split-K epilogues: what follows each batch-1 int4 matmul, run by that matmul's
-own launch (``jaxkv.kernels.qmatmul.qmatmul_tail``).
+"""The decode step's split-K epilogues: what follows each batch-1 int4 matmul (RoPE, the residual add
+and the next norm's inputs, SiLU), run on the matmul's float32 partial sums.
 
 Why: at batch 1 the quantized matmul splits every product along its inputs and leaves float32
-partial sums. Adding them and running the next operation (RoPE, the residual add and the next
-norm's inputs, SiLU) took launches of their own: XLA's at first (12 launches a layer, 7 of them such
-ops, 1.4-4.5 us each on an H100), then one Pallas launch per matmul (2.4-4.3 us each on an H200, run
-72: 13 us a layer). Here the last program of the matmul to finish a column block adds the block's
-splits and does the rest, so a layer is the four matmuls and its attention.
+partial sums. XLA added them in a launch of its own and ran the next operation in one or two more
+(12 launches a layer, 7 of them such ops, 1.4-4.5 us each on an H100). Each body here (a "tail")
+does the split sum and the next operation at once, in one of two places (:func:`mode`,
+``JAXKV_EPILOGUE``):
+
+* ``"launch"`` (the default): a launch of its own after the matmul (:func:`launch`; 4 warps a tail
+  block). Run 72 (H200): 2.4-4.3 us a launch, 13 us a layer; the step 2.111 -> 2.064 ms/token.
+* ``"tail"``: in the matmul's launch (``jaxkv.kernels.qmatmul.qmatmul_tail``): the last program of
+  the matmul to finish a column block, told by an atomic counter, runs the tail for that block, so
+  a layer is its four matmuls and its attention. Not yet timed on a GPU.
 
 Conventions
 -----------
-* One row (batch-1 decode). ``partials [S, 1, O]`` float32: ``S`` splits of the input dimension; their
-  sum is the product ``x @ w`` before the norm's row scale. A tail block is a block of the matmul's
-  output columns (``block_n``): a head of Q/K/V, a block of the O or down projection's output; for
-  gate/up (gate columns first) block ``j`` of the gate and block ``j`` of the up columns together.
+* One row (batch-1 decode). ``partials [S, Mp, O]`` float32: ``S`` splits of the input dimension
+  (row 0 is the product; rows past it are padding); their sum is ``x @ w`` before the norm's row
+  scale. A tail block is a block of the matmul's output columns (``block_n``): a head of Q/K/V, a
+  block of the O or down projection's output; for gate/up (gate columns first) block ``j`` of the
+  gate and block ``j`` of the up columns together.
 * A norm moved past its matmul (``jaxkv.model.norm_dense``): the matmul reads ``norm_weight * x`` and
   the row's ``1/rms = rsqrt(sum(sumsq) / D + eps)`` multiplies the summed product here, in float32.
   ``sumsq [n, 1]`` float32 are partial sums of squares of the norm's input row (``n`` any count: one
   from XLA at a block's start, one per column block from :func:`residual_norm`).
 * Everything runs in float32 and rounds once to the output dtype (XLA's unfused order rounds the
   product to bf16 first, then RoPE's or SiLU's result again: the errors are of the same size).
-* Splits are summed in power-of-two chunks of at most ``_CHUNK`` (86 = 8 x 10 + 4 + 2), so loads need
-  neither masks nor padded copies; a chunk of 128 columns is 32 float32 registers of the matmul's one
-  warp, so the tail does not raise the kernel's register count (and its occupancy). Other
-  programs wrote the partial sums: plain loads see them because the counter's atomic acquired them
-  (``jaxkv.kernels.qmatmul.qmatmul_tail``).
+* Splits are summed in power-of-two chunks, so loads need neither masks nor padded copies. In the
+  matmul's launch: a loop over chunks of ``_CHUNK`` (86 = 8 x 10 + 4 + 2), 32 float32 registers of
+  the matmul's one warp at 128 columns, so the tail does not raise the kernel's register count (and
+  cut its occupancy); other programs wrote the partial sums, and plain loads see them because the
+  counter's atomic acquired them. In a launch of its own: chunks of up to ``_LAUNCH_CHUNK``, unrolled.
 * Each public function takes the matmul's input row and weight (a QArray or ``LayerOf``) and the
-  tail counters (:func:`new_counters`, threaded from launch to launch) and returns its outputs and the
-  counters. GPU only (Triton lowering); ``jaxkv.kernels.qmatmul.qmatmul_tail`` with ``interpret=True``
-  runs the same bodies anywhere (tests). :func:`applies` says whether a model's shapes fit.
+  tail counters (:func:`new_counters`, threaded from launch to launch; ``"launch"`` passes them on
+  untouched) and returns its outputs and the counters. GPU only (Triton lowering); with
+  ``interpret=True`` (:func:`launch`, ``qmatmul_tail``) Pallas' interpreter runs the same bodies
+  anywhere (tests). :func:`applies` says whether a model's shapes fit.
 """
 
 from __future__ import annotations
@@ -39,9 +46,29 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
-_CHUNK = 8  # splits per load: [8, 128] float32 is 32 registers a thread of one warp
+# Splits per load in the matmul's launch: [8, 128] float32 is 32 registers a thread of its one warp.
+# In a launch of its own (4 warps): 32, every chunk's loads issued together (run 72's kernels).
+_CHUNK = 8
+_LAUNCH_CHUNK = 32
 COLUMNS = 128  # output columns per tail block of residual_norm and silu_mul (at most)
+WARPS = 4  # warps per program of a launch of its own
+# JAXKV_EPILOGUE: where the epilogues run (:func:`mode`)
+MODES = ("launch", "tail")
+
+
+def mode() -> str:
+    """Where the epilogues run, from ``JAXKV_EPILOGUE`` (:data:`MODES`): ``"launch"`` (the default)
+    in a launch of their own after each matmul (:func:`launch`, over ``qmatmul(..., partials=True)``;
+    timed in run 72), ``"tail"`` in the matmul's launch (``qmatmul_tail``; not yet timed on a GPU,
+    the default once it is faster)."""
+    import os
+
+    name = os.environ.get("JAXKV_EPILOGUE", "launch")
+    if name not in MODES:
+        raise ValueError(f"JAXKV_EPILOGUE={name!r} is not one of {MODES}")
+    return name
 
 
 def columns(n: int, most: int = COLUMNS) -> int | None:
@@ -75,11 +102,12 @@ def new_counters(heads: int, hidden: int, intermediate: int) -> jax.Array:
     )
 
 
-def _sum_splits(ref, index: tuple) -> jax.Array:
-    """``sum(ref[:, *index], axis=0)`` in float32: a loop over chunks of ``_CHUNK`` splits, then the
-    rest in power-of-two chunks (module docstring)."""
+def _sum_splits(ref, index: tuple, in_matmul: bool) -> jax.Array:
+    """``sum(ref[:, *index], axis=0)`` in float32 (module docstring). In the matmul's launch: a loop
+    over chunks of ``_CHUNK`` splits, then the rest in power-of-two chunks; in a launch of its own:
+    power-of-two chunks of at most ``_LAUNCH_CHUNK``, unrolled."""
     n = ref.shape[0]
-    full = n // _CHUNK
+    full = n // _CHUNK if in_matmul else 0
 
     def chunk(start, size):
         return jnp.sum(ref[(pl.ds(start, size), *index)], axis=0)
@@ -93,7 +121,7 @@ def _sum_splits(ref, index: tuple) -> jax.Array:
         )
         start = full * _CHUNK
     while start < n:
-        size = 1 << ((n - start).bit_length() - 1)
+        size = min(_LAUNCH_CHUNK, 1 << ((n - start).bit_length() - 1))
         part = chunk(start, size)
         total = part if total is None else total + part
         start += size
@@ -114,10 +142,11 @@ class ResidualNorm:
     name: ClassVar[str] = "residual_norm"
     block_n: int
     blocks: int
+    in_matmul: bool = True
 
     def __call__(self, j, p_ref, x_ref, w_ref, xo_ref, gx_ref, ss_ref):
         cols = pl.ds(pl.multiple_of(j * self.block_n, self.block_n), self.block_n)
-        y = _sum_splits(p_ref, (0, cols))
+        y = _sum_splits(p_ref, (0, cols), self.in_matmul)
         x = (x_ref[0, cols].astype(jnp.float32) + y).astype(xo_ref.dtype)
         xo_ref[0, cols] = x
         x32 = x.astype(jnp.float32)  # the norm sees the stored (rounded) stream, as XLA's norm does
@@ -137,6 +166,7 @@ class QkvRope:
     kv_heads: int
     hidden: int
     eps: float
+    in_matmul: bool = True
 
     def __call__(self, h, p_ref, ss_ref, cos_ref, sin_ref, *refs):
         *b_refs, o_ref = refs  # the query, key and value biases, when the model has them
@@ -144,8 +174,8 @@ class QkvRope:
         half = H // 2
         base = pl.multiple_of(h * H, H)
         r = _inv_rms(ss_ref, self.hidden, self.eps)
-        y1 = _sum_splits(p_ref, (0, pl.ds(base, half))) * r
-        y2 = _sum_splits(p_ref, (0, pl.ds(base + half, half))) * r
+        y1 = _sum_splits(p_ref, (0, pl.ds(base, half)), self.in_matmul) * r
+        y2 = _sum_splits(p_ref, (0, pl.ds(base + half, half)), self.in_matmul) * r
         if b_refs:
 
             def bias(start):
@@ -177,20 +207,44 @@ class SiluMul:
     blocks: int  # F / block_n
     hidden: int
     eps: float
+    in_matmul: bool = True
 
     def __call__(self, j, p_ref, ss_ref, h_ref):
         start = pl.multiple_of(j * self.block_n, self.block_n)
         ffn = self.blocks * self.block_n
         r = _inv_rms(ss_ref, self.hidden, self.eps)
-        gate = _sum_splits(p_ref, (0, pl.ds(start, self.block_n))) * r
-        up = _sum_splits(p_ref, (0, pl.ds(ffn + start, self.block_n))) * r
+        gate = _sum_splits(p_ref, (0, pl.ds(start, self.block_n)), self.in_matmul) * r
+        up = _sum_splits(p_ref, (0, pl.ds(ffn + start, self.block_n)), self.in_matmul) * r
         h_ref[0, pl.ds(start, self.block_n)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(h_ref.dtype)
 
 
-def _matmul_tail(x, w, counters, tail, inputs, out):
-    from jaxkv.quant.qarray import matmul_tail
+def launch(tail, partials: jax.Array, inputs: tuple, out: tuple, *, interpret: bool = False) -> tuple:
+    """``tail`` over a matmul's float32 partial sums ``[S, Mp, O]`` (``qmatmul(..., partials=True)``)
+    in a launch of its own: a program of :data:`WARPS` warps per tail block. Returns the outputs,
+    shaped as ``out``."""
+    full = pl.BlockSpec(memory_space=None)
+    return tuple(
+        pl.pallas_call(
+            lambda *refs: tail(pl.program_id(0), *refs),
+            grid=(tail.blocks,),
+            in_specs=[full] * (1 + len(inputs)),
+            out_specs=[full] * len(out),
+            out_shape=list(out),
+            compiler_params=pltriton.CompilerParams(num_warps=WARPS, num_stages=1),
+            interpret=interpret,
+            name=f"epilogue_{tail.name}",
+        )(partials, *inputs)
+    )
 
-    return matmul_tail(x, w, counters, tail, tuple(inputs), tuple(out))
+
+def _run(x, w, counters, tail, inputs, out):
+    """``tail`` after ``x @ w`` where :func:`mode` says; returns ``(outputs, counters)``."""
+    from jaxkv.quant import qarray
+
+    if mode() == "tail":
+        return qarray.matmul_tail(x, w, counters, tail, tuple(inputs), tuple(out))
+    tail = dataclasses.replace(tail, in_matmul=False)
+    return launch(tail, qarray.matmul_partials(x, w), tuple(inputs), tuple(out)), counters
 
 
 def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array, counters: jax.Array):
@@ -209,7 +263,7 @@ def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array, counter
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct((D // block, 1), jnp.float32),
     )
-    (x_new, gx, sumsq), counters = _matmul_tail(h, w, counters, tail, (x, norm_weight), out)
+    (x_new, gx, sumsq), counters = _run(h, w, counters, tail, (x, norm_weight), out)
     return x_new, gx, sumsq, counters
 
 
@@ -240,7 +294,7 @@ def qkv_rope(
     angles = position.astype(jnp.float32) * inv_freq
     inputs = (sumsq, jnp.cos(angles), jnp.sin(angles), *(biases or ()))
     out = (jax.ShapeDtypeStruct((1, N + 2 * K, H), gx.dtype),)
-    (q_k_v,), counters = _matmul_tail(gx, w, counters, tail, inputs, out)
+    (q_k_v,), counters = _run(gx, w, counters, tail, inputs, out)
     return q_k_v, counters
 
 
@@ -251,7 +305,5 @@ def silu_mul(gx: jax.Array, w, sumsq: jax.Array, counters: jax.Array, *, eps: fl
     ffn = w.shape[-1] // 2
     block = columns(ffn)
     tail = SiluMul(block_n=block, blocks=ffn // block, hidden=gx.shape[-1], eps=eps)
-    (h,), counters = _matmul_tail(
-        gx, w, counters, tail, (sumsq,), (jax.ShapeDtypeStruct((1, ffn), gx.dtype),)
-    )
+    (h,), counters = _run(gx, w, counters, tail, (sumsq,), (jax.ShapeDtypeStruct((1, ffn), gx.dtype),))
     return h, counters

@@ -52,9 +52,10 @@ Conventions
   partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
   one split the kernel writes the output directly. Every XLA op around the kernel is a separate
   launch in a decode step, so the wrapper keeps them to (with splits) one reduction. At batch 1 the
-  model's matmuls add their splits in their own launch instead (:func:`qmatmul_tail`): the last
-  program to finish a column block, told by an atomic counter, sums the block's partials and runs
-  what follows the product there (``jaxkv.kernels.epilogue``).
+  model adds the splits together with what follows the product (``jaxkv.kernels.epilogue``):
+  in a launch of its own over the partial sums as they are (``partials=True``), or in the matmul's
+  launch (:func:`qmatmul_tail`), where the last program to finish a column block, told by an
+  atomic counter, sums the block's partials and runs the rest there.
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
@@ -416,7 +417,7 @@ def _weights_2d(weights, layer):
     return weights, jnp.reshape(layer, (1,)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "partials", "interpret"))
 def qmatmul(
     x: jax.Array,
     packed: jax.Array,
@@ -429,6 +430,7 @@ def qmatmul(
     group: int,
     layout: str = "io",
     config: KernelConfig | None = None,
+    partials: bool = False,
     interpret: bool = False,
 ) -> jax.Array:
     """``x [M, I] @ dequantize(w[layer])`` -> ``[M, O]`` in ``x.dtype`` (float32 accumulation).
@@ -439,6 +441,9 @@ def qmatmul(
     then needs no layer offset). ``row_scale [M]`` (float32), when given, multiplies each output row
     in float32 before the rounding to ``x.dtype``, in the launch that adds the split-K partial sums
     (``jaxkv.model`` passes RMSNorm's ``1/rms`` this way, so the norm needs no scaling launch).
+    ``partials=True`` returns the kernel's float32 output as it is, ``[split_k, Mp, O]`` with
+    ``Mp >= M`` rows (rows past ``M`` are padding), for a launch that adds the splits together with
+    what comes next (``jaxkv.kernels.epilogue.launch``).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -453,7 +458,9 @@ def qmatmul(
     weights, layer = _weights_2d((packed, scale, zero), layer)
     # One split writes x.dtype directly (float32 when rows are scaled after); several write float32
     # partial sums that XLA adds.
-    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None else jnp.float32
+    if partials and row_scale is not None:
+        raise ValueError("row_scale applies to the summed output; with partials=True the caller sums")
+    out_dtype = x.dtype if cfg.split_k == 1 and row_scale is None and not partials else jnp.float32
     tiling = dict(group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=cfg.block_n)
     if gemv:
         kernel = functools.partial(_gemv4_kernel, sub_rows=cfg.sub_rows, interpret=interpret, **tiling)
@@ -470,6 +477,8 @@ def qmatmul(
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
     )(layer, x, *weights)
+    if partials:
+        return out
     y = (out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0))[:M]
     if row_scale is not None:
         y = y * row_scale.reshape(M, 1).astype(jnp.float32)

@@ -499,6 +499,22 @@ def _on_kernel(x2: jax.Array, w, row_scale=None) -> jax.Array:
     )  # fmt: skip
 
 
+def matmul_partials(x: jax.Array, w) -> jax.Array:
+    """The GPU kernel's split-K partial products of ``x [..., I] @ w``, unsummed: ``[splits, Mp, O]``
+    float32 over the ``M = prod(x.shape[:-1])`` rows of ``x`` (``Mp >= M``; rows past ``M`` are
+    padding). For a launch that adds them together with the next operation
+    (``jaxkv.kernels.epilogue``); the kernel's path only (:func:`kernel_applies`)."""
+    from jaxkv.kernels import qmatmul as qk
+
+    if not kernel_applies(x, w):
+        raise ValueError("matmul_partials runs on the GPU kernel's path only (qarray.kernel_applies)")
+    stacked, index = _stacked(w)
+    return qk.qmatmul(
+        x.reshape(-1, x.shape[-1]), stacked.packed, stacked.scale, qk.zero_points(stacked), index,
+        bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=True,
+    )  # fmt: skip
+
+
 def tail_applies(x: jax.Array, w, block_n: int) -> bool:
     """Whether :func:`matmul_tail` takes ``x @ w`` with tail blocks of ``block_n`` output columns: the
     GPU kernel's path (:func:`kernel_applies`) at one row of 4-bit weights in the ``"io"`` layout
