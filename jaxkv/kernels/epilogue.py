@@ -129,8 +129,10 @@ def _sum_splits(ref, index: tuple, in_matmul: bool) -> jax.Array:
 
 
 def _inv_rms(sumsq_ref, hidden: int, eps: float) -> jax.Array:
-    """The row's ``1/rms`` from its partial sums of squares ``sumsq [n, 1]`` (an earlier launch's)."""
-    ss = jnp.sum(sumsq_ref[...])
+    """The row's ``1/rms`` from its partial sums of squares ``sumsq [n, 1]`` (an earlier launch's),
+    loaded in power-of-two chunks: Triton's blocks are powers of two, and ``n`` need not be (9 for
+    SmolLM2-135M's 576 = 9 x 64)."""
+    ss = _sum_splits(sumsq_ref, (pl.ds(0, 1),), in_matmul=False)  # [1]
     return jax.lax.rsqrt(ss * (1.0 / hidden) + eps)
 
 
