@@ -109,37 +109,7 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
     elif re.fullmatch(r"(tail|epi)-(qkv|o|down|silu)", name):
-        import dataclasses
-
-        from jaxkv.kernels import epilogue, qmatmul
-
-        where, which = name.split("-")
-        D, F, N, group = 4096, 11008, 32, 128
-        I, O = {"qkv": (D, 3 * N * H), "o": (D, D), "down": (F, D), "silu": (D, 2 * F)}[which]
-        sumsq, row = S((1, 1), jnp.float32), S((1, D), jnp.bfloat16)
-        if which == "qkv":
-            tail = epilogue.QkvRope(block_n=H, blocks=3 * N, heads=N, kv_heads=N, hidden=D, eps=1e-5)
-            rope = S((H // 2,), jnp.float32)
-            inputs, shapes = (sumsq, rope, rope), (S((1, 3 * N, H), jnp.bfloat16),)
-        elif which == "silu":
-            tail = epilogue.SiluMul(block_n=128, blocks=F // 128, hidden=D, eps=1e-5)
-            inputs, shapes = (sumsq,), (S((1, F), jnp.bfloat16),)
-        else:
-            tail = epilogue.ResidualNorm(block_n=128, blocks=D // 128)
-            inputs, shapes = (row, S((D,), jnp.bfloat16)), (row, row, S((D // 128, 1), jnp.float32))
-        cfg = qmatmul.default_config(I, O, group, 1, 4, "io")
-        if where == "epi":  # a launch of its own over the partial sums
-            tail = dataclasses.replace(tail, in_matmul=False)
-            warps, stages = epilogue.WARPS, 1
-            fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
-            args = (S((cfg.split_k, 1, O), jnp.float32), *inputs)
-        else:
-            warps, stages = cfg.num_warps, cfg.num_stages
-            fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
-                x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=shapes
-            )
-            args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
-                    S((1, I // group, O), jnp.uint8), S((128,), jnp.int32), *inputs)  # fmt: skip
+        fn, args, warps, stages = tail_case(*name.split("-"))
     else:
         raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, tail-*, epi-*")
     lowering.lower_jaxpr_to_triton_module = capture
@@ -150,6 +120,46 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.ttir").write_text(captured["ir"])
     return {"warps": warps, "stages": stages}
+
+
+def tail_case(where: str, which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blocks=128):
+    """A batch-1 split-K epilogue (``jaxkv.kernels.epilogue``) to lower: ``which`` of qkv, o, down,
+    silu, in the matmul's launch (``where="tail"``, ``qmatmul_tail``) or in one of its own
+    (``"epi"``, over the partial sums), for hidden ``D``, FFN ``F``, ``N`` query and ``K`` key/value
+    heads of ``H``, weight ``group`` and tail blocks of at most ``blocks`` columns (defaults:
+    Llama-2-7B). Returns ``(fn, args, warps, stages)``."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.kernels import epilogue, qmatmul
+
+    S = jax.ShapeDtypeStruct
+    I, O = {"qkv": (D, (N + 2 * K) * H), "o": (D, D), "down": (F, D), "silu": (D, 2 * F)}[which]
+    d_block, f_block = epilogue.columns(D, blocks), epilogue.columns(F, blocks)
+    sumsq, row = S((D // d_block, 1), jnp.float32), S((1, D), jnp.bfloat16)  # from the last tail
+    if which == "qkv":
+        tail = epilogue.QkvRope(block_n=H, blocks=N + 2 * K, heads=N, kv_heads=K, hidden=D, eps=1e-5)
+        rope = S((H // 2,), jnp.float32)
+        inputs, shapes = (sumsq, rope, rope), (S((1, N + 2 * K, H), jnp.bfloat16),)
+    elif which == "silu":
+        tail = epilogue.SiluMul(block_n=f_block, blocks=F // f_block, hidden=D, eps=1e-5)
+        inputs, shapes = (sumsq,), (S((1, F), jnp.bfloat16),)
+    else:
+        tail = epilogue.ResidualNorm(block_n=d_block, blocks=D // d_block)
+        inputs, shapes = (row, S((D,), jnp.bfloat16)), (row, row, S((D // d_block, 1), jnp.float32))
+    cfg = qmatmul.default_config(I, O, group, 1, 4, "io")
+    if where == "epi":  # a launch of its own over the partial sums
+        tail = dataclasses.replace(tail, in_matmul=False)
+        fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
+        return fn, (S((cfg.split_k, 1, O), jnp.float32), *inputs), epilogue.WARPS, 1
+    fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
+        x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=shapes
+    )
+    args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
+            S((1, I // group, O), jnp.uint8), S((N + 2 * K,), jnp.int32), *inputs)  # fmt: skip
+    return fn, args, cfg.num_warps, cfg.num_stages
 
 
 def sass_counts(text: str) -> collections.Counter:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -43,44 +42,17 @@ def test_epilogue_launches_lower_to_triton_ir(tmp_path, name):
     assert launch == {"warps": 4, "stages": 1}
 
 
+@pytest.mark.parametrize("where", ["tail", "epi"])
 @pytest.mark.parametrize("which", ["qkv", "o", "silu", "down"])
-def test_tails_lower_for_cuda_at_smollm2_shapes(which):
-    """SmolLM2-135M's sizes (hidden 576 = 9 blocks of 64, so 9 partial sums of squares; 15 heads of
-    64; FFN 1536): every tail lowers for CUDA through ``qmatmul_tail``, whose Triton blocks must all
-    be powers of two (a ``[9, 1]`` load is not)."""
+def test_tails_lower_for_cuda_at_smollm2_shapes(where, which):
+    """SmolLM2-135M's sizes (hidden 576 = 9 blocks of 64, so 9 partial sums of squares; 9 + 2 x 3
+    heads of 64; FFN 1536): every tail lowers for CUDA in the matmul's launch and in one of its own,
+    whose Triton blocks must all be powers of two (a ``[9, 1]`` load is not)."""
     import jax
-    import jax.numpy as jnp
 
-    from jaxkv.kernels import epilogue, qmatmul
-
-    S = jax.ShapeDtypeStruct
-    D, F, H, group = 576, 1536, 64, 64
-    I, O = {"qkv": (D, 15 * H), "o": (D, D), "silu": (D, 2 * F), "down": (F, D)}[which]
-    sumsq, row = S((9, 1), jnp.float32), S((1, D), jnp.bfloat16)
-    if which == "qkv":
-        tail = epilogue.QkvRope(block_n=H, blocks=15, heads=9, kv_heads=3, hidden=D, eps=1e-5)
-        inputs, out = (
-            (sumsq, S((H // 2,), jnp.float32), S((H // 2,), jnp.float32)),
-            (S((1, 15, H), jnp.bfloat16),),
-        )
-    elif which == "silu":
-        tail = epilogue.SiluMul(block_n=128, blocks=F // 128, hidden=D, eps=1e-5)
-        inputs, out = (sumsq,), (S((1, F), jnp.bfloat16),)
-    else:
-        tail = epilogue.ResidualNorm(block_n=64, blocks=D // 64)
-        inputs, out = (row, S((D,), jnp.bfloat16)), (row, row, S((D // 64, 1), jnp.float32))
-    fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
-        x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=out
-    )
-    args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
-            S((1, I // group, O), jnp.uint8), S((15,), jnp.int32), *inputs)  # fmt: skip
+    fn, args, _, _ = kernel_sass.tail_case(where, which, D=576, F=1536, N=9, K=3, H=64, group=64)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "qmatmul_int4_gemv_" + tail.name in text
-    # the same tail in a launch of its own, over 5 splits' partial sums
-    own = dataclasses.replace(tail, in_matmul=False)
-    fn = lambda p, *i: epilogue.launch(own, p, i, out)  # noqa: E731
-    text = jax.jit(fn).trace(S((5, 1, O), jnp.float32), *inputs).lower(lowering_platforms=("cuda",)).as_text()
-    assert "epilogue_" + tail.name in text
+    assert ("qmatmul_int4_gemv_" if where == "tail" else "epilogue_") in text
 
 
 def test_unknown_kernel_is_refused(tmp_path):
