@@ -251,12 +251,12 @@ def _run(x, w, counters, tail, inputs, out):
 
 def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array, counters: jax.Array):
     """``x + h @ w`` (the residual add after the O or down projection) and the next RMSNorm's inputs,
-    in the matmul's launch.
+    as one tail (:func:`mode` says where).
 
     ``h [1, I]`` the matmul's input row, ``x [1, D]`` the residual stream. Returns ``(x_new,
     norm_weight * x_new, sumsq, counters)``: ``x_new`` and the product (the next matmul's input
-    under ``jaxkv.model.norm_dense``) in ``x.dtype``, ``sumsq [D/block,
-    1]`` float32 the partial sums of squares of ``x_new`` (for its ``1/rms``)."""
+    under ``jaxkv.model.norm_dense``) in ``x.dtype``, ``sumsq [D/block, 1]`` float32 the partial
+    sums of squares of ``x_new`` (for its ``1/rms``)."""
     D = x.shape[-1]
     block = columns(D)
     tail = ResidualNorm(block_n=block, blocks=D // block)
@@ -284,13 +284,14 @@ def qkv_rope(
     eps: float,
 ):
     """The token's query, key and value heads from the fused Q/K/V matmul of ``gx [1, D]`` (the
-    attention norm's weight times its input row), in the matmul's launch: the split sum, the norm's
-    ``1/rms`` (``sumsq [n, 1]`` of the row), the projections' biases (``(bq [N*H], bk [K*H], bv
-    [K*H])`` or None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``position``
+    attention norm's weight times its input row), as one tail (:func:`mode` says where): the split
+    sum, the norm's ``1/rms`` (``sumsq [n, 1]`` of the row), the projections' biases (``(bq [N*H],
+    bk [K*H], bv [K*H])`` or None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``position``
     (int32 scalar) with ``inv_freq [H/2]`` float32 (``jaxkv.model.rope_inv_freq``; its cosines and
-    sines come from XLA, the same for every layer of a step, so the launch does no trigonometry). Returns ``([1,
-    N+2K, H], counters)``, the heads in ``gx.dtype``, queries first, then keys, then values: the layout
-    the decode attention kernels read (``jaxkv.kernels.kvdecode.step_heads``)."""
+    sines come from XLA, the same expression for every layer of a step, which XLA computes once, so
+    the kernel does no trigonometry). Returns ``([1, N+2K, H], counters)``, the heads in
+    ``gx.dtype``, queries first, then keys, then values: the layout the decode attention kernels read
+    (``jaxkv.kernels.kvdecode.step_heads``)."""
     N, K, H = heads, kv_heads, head_dim
     tail = QkvRope(block_n=H, blocks=N + 2 * K, heads=N, kv_heads=K, hidden=gx.shape[-1], eps=eps)
     angles = position.astype(jnp.float32) * inv_freq
@@ -302,8 +303,8 @@ def qkv_rope(
 
 def silu_mul(gx: jax.Array, w, sumsq: jax.Array, counters: jax.Array, *, eps: float):
     """``SiLU(gate) * up`` from the fused gate/up matmul of ``gx [1, D]`` (the MLP norm's weight times
-    its input row; gate columns first), in the matmul's launch: the split sum, the norm's ``1/rms``
-    (``sumsq [n, 1]`` of the row) and the product. Returns ``([1, F] in gx.dtype, counters)``."""
+    its input row; gate columns first), as one tail (:func:`mode` says where): the split sum, the
+    norm's ``1/rms`` (``sumsq [n, 1]`` of the row) and the product. Returns ``([1, F] in gx.dtype, counters)``."""
     ffn = w.shape[-1] // 2
     block = columns(ffn)
     tail = SiluMul(block_n=block, blocks=ffn // block, hidden=gx.shape[-1], eps=eps)

@@ -488,14 +488,14 @@ def _stacked(w):
     return jax.tree.map(lambda a: a[None], w), None
 
 
-def _on_kernel(x2: jax.Array, w, row_scale=None) -> jax.Array:
+def _on_kernel(x2: jax.Array, w, row_scale=None, partials: bool = False) -> jax.Array:
     """``jaxkv.kernels.qmatmul.qmatmul`` of rows ``x2 [M, I]`` by ``w`` (QArray or LayerOf)."""
     from jaxkv.kernels import qmatmul as qk
 
     stacked, index = _stacked(w)
     return qk.qmatmul(
         x2, stacked.packed, stacked.scale, qk.zero_points(stacked), index, row_scale,
-        bits=stacked.bits, group=stacked.group, layout=stacked.layout,
+        bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=partials,
     )  # fmt: skip
 
 
@@ -504,15 +504,9 @@ def matmul_partials(x: jax.Array, w) -> jax.Array:
     float32 over the ``M = prod(x.shape[:-1])`` rows of ``x`` (``Mp >= M``; rows past ``M`` are
     padding). For a launch that adds them together with the next operation
     (``jaxkv.kernels.epilogue``); the kernel's path only (:func:`kernel_applies`)."""
-    from jaxkv.kernels import qmatmul as qk
-
     if not kernel_applies(x, w):
         raise ValueError("matmul_partials runs on the GPU kernel's path only (qarray.kernel_applies)")
-    stacked, index = _stacked(w)
-    return qk.qmatmul(
-        x.reshape(-1, x.shape[-1]), stacked.packed, stacked.scale, qk.zero_points(stacked), index,
-        bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=True,
-    )  # fmt: skip
+    return _on_kernel(x.reshape(-1, x.shape[-1]), w, partials=True)
 
 
 def tail_applies(x: jax.Array, w, block_n: int) -> bool:
