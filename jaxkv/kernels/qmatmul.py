@@ -95,6 +95,12 @@ class KernelConfig:
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
 
 
+def _gemv_sub_rows(block_n: int, group: int) -> int:
+    """The one-row kernel's packed byte rows per load: 512 bytes a load (16 a lane of its one warp),
+    at most one group's ``group // 2`` byte rows (two codes a byte)."""
+    return min(512 // block_n, group // 2)
+
+
 def default_config(
     I: int, O: int, group: int, rows: int = 16, bits: int = 4, layout: str = "io"
 ) -> KernelConfig:
@@ -127,7 +133,7 @@ def default_config(
         per_prog = max(1, 128 // group)  # groups below 128 inputs: 64 byte rows per program still
         return KernelConfig(
             block_n=block_n, split_k=-(-groups // per_prog), num_warps=1, num_stages=1,
-            sub_rows=min(512 // block_n, group // 2),
+            sub_rows=_gemv_sub_rows(block_n, group),
         )  # fmt: skip
     if rows <= 16 and O % 128 == 0:
         block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 4, 3
@@ -544,7 +550,7 @@ def qmatmul_tail(
     cfg = default_config(I, O, group, 1, bits, "io")
     groups = I // group
     split_k = -(-cfg.split_k // TAIL_SPLIT_DIVISOR)
-    cfg = dataclasses.replace(cfg, block_n=block_n, split_k=split_k, sub_rows=min(512 // block_n, group // 2))
+    cfg = dataclasses.replace(cfg, block_n=block_n, split_k=split_k, sub_rows=_gemv_sub_rows(block_n, group))
     weights, layer = _weights_2d((packed, scale, zero), layer)
     tiling = dict(
         group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=block_n,
