@@ -53,9 +53,6 @@ QMATMULS = ("auto", "xla")
 # JAXKV_KV_DECODE for quantized caches (the keys of jaxkv.kvattention.DECODE_IMPLS): XLA over the
 # packed body, or the tensor-core decode kernel (unset: the library's default, the kernel on a GPU)
 KV_DECODES = ("xla", "kernel")
-# JAXKV_EPILOGUE for int4 at batch 1 (jaxkv.kernels.epilogue.MODES): the split-K epilogues in a
-# launch of their own after each matmul, or in the matmul's launch
-EPILOGUES = ("launch", "tail")
 # --peers: (weights, mode) runs of jaxkv.bench_hf. torchao's int4 is compiled only: its eager
 # tensor-subclass dispatch is not what anyone serves.
 PEERS = {"hf": (("bf16", "eager"), ("bf16", "compile")), "torchao": (("int4", "compile"),)}
@@ -75,12 +72,10 @@ class Case:
     qmatmul: str = "auto"  # JAXKV_QMATMUL, one of QMATMULS
     prefill_chunk: int = 1024  # prompt tokens per prefill call (the prefill's attention is not flash)
     kv_decode: str | None = None  # JAXKV_KV_DECODE, one of KV_DECODES; None: the library's default
-    epilogue: str | None = None  # JAXKV_EPILOGUE, one of EPILOGUES; None: the library's default
 
     def label(self) -> str:
         tail = "" if self.qmatmul == "auto" else f" [{self.qmatmul}]"
         tail += "" if self.kv_decode is None else f" [kv {self.kv_decode}]"
-        tail += "" if self.epilogue is None else f" [epilogue {self.epilogue}]"
         return f"{self.weights} b{self.batch} p{self.prompt} kv={self.kv}{tail}"
 
 
@@ -333,11 +328,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="comma list of decode attentions: xla (XLA ops over the cache), kernel (the decode "
         "kernels, for bf16 and quantized caches); default: the library's (the kernel on a GPU)",
     )  # fmt: skip
-    p.add_argument(
-        "--epilogue", default="",
-        help="comma list for quantized weights at batch 1: launch (split-K epilogues in launches of "
-        "their own), tail (in the matmul's launch); default: the library's (launch)",
-    )  # fmt: skip
     p.add_argument("--out", default="results/bench", help="writes OUT.json and OUT.md")
 
 
@@ -379,10 +369,6 @@ def run(args) -> dict:
     for d in kv_decodes:
         if d is not None and d not in KV_DECODES:
             raise JaxkvError(f"--kv-decode: {d!r} is not one of {KV_DECODES}")
-    epilogues = [e.strip() for e in args.epilogue.split(",") if e.strip()] or [None]
-    for e in epilogues:
-        if e is not None and e not in EPILOGUES:
-            raise JaxkvError(f"--epilogue: {e!r} is not one of {EPILOGUES}")
     qmatmuls = [m.strip() for m in args.qmatmul.split(",") if m.strip()]
     for m in qmatmuls:
         if m not in QMATMULS:
@@ -399,13 +385,12 @@ def run(args) -> dict:
                     modes = qmatmuls if w != "bf16" else ["auto"]
                     for m in modes:
                         for d in kv_decodes:
-                            for e in epilogues if w != "bf16" else [None]:
-                                cases.append(
-                                    Case(
-                                        args.shape, w, b, t, args.new_tokens, kv.strip(), args.group,
-                                        not args.no_fuse, args.repeats, m, args.prefill_chunk, d, e,
-                                    )
-                                )  # fmt: skip
+                            cases.append(
+                                Case(
+                                    args.shape, w, b, t, args.new_tokens, kv.strip(), args.group,
+                                    not args.no_fuse, args.repeats, m, args.prefill_chunk, d,
+                                )
+                            )  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
@@ -441,7 +426,6 @@ def run(args) -> dict:
                 {
                     "JAXKV_QMATMUL": c.qmatmul,
                     **({"JAXKV_KV_DECODE": c.kv_decode} if c.kv_decode else {}),
-                    **({"JAXKV_EPILOGUE": c.epilogue} if c.epilogue else {}),
                 },
             )
             r.setdefault("label", c.label())

@@ -15,7 +15,7 @@ Conventions
   matmul's split-K partial sums are added together with what follows them, in a launch of their own
   or in the matmul's (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a
   block's last epilogue also computes the next norm's inputs, and the loop carries the stream as
-  ``(x, gx, sumsq, counters)``.
+  ``(x, gx, sumsq)``.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).
 """
 
@@ -149,42 +149,36 @@ def _attend(q, keys, values, mask, cfg: ModelConfig, pivot=None) -> jax.Array:
 def _on_epilogues(x, lp, cfg: ModelConfig) -> bool:
     """Whether the block runs on the GPU's one-row int4 kernel with each matmul's split sum and what
     follows it done together (``jaxkv.kernels.epilogue``): Q/K/V and gate/up fused at load time
-    (:func:`fuse_projections`), one row, and every product on that kernel (``qarray.tail_applies``)
-    with the epilogues' column blocks."""
+    (:func:`fuse_projections`), one row, shapes the epilogues take, and every product on that
+    kernel (``qarray.partials_apply``)."""
     from jaxkv.kernels import epilogue
-    from jaxkv.quant.qarray import tail_applies
+    from jaxkv.quant.qarray import partials_apply
 
     D, F, H = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    if not ("wqkv" in lp and "w_gate_up" in lp and epilogue.applies(int(np.prod(x.shape[:-1])), D, F, H)):
-        return False
-    blocks = {
-        "wqkv": H,
-        "wo": epilogue.columns(D),
-        "w_gate_up": epilogue.columns(F),
-        "w_down": epilogue.columns(D),
-    }
-    return all(tail_applies(x, lp[name], block) for name, block in blocks.items())
+    return (
+        "wqkv" in lp
+        and "w_gate_up" in lp
+        and epilogue.applies(int(np.prod(x.shape[:-1])), D, F, H)
+        and all(partials_apply(x, lp[name]) for name in ("wqkv", "wo", "w_gate_up", "w_down"))
+    )
 
 
-def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None, counters=None):
+def _epilogue_heads(x, lp, positions, inv_freq, cfg: ModelConfig, normed=None):
     """On the epilogues' path (:func:`_on_epilogues`): the block's query, key and value heads
     ``[B*T, N+2K, H]`` (RoPE applied) from the fused Q/K/V matmul and its epilogue (the split sum,
     the norm's 1/rms, the biases, RoPE). ``normed``: ``(attn_norm * x, partial sums of
-    squares [n, B*T])`` when the previous block's last launch computed them; ``counters`` the tail
-    counters (``epilogue.new_counters``, new when None). Returns ``(heads, counters)``."""
+    squares [n, B*T])`` when the previous block's last launch computed them."""
     from jaxkv.kernels import epilogue
 
     B, T, D = x.shape
     if normed is None:
         x32 = x.astype(jnp.float32).reshape(B * T, D)
         normed = (lp["attn_norm"] * x, jnp.sum(x32 * x32, axis=-1)[None])  # sumsq [1, B*T]
-    if counters is None:
-        counters = epilogue.new_counters(cfg.num_heads + 2 * cfg.num_kv_heads, D, cfg.intermediate_size)
     gx, sumsq = normed
     biases = (lp["bq"], lp["bk"], lp["bv"]) if cfg.attention_bias else None
     return epilogue.qkv_rope(
         gx.reshape(B * T, D), lp["wqkv"], sumsq, positions.reshape(()).astype(jnp.int32), jnp.asarray(inv_freq),
-        biases, counters, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        biases, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         eps=cfg.rms_norm_eps,
     )  # fmt: skip
 
@@ -202,7 +196,7 @@ def attention_inputs(x, lp, positions, inv_freq, cfg: ModelConfig):
     B, T, _ = x.shape
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if _on_epilogues(x, lp, cfg):
-        return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg)[0], B, T, cfg)
+        return _split_heads(_epilogue_heads(x, lp, positions, inv_freq, cfg), B, T, cfg)
     if "wqkv" in lp:  # fused at load time (fuse_projections): one matmul reads all three
         (qkv,) = norm_dense(x, lp["attn_norm"], cfg.rms_norm_eps, [lp["wqkv"]])
         q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
@@ -223,19 +217,18 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
 
     On the epilogues' path (``jaxkv.kernels.epilogue``) with ``next_norm`` (the next RMSNorm's
     weight: the next block's attention norm, or the final norm) the block returns the stream as
-    ``(x, next_norm * x, partial sums of squares, tail counters)``, computed by its down
+    ``(x, next_norm * x, partial sums of squares)``, computed by its down
     projection's epilogue, and a block takes ``x`` in that form too (:func:`_stream_x`). Loops that can
     carry it pass ``next_norm``: the per-layer loop of :func:`decode_layout`'s parameters.
     """
-    normed, counters = None, None
+    normed = None
     if isinstance(x, tuple):
-        x, gx, sumsq, counters = x
-        normed = (gx, sumsq)
+        x, *normed = x
     B, T, _ = x.shape
     fused = _on_epilogues(x, lp, cfg)
     heads = None  # the token's heads as one array, where an epilogue made them so
     if fused:
-        heads, counters = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed, counters)
+        heads = _epilogue_heads(x, lp, positions, inv_freq, cfg, normed)
         q, k, v = _split_heads(heads, B, T, cfg)
     else:
         q, k, v = attention_inputs(x, lp, positions, inv_freq, cfg)
@@ -268,16 +261,16 @@ def _layer(x, lp, positions, inv_freq, cache_kv, cfg: ModelConfig, attend=None, 
         from jaxkv.kernels import epilogue
 
         D = x.shape[-1]
-        x2, gx, sumsq, counters = epilogue.residual_norm(
-            attn.reshape(B * T, -1), lp["wo"], x.reshape(B * T, D), lp["mlp_norm"], counters
+        x2, gx, sumsq = epilogue.residual_norm(
+            attn.reshape(B * T, -1), lp["wo"], x.reshape(B * T, D), lp["mlp_norm"]
         )
-        h, counters = epilogue.silu_mul(gx, lp["w_gate_up"], sumsq, counters, eps=cfg.rms_norm_eps)
+        h = epilogue.silu_mul(gx, lp["w_gate_up"], sumsq, eps=cfg.rms_norm_eps)
         if next_norm is None:
             return constrain(x2.reshape(B, T, D) + dense(h.reshape(B, T, -1), lp["w_down"])), new_kv
         # down's epilogue adds the residual and computes the next norm's inputs: the stream leaves
         # as a tuple
-        x2, gx, sumsq, counters = epilogue.residual_norm(h, lp["w_down"], x2, next_norm, counters)
-        return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq, counters), new_kv
+        x2, gx, sumsq = epilogue.residual_norm(h, lp["w_down"], x2, next_norm)
+        return (x2.reshape(B, T, D), gx.reshape(B, T, D), sumsq), new_kv
     x = x + dense(attn, lp["wo"])
     if "w_gate_up" in lp:
         (gate_up,) = norm_dense(x, lp["mlp_norm"], cfg.rms_norm_eps, [lp["w_gate_up"]])

@@ -20,9 +20,9 @@ Kernels (Llama-2-7B shapes; decode at batch 8 and 4352 cache slots, K4V2 at grou
 slots), ``qmmN`` (``qmatmul`` with N rows on the 4096 x 12288 Q/K/V weight, group 128; N = 1 is the
 one-row kernel), ``qmmNoi`` (the same over the decode layout, codes packed along the inputs), either
 with ``-int8`` (8-bit codes, e.g. ``qmm8oi-int8``), ``gemv`` (= ``qmm1``); the split-K epilogues of
-batch-1 decode (``jaxkv.kernels.epilogue``) in the one-row kernel's launch (``qmatmul_tail``):
-``tail-qkv``, ``tail-o`` (O's 32 splits and the residual), ``tail-down`` (86 splits), ``tail-silu``;
-in launches of their own: ``epi-qkv``, ``epi-o``, ``epi-down``, ``epi-silu``. ``--warps`` overrides the kernels' warps per program.
+batch-1 decode (``jaxkv.kernels.epilogue``): ``epi-qkv``, ``epi-o`` (O's 32 splits and the
+residual), ``epi-down`` (86 splits), ``epi-silu``. ``--warps`` overrides the kernels' warps per
+program.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         packed = (1, O, I * bits // 8) if layout == "oi" else (1, I * bits // 8, O)
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
-    elif re.fullmatch(r"(tail|epi)-(qkv|o|down|silu)", name):
-        fn, args, warps, stages = tail_case(*name.split("-"))
+    elif re.fullmatch(r"epi-(qkv|o|down|silu)", name):
+        fn, args, warps, stages = epilogue_case(name.split("-")[1])
     else:
-        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, tail-*, epi-*")
+        raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, epi-*")
     lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
@@ -122,14 +122,11 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
     return {"warps": warps, "stages": stages}
 
 
-def tail_case(where: str, which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blocks=128):
-    """A batch-1 split-K epilogue (``jaxkv.kernels.epilogue``) to lower: ``which`` of qkv, o, down,
-    silu, in the matmul's launch (``where="tail"``, ``qmatmul_tail``) or in one of its own
-    (``"epi"``, over the partial sums), for hidden ``D``, FFN ``F``, ``N`` query and ``K`` key/value
-    heads of ``H``, weight ``group`` and tail blocks of at most ``blocks`` columns (defaults:
-    Llama-2-7B). Returns ``(fn, args, warps, stages)``."""
-    import dataclasses
-
+def epilogue_case(which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blocks=128):
+    """A batch-1 split-K epilogue (``jaxkv.kernels.epilogue``) to lower over the one-row kernel's
+    partial sums: ``which`` of qkv, o, down, silu, for hidden ``D``, FFN ``F``, ``N`` query and ``K``
+    key/value heads of ``H``, weight ``group`` and tail blocks of at most ``blocks`` columns
+    (defaults: Llama-2-7B). Returns ``(fn, args, warps, stages)``."""
     import jax
     import jax.numpy as jnp
 
@@ -149,17 +146,9 @@ def tail_case(where: str, which: str, D=4096, F=11008, N=32, K=32, H=128, group=
     else:
         tail = epilogue.ResidualNorm(block_n=d_block, blocks=D // d_block)
         inputs, shapes = (row, S((D,), jnp.bfloat16)), (row, row, S((D // d_block, 1), jnp.float32))
-    cfg = qmatmul.default_config(I, O, group, 1, 4, "io")
-    if where == "epi":  # a launch of its own over the partial sums
-        tail = dataclasses.replace(tail, in_matmul=False)
-        fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
-        return fn, (S((cfg.split_k, 1, O), jnp.float32), *inputs), epilogue.WARPS, 1
-    fn = lambda x, p, s, z, c, *i: qmatmul.qmatmul_tail(  # noqa: E731
-        x, p, s, z, None, c, i, bits=4, group=group, tail=tail, tail_out=shapes
-    )
-    args = (S((1, I), jnp.bfloat16), S((1, I // 2, O), jnp.uint8), S((1, I // group, O), jnp.bfloat16),
-            S((1, I // group, O), jnp.uint8), S((N + 2 * K,), jnp.int32), *inputs)  # fmt: skip
-    return fn, args, cfg.num_warps, cfg.num_stages
+    splits = qmatmul.default_config(I, O, group, 1, 4, "io").split_k
+    fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
+    return fn, (S((splits, 1, O), jnp.float32), *inputs), epilogue.WARPS, 1
 
 
 def sass_counts(text: str) -> collections.Counter:

@@ -21,38 +21,24 @@ def test_kernels_lower_to_triton_ir(tmp_path, name, warps):
     assert launch["warps"] == (warps or 1)
 
 
-@pytest.mark.parametrize("name", ["tail-qkv", "tail-o", "tail-down", "tail-silu"])
-def test_matmul_tails_lower_to_triton_ir(tmp_path, name):
-    """The one-row kernel with its epilogue lowers for CUDA: a barrier, then the counter's
-    acquire-release atomic at GPU scope (in sm_90a SASS: ``MEMBAR.ALL.GPU``, ``ATOMG``, ``CCTL.IVALL``),
-    one warp."""
-    launch = kernel_sass.lower(name, tmp_path, None)
-    ir = (tmp_path / f"{name}.ttir").read_text()
-    assert "tt.func public" in ir and "tt.atomic_rmw add, acq_rel, gpu" in ir
-    assert ir.index("gpu.barrier") < ir.index("tt.atomic_rmw")
-    assert launch == {"warps": 1, "stages": 1}
-
-
 @pytest.mark.parametrize("name", ["epi-qkv", "epi-down"])
 def test_epilogue_launches_lower_to_triton_ir(tmp_path, name):
-    """The same epilogues in launches of their own (``epilogue.launch``, 4 warps) lower for CUDA."""
+    """The batch-1 epilogues (``epilogue.launch``, 4 warps) lower for CUDA."""
     launch = kernel_sass.lower(name, tmp_path, None)
     ir = (tmp_path / f"{name}.ttir").read_text()
     assert "tt.func public" in ir and "tt.load" in ir and "tt.atomic_rmw" not in ir
     assert launch == {"warps": 4, "stages": 1}
 
 
-@pytest.mark.parametrize("where", ["tail", "epi"])
 @pytest.mark.parametrize("which", ["qkv", "o", "silu", "down"])
-def test_tails_lower_for_cuda_at_smollm2_shapes(where, which):
+def test_epilogues_lower_for_cuda_at_smollm2_shapes(which):
     """SmolLM2-135M's sizes (hidden 576 = 9 blocks of 64, so 9 partial sums of squares; 9 + 2 x 3
-    heads of 64; FFN 1536): every tail lowers for CUDA in the matmul's launch and in one of its own,
-    whose Triton blocks must all be powers of two (a ``[9, 1]`` load is not)."""
+    heads of 64; FFN 1536): every epilogue lowers for CUDA, whose Triton blocks must all be powers
+    of two (a ``[9, 1]`` load is not)."""
     import jax
 
-    fn, args, _, _ = kernel_sass.tail_case(where, which, D=576, F=1536, N=9, K=3, H=64, group=64)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert ("qmatmul_int4_gemv_" if where == "tail" else "epilogue_") in text
+    fn, args, _, _ = kernel_sass.epilogue_case(which, D=576, F=1536, N=9, K=3, H=64, group=64)
+    assert "epilogue_" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_unknown_kernel_is_refused(tmp_path):

@@ -269,7 +269,6 @@ def test_bench_rejects_unknown_modes_before_running():
     cases = (
         ("--qmatmul", "auto,tensor"),
         ("--kv-decode", "flash"),
-        ("--epilogue", "fused"),
         ("--weights", "int3"),
         ("--peers", "hf,vllm"),
     )
@@ -284,9 +283,6 @@ def test_bench_rejects_unknown_modes_before_running():
     from jaxkv.kvattention import DECODE_IMPLS
 
     assert set(bench.KV_DECODES) == set(DECODE_IMPLS)  # the bench offers every JAXKV_KV_DECODE
-    from jaxkv.kernels import epilogue
-
-    assert bench.EPILOGUES == epilogue.MODES  # and every JAXKV_EPILOGUE
 
 
 @pytest.mark.parametrize("kv,pivot", [(None, None), ("K4V2-g16", None), (None, [11, 3]), ("K4V2-g16", [11])])
@@ -794,24 +790,18 @@ def _sumsq_parts(x64: np.ndarray, n: int) -> np.ndarray:
     return np.stack([(c**2).sum(axis=1) for c in np.array_split(x64, n, axis=1)]).astype(np.float32)
 
 
-def _force_epilogues(monkeypatch, mode: str) -> None:
-    """The epilogues forced on (Pallas' interpreter off the GPU), in a launch of their own after
-    ``qmatmul(..., partials=True)`` or in the matmul's launch (``qmatmul_tail``): ``JAXKV_EPILOGUE``."""
+@pytest.fixture
+def force_epilogues(monkeypatch):
+    """The epilogues forced on: ``qmatmul(..., partials=True)`` and ``epilogue.launch`` (Pallas'
+    interpreter off the GPU)."""
     import functools
 
     import jaxkv.quant.qarray as qa
     from jaxkv.kernels import epilogue
 
-    monkeypatch.setenv("JAXKV_EPILOGUE", mode)
     monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
-    for module, name in ((qk, "qmatmul"), (qk, "qmatmul_tail"), (epilogue, "launch")):
+    for module, name in ((qk, "qmatmul"), (epilogue, "launch")):
         monkeypatch.setattr(module, name, functools.partial(getattr(module, name), interpret=not ON_GPU))
-
-
-@pytest.fixture(params=["launch", "tail"])
-def epilogue_mode(request, monkeypatch):
-    _force_epilogues(monkeypatch, request.param)
-    return request.param
 
 
 def _tail_weight(rng, I, O, group):
@@ -822,11 +812,10 @@ def _tail_weight(rng, I, O, group):
     return q, w64.reshape(I, O)
 
 
-def test_epilogue_residual_norm_matches_float64(epilogue_mode):
+def test_epilogue_residual_norm_matches_float64(force_epilogues):
     """``epilogue.residual_norm``: one row of 22 groups of 64 (11 splits, summed as 8 + 2 + 1) times an
     int4 weight, added to the residual, ``norm_weight * x_new`` and per-block sums of squares (two
-    blocks of 128), in either place (``JAXKV_EPILOGUE``); the counters come back zero and serve a
-    second launch."""
+    blocks of 128), twice in a row."""
     from jaxkv.kernels import epilogue
 
     rng = np.random.default_rng(11)
@@ -835,21 +824,19 @@ def test_epilogue_residual_norm_matches_float64(epilogue_mode):
     h = jnp.asarray(rng.standard_normal((1, I)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((1, D)) * 4, jnp.bfloat16)
     w = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.bfloat16)
-    counters = epilogue.new_counters(4, D, 4 * D)
     for _ in range(2):
-        xn, gx, ss, counters = epilogue.residual_norm(h, q, x, w, counters)
+        xn, gx, ss = epilogue.residual_norm(h, q, x, w)
         x64 = np.asarray(x, np.float64) + np.asarray(h, np.float64) @ w64
         assert xn.dtype == gx.dtype == jnp.bfloat16 and ss.shape == (2, 1)
         np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=2**-7, atol=2e-3 * np.abs(x64).max())
         xr = np.asarray(xn, np.float64)  # the norm sees the stored (rounded) stream, as XLA's norm does
         np.testing.assert_allclose(np.asarray(gx, np.float64), xr * np.asarray(w, np.float64), rtol=2**-8)
         np.testing.assert_allclose(np.asarray(ss, np.float64), _sumsq_parts(xr, 2), rtol=1e-5)
-        assert not np.asarray(counters).any()
         x = xn
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_epilogue_qkv_rope_matches_float64(epilogue_mode, bias):
+def test_epilogue_qkv_rope_matches_float64(force_epilogues, bias):
     """``epilogue.qkv_rope``: grouped heads (4 query, 2 key/value, 32 wide: a head per tail block),
     12 groups of 32 (3 splits), the norm's ``1/rms`` from 3 partial sums of squares, optional biases,
     RoPE at position 100, against float64."""
@@ -866,10 +853,9 @@ def test_epilogue_qkv_rope_matches_float64(epilogue_mode, bias):
     xrow = rng.standard_normal((1, D)) * 3  # the norm's input row, of which gx is a scaling
     b = rng.standard_normal((N + 2 * K) * H).astype(np.float32) if bias else None
     biases = None if b is None else tuple(jnp.split(jnp.asarray(b, jnp.bfloat16), [N * H, (N + K) * H]))
-    counters = epilogue.new_counters(N + 2 * K, D, 64)
-    heads, counters = epilogue.qkv_rope(
+    heads = epilogue.qkv_rope(
         gx, q, jnp.asarray(_sumsq_parts(xrow, 3)), jnp.int32(100), jnp.asarray(inv_freq),
-        biases, counters, heads=N, kv_heads=K, head_dim=H, eps=eps,
+        biases, heads=N, kv_heads=K, head_dim=H, eps=eps,
     )  # fmt: skip
     r = 1 / np.sqrt((xrow**2).mean(axis=1, keepdims=True) + eps)
     y = np.asarray(gx, np.float64) @ w64 * r
@@ -882,13 +868,11 @@ def test_epilogue_qkv_rope_matches_float64(epilogue_mode, bias):
     ref = np.concatenate([rot[:, : N + K], y[:, N + K :]], axis=1)  # values are not rotated
     assert heads.shape == (1, N + 2 * K, H) and heads.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(heads, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
-    assert not np.asarray(counters).any()
 
 
-def test_epilogue_silu_mul_matches_float64(epilogue_mode):
-    """``epilogue.silu_mul``: 33 groups of 64 (17 splits, 8 + 8 + 1), three tail blocks of 64 gate
-    and 64 up columns each (F = 192; 34 programs arrive at each): ``SiLU(gate * r) * (up * r)`` with
-    the norm's ``1/rms`` r."""
+def test_epilogue_silu_mul_matches_float64(force_epilogues):
+    """``epilogue.silu_mul``: 33 groups of 64 (17 splits, 16 + 1), three tail blocks of 64 gate
+    and 64 up columns each (F = 192): ``SiLU(gate * r) * (up * r)`` with the norm's ``1/rms`` r."""
     from jaxkv.kernels import epilogue
 
     rng = np.random.default_rng(13)
@@ -896,56 +880,19 @@ def test_epilogue_silu_mul_matches_float64(epilogue_mode):
     q, w64 = _tail_weight(rng, D, 2 * F, 64)
     gx = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
     xrow = rng.standard_normal((1, D))
-    h, counters = epilogue.silu_mul(
-        gx, q, jnp.asarray(_sumsq_parts(xrow, 1)), epilogue.new_counters(1, D, F), eps=eps
-    )
+    h = epilogue.silu_mul(gx, q, jnp.asarray(_sumsq_parts(xrow, 1)), eps=eps)
     y = np.asarray(gx, np.float64) @ w64 / np.sqrt((xrow**2).mean() + eps)
     gate, up = y[:, :F], y[:, F:]
     ref = gate / (1 + np.exp(-gate)) * up
     assert h.shape == (1, F) and h.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
-    assert not np.asarray(counters).any()
 
 
-def test_matmul_tail_refuses_what_it_cannot_take(monkeypatch):
-    """Too few counters for the tail's blocks, a weight whose columns the tail blocks do not tile,
-    and (with the kernel off) ``qarray.matmul_tail`` are refused with a clear error; so is an
-    unknown ``JAXKV_EPILOGUE``."""
-    import jaxkv.quant.qarray as qa
-    from jaxkv.kernels import epilogue
-
-    _force_epilogues(monkeypatch, "tail")
-    rng = np.random.default_rng(14)
-    q, _ = _tail_weight(rng, 128, 256, 64)
-    h, x = jnp.ones((1, 128), jnp.bfloat16), jnp.ones((1, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="1 counters for 2 tail blocks"):
-        epilogue.residual_norm(h, q, x, x[0], jnp.zeros((1,), jnp.int32))
-    tail = epilogue.ResidualNorm(block_n=128, blocks=3)  # 2 column blocks do not split into 3
-    with pytest.raises(ValueError, match="in blocks of 128"):
-        qk.qmatmul_tail(h, q.packed[None], q.scale[None], q.zero[None], None, jnp.zeros((4,), jnp.int32),
-                        (x, x[0]), bits=4, group=64, tail=tail, tail_out=(), interpret=True)  # fmt: skip
-    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: False)
-    with pytest.raises(ValueError, match="one-row path only"):
-        epilogue.residual_norm(h, q, x, x[0], jnp.zeros((2,), jnp.int32))
-    monkeypatch.setenv("JAXKV_EPILOGUE", "fused")
-    with pytest.raises(ValueError, match="JAXKV_EPILOGUE='fused' is not one of"):
-        epilogue.mode()
-
-
-@pytest.mark.parametrize(
-    "layers,kv,mode",
-    [
-        ("stacked", None, "tail"),
-        ("per_layer", None, "tail"),
-        ("per_layer", "K8V8-g16", "tail"),
-        ("per_layer", None, "launch"),
-    ],
-)
-def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv, mode):
+@pytest.mark.parametrize("layers,kv", [("stacked", None), ("per_layer", None), ("per_layer", "K8V8-g16")])
+def test_decode_with_epilogues_matches_xla_path(monkeypatch, request, layers, kv):
     """Prefill (5 rows: no epilogues) and a batch-1 decode step of an int4 model with fused
     projections and attention biases (grouped heads) on the kernel path with its fused split-K
-    epilogues (forced; Pallas' interpreter off the GPU; in the matmul's launch or, once, in launches
-    of their own: ``JAXKV_EPILOGUE``) against the portable XLA path. Over stacked
+    epilogues (forced; Pallas' interpreter off the GPU) against the portable XLA path. Over stacked
     layers (a scan: each block ends with the plain residual add) and over :func:`decode_layout`'s
     per-layer ones (a Python loop: each block's last launch computes the next norm's inputs too);
     a bf16 cache through the decode attention kernel (which takes the epilogue's heads as they are)
@@ -980,7 +927,7 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv, mode):
 
     monkeypatch.setenv("JAXKV_QMATMUL", "xla")
     slow = run()
-    _force_epilogues(monkeypatch, mode)
+    request.getfixturevalue("force_epilogues")
     calls = []
     for name in ("qkv_rope", "residual_norm", "silu_mul"):
         fn = functools.partial(
@@ -1000,17 +947,24 @@ def test_decode_with_epilogues_matches_xla_path(monkeypatch, layers, kv, mode):
     assert not np.array_equal(fused, unfused)
 
 
-def test_epilogues_apply_to_one_row_only():
-    """The epilogues take batch-1 decode only (``epilogue.applies``), and shapes whose columns tile
-    into power-of-two blocks and whose heads are powers of two; the counters cover the largest tail."""
+def test_epilogues_apply_to_one_row_only(monkeypatch):
+    """The epilogues take batch-1 decode only (``epilogue.applies``), shapes whose columns tile into
+    power-of-two blocks and whose heads are powers of two, and products on the one-row int4 kernel
+    (``qarray.partials_apply``: not 8-bit codes, not two rows)."""
+    import jaxkv.quant.qarray as qa
     from jaxkv.kernels import epilogue
+
+    monkeypatch.setattr(qa, "_use_kernel", lambda x, w: True)
+    w = jnp.asarray(np.random.default_rng(15).standard_normal((128, 256)), jnp.bfloat16)
+    row = jnp.ones((1, 1, 128), jnp.bfloat16)
+    assert qa.partials_apply(row, quantize_tensor(w, 4, 64))
+    assert not qa.partials_apply(row, quantize_tensor(w, 8, 64))
+    assert not qa.partials_apply(jnp.ones((2, 128), jnp.bfloat16), quantize_tensor(w, 4, 64))
 
     assert epilogue.applies(1, 4096, 11008, 128)
     assert not epilogue.applies(8, 4096, 11008, 128)
     assert not epilogue.applies(1, 4096, 11008, 96)  # head 96
     assert not epilogue.applies(1, 4104, 11008, 128)  # 4104 = 8 x 513
-    assert epilogue.new_counters(96, 4096, 11008).shape == (96,)  # Llama-2-7B: 96 heads, 86 FFN blocks
-    assert epilogue.new_counters(15, 576, 1536).shape == (15,)  # SmolLM2-135M: 9 + 2 x 3 heads
 
 
 def test_qmatmul_partials_sum_to_the_product(monkeypatch):

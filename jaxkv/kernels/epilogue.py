@@ -4,14 +4,15 @@ and the next norm's inputs, SiLU), run on the matmul's float32 partial sums.
 Why: at batch 1 the quantized matmul splits every product along its inputs and leaves float32
 partial sums. XLA added them in a launch of its own and ran the next operation in one or two more
 (12 launches a layer, 7 of them such ops, 1.4-4.5 us each on an H100). Each body here (a "tail")
-does the split sum and the next operation at once, in one of two places (:func:`mode`,
-``JAXKV_EPILOGUE``):
+does the split sum and the next operation at once, in a launch of its own after the matmul
+(:func:`launch`, 4 warps a tail block): 9 launches a layer. Run 72 (H200): the step 2.111 -> 2.064
+ms/token; run 74 (H100): 2.214 against 2.341 before (run 70).
 
-* ``"launch"`` (the default): a launch of its own after the matmul (:func:`launch`; 4 warps a tail
-  block). Run 72 (H200): 2.4-4.3 us a launch, 13 us a layer; the step 2.111 -> 2.064 ms/token.
-* ``"tail"``: in the matmul's launch (``jaxkv.kernels.qmatmul.qmatmul_tail``): the last program of
-  the matmul to finish a column block, told by an atomic counter, runs the tail for that block, so
-  a layer is its four matmuls and its attention. Not yet timed on a GPU.
+The tails also ran inside the matmul's launch (the last program of each column block, told by an
+atomic counter, summing the block's partials): a layer was then its four matmuls and its attention,
+5 launches, but the step was slower, 2.322 against 2.209 ms/token (H100, run 73): every program
+waited on its stores' release and the counter's round trip before it exited, which costs a kernel
+bound by its loads in flight more than the launches saved. Removed (commit 44bfb5d has it).
 
 Conventions
 -----------
@@ -26,16 +27,12 @@ Conventions
   from XLA at a block's start, one per column block from :func:`residual_norm`).
 * Everything runs in float32 and rounds once to the output dtype (XLA's unfused order rounds the
   product to bf16 first, then RoPE's or SiLU's result again: the errors are of the same size).
-* Splits are summed in power-of-two chunks, so loads need neither masks nor padded copies. In the
-  matmul's launch: a loop over chunks of ``_CHUNK`` (86 = 8 x 10 + 4 + 2), 32 float32 registers of
-  the matmul's one warp at 128 columns, so the tail does not raise the kernel's register count (and
-  cut its occupancy); other programs wrote the partial sums, and plain loads see them because the
-  counter's atomic acquired them. In a launch of its own: chunks of up to ``_LAUNCH_CHUNK``, unrolled.
-* Each public function takes the matmul's input row and weight (a QArray or ``LayerOf``) and the
-  tail counters (:func:`new_counters`, threaded from launch to launch; ``"launch"`` passes them on
-  untouched) and returns its outputs and the counters. GPU only (Triton lowering); with
-  ``interpret=True`` (:func:`launch`, ``qmatmul_tail``) Pallas' interpreter runs the same bodies
-  anywhere (tests). :func:`applies` says whether a model's shapes fit.
+* Splits are summed in power-of-two chunks of at most ``_CHUNK``, every chunk's loads issued
+  together, so loads need neither masks nor padded copies.
+* Each public function takes the matmul's input row and weight (a QArray or ``LayerOf``) and
+  returns the tail's outputs. GPU only (Triton lowering); with ``interpret=True`` (:func:`launch`)
+  Pallas' interpreter runs the same bodies anywhere (tests). :func:`applies` says whether a model's
+  shapes fit.
 """
 
 from __future__ import annotations
@@ -48,27 +45,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Splits per load in the matmul's launch: [8, 128] float32 is 32 registers a thread of its one warp.
-# In a launch of its own (4 warps): 32, every chunk's loads issued together (run 72's kernels).
-_CHUNK = 8
-_LAUNCH_CHUNK = 32
-COLUMNS = 128  # output columns per tail block of residual_norm and silu_mul (at most)
-WARPS = 4  # warps per program of a launch of its own
-# JAXKV_EPILOGUE: where the epilogues run (:func:`mode`)
-MODES = ("launch", "tail")
-
-
-def mode() -> str:
-    """Where the epilogues run, from ``JAXKV_EPILOGUE`` (:data:`MODES`): ``"launch"`` (the default)
-    in a launch of their own after each matmul (:func:`launch`, over ``qmatmul(..., partials=True)``;
-    timed in run 72), ``"tail"`` in the matmul's launch (``qmatmul_tail``; not yet timed on a GPU,
-    the default once it is faster)."""
-    import os
-
-    name = os.environ.get("JAXKV_EPILOGUE", "launch")
-    if name not in MODES:
-        raise ValueError(f"JAXKV_EPILOGUE={name!r} is not one of {MODES}")
-    return name
+_CHUNK = 32  # splits per load: [32, 128] float32 over 4 warps is 32 registers a thread
+# output columns per tail block of residual_norm and silu_mul (at most); more, smaller programs were
+# no faster (H100 run 75: residual_norm in blocks of 32 or 16, silu_mul in blocks of 64)
+COLUMNS = 128
+WARPS = 4  # warps per program
 
 
 def columns(n: int, most: int = COLUMNS) -> int | None:
@@ -95,34 +76,14 @@ def applies(rows: int, hidden: int, intermediate: int, head_dim: int) -> bool:
     )
 
 
-def new_counters(heads: int, hidden: int, intermediate: int) -> jax.Array:
-    """Zeroed tail counters for a block's launches: one per tail block of the largest of them."""
-    return jnp.zeros(
-        (max(heads, hidden // columns(hidden), intermediate // columns(intermediate)),), jnp.int32
-    )
-
-
-def _sum_splits(ref, index: tuple, in_matmul: bool) -> jax.Array:
-    """``sum(ref[:, *index], axis=0)`` in float32 (module docstring). In the matmul's launch: a loop
-    over chunks of ``_CHUNK`` splits, then the rest in power-of-two chunks; in a launch of its own:
-    power-of-two chunks of at most ``_LAUNCH_CHUNK``, unrolled."""
+def _sum_splits(ref, index: tuple) -> jax.Array:
+    """``sum(ref[:, *index], axis=0)`` in float32, in power-of-two chunks of at most ``_CHUNK``
+    splits, unrolled (module docstring)."""
     n = ref.shape[0]
-    full = n // _CHUNK if in_matmul else 0
-
-    def chunk(start, size):
-        return jnp.sum(ref[(pl.ds(start, size), *index)], axis=0)
-
     total, start = None, 0
-    if full:
-        # a loop, not unrolled: unrolled, the compiler hoists the loads of every chunk (128 registers
-        # for 86 splits, which would halve the matmul's programs per core)
-        total = jax.lax.fori_loop(
-            1, full, lambda i, t: t + chunk(pl.multiple_of(i * _CHUNK, _CHUNK), _CHUNK), chunk(0, _CHUNK)
-        )
-        start = full * _CHUNK
     while start < n:
-        size = min(_LAUNCH_CHUNK, 1 << ((n - start).bit_length() - 1))
-        part = chunk(start, size)
+        size = min(_CHUNK, 1 << ((n - start).bit_length() - 1))
+        part = jnp.sum(ref[(pl.ds(start, size), *index)], axis=0)
         total = part if total is None else total + part
         start += size
     return total
@@ -132,7 +93,7 @@ def _inv_rms(sumsq_ref, hidden: int, eps: float) -> jax.Array:
     """The row's ``1/rms`` from its partial sums of squares ``sumsq [n, 1]`` (an earlier launch's),
     loaded in power-of-two chunks: Triton's blocks are powers of two, and ``n`` need not be (9 for
     SmolLM2-135M's 576 = 9 x 64)."""
-    ss = _sum_splits(sumsq_ref, (pl.ds(0, 1),), in_matmul=False)  # [1]
+    ss = _sum_splits(sumsq_ref, (pl.ds(0, 1),))  # [1]
     return jax.lax.rsqrt(ss * (1.0 / hidden) + eps)
 
 
@@ -144,11 +105,10 @@ class ResidualNorm:
     name: ClassVar[str] = "residual_norm"
     block_n: int
     blocks: int
-    in_matmul: bool = True
 
     def __call__(self, j, p_ref, x_ref, w_ref, xo_ref, gx_ref, ss_ref):
         cols = pl.ds(pl.multiple_of(j * self.block_n, self.block_n), self.block_n)
-        y = _sum_splits(p_ref, (0, cols), self.in_matmul)
+        y = _sum_splits(p_ref, (0, cols))
         x = (x_ref[0, cols].astype(jnp.float32) + y).astype(xo_ref.dtype)
         xo_ref[0, cols] = x
         x32 = x.astype(jnp.float32)  # the norm sees the stored (rounded) stream, as XLA's norm does
@@ -168,7 +128,6 @@ class QkvRope:
     kv_heads: int
     hidden: int
     eps: float
-    in_matmul: bool = True
 
     def __call__(self, h, p_ref, ss_ref, cos_ref, sin_ref, *refs):
         *b_refs, o_ref = refs  # the query, key and value biases, when the model has them
@@ -176,8 +135,8 @@ class QkvRope:
         half = H // 2
         base = pl.multiple_of(h * H, H)
         r = _inv_rms(ss_ref, self.hidden, self.eps)
-        y1 = _sum_splits(p_ref, (0, pl.ds(base, half)), self.in_matmul) * r
-        y2 = _sum_splits(p_ref, (0, pl.ds(base + half, half)), self.in_matmul) * r
+        y1 = _sum_splits(p_ref, (0, pl.ds(base, half))) * r
+        y2 = _sum_splits(p_ref, (0, pl.ds(base + half, half))) * r
         if b_refs:
 
             def bias(start):
@@ -209,14 +168,13 @@ class SiluMul:
     blocks: int  # F / block_n
     hidden: int
     eps: float
-    in_matmul: bool = True
 
     def __call__(self, j, p_ref, ss_ref, h_ref):
         start = pl.multiple_of(j * self.block_n, self.block_n)
         ffn = self.blocks * self.block_n
         r = _inv_rms(ss_ref, self.hidden, self.eps)
-        gate = _sum_splits(p_ref, (0, pl.ds(start, self.block_n)), self.in_matmul) * r
-        up = _sum_splits(p_ref, (0, pl.ds(ffn + start, self.block_n)), self.in_matmul) * r
+        gate = _sum_splits(p_ref, (0, pl.ds(start, self.block_n))) * r
+        up = _sum_splits(p_ref, (0, pl.ds(ffn + start, self.block_n))) * r
         h_ref[0, pl.ds(start, self.block_n)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(h_ref.dtype)
 
 
@@ -239,22 +197,20 @@ def launch(tail, partials: jax.Array, inputs: tuple, out: tuple, *, interpret: b
     )
 
 
-def _run(x, w, counters, tail, inputs, out):
-    """``tail`` after ``x @ w`` where :func:`mode` says; returns ``(outputs, counters)``."""
+def _after(x, w, tail, inputs, out) -> tuple:
+    """``tail`` over the split-K partial sums of ``x @ w`` (``qarray.matmul_partials``), in a launch
+    of its own."""
     from jaxkv.quant import qarray
 
-    if mode() == "tail":
-        return qarray.matmul_tail(x, w, counters, tail, tuple(inputs), tuple(out))
-    tail = dataclasses.replace(tail, in_matmul=False)
-    return launch(tail, qarray.matmul_partials(x, w), tuple(inputs), tuple(out)), counters
+    return launch(tail, qarray.matmul_partials(x, w), tuple(inputs), tuple(out))
 
 
-def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array, counters: jax.Array):
+def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array):
     """``x + h @ w`` (the residual add after the O or down projection) and the next RMSNorm's inputs,
-    as one tail (:func:`mode` says where).
+    as one tail in a launch after the matmul's.
 
     ``h [1, I]`` the matmul's input row, ``x [1, D]`` the residual stream. Returns ``(x_new,
-    norm_weight * x_new, sumsq, counters)``: ``x_new`` and the product (the next matmul's input
+    norm_weight * x_new, sumsq)``: ``x_new`` and the product (the next matmul's input
     under ``jaxkv.model.norm_dense``) in ``x.dtype``, ``sumsq [D/block, 1]`` float32 the partial
     sums of squares of ``x_new`` (for its ``1/rms``)."""
     D = x.shape[-1]
@@ -265,8 +221,7 @@ def residual_norm(h: jax.Array, w, x: jax.Array, norm_weight: jax.Array, counter
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct((D // block, 1), jnp.float32),
     )
-    (x_new, gx, sumsq), counters = _run(h, w, counters, tail, (x, norm_weight), out)
-    return x_new, gx, sumsq, counters
+    return _after(h, w, tail, (x, norm_weight), out)
 
 
 def qkv_rope(
@@ -276,7 +231,6 @@ def qkv_rope(
     position: jax.Array,
     inv_freq: jax.Array,
     biases: tuple | None,
-    counters: jax.Array,
     *,
     heads: int,
     kv_heads: int,
@@ -284,12 +238,12 @@ def qkv_rope(
     eps: float,
 ):
     """The token's query, key and value heads from the fused Q/K/V matmul of ``gx [1, D]`` (the
-    attention norm's weight times its input row), as one tail (:func:`mode` says where): the split
+    attention norm's weight times its input row), as one tail in a launch after the matmul's: the split
     sum, the norm's ``1/rms`` (``sumsq [n, 1]`` of the row), the projections' biases (``(bq [N*H],
     bk [K*H], bv [K*H])`` or None) and rotate-half RoPE (Hugging Face layout) on queries and keys at ``position``
     (int32 scalar) with ``inv_freq [H/2]`` float32 (``jaxkv.model.rope_inv_freq``; its cosines and
     sines come from XLA, the same expression for every layer of a step, which XLA computes once, so
-    the kernel does no trigonometry). Returns ``([1, N+2K, H], counters)``, the heads in
+    the kernel does no trigonometry). Returns the heads ``[1, N+2K, H]`` in
     ``gx.dtype``, queries first, then keys, then values: the layout the decode attention kernels read
     (``jaxkv.kernels.kvdecode.step_heads``)."""
     N, K, H = heads, kv_heads, head_dim
@@ -297,16 +251,16 @@ def qkv_rope(
     angles = position.astype(jnp.float32) * inv_freq
     inputs = (sumsq, jnp.cos(angles), jnp.sin(angles), *(biases or ()))
     out = (jax.ShapeDtypeStruct((1, N + 2 * K, H), gx.dtype),)
-    (q_k_v,), counters = _run(gx, w, counters, tail, inputs, out)
-    return q_k_v, counters
+    (q_k_v,) = _after(gx, w, tail, inputs, out)
+    return q_k_v
 
 
-def silu_mul(gx: jax.Array, w, sumsq: jax.Array, counters: jax.Array, *, eps: float):
+def silu_mul(gx: jax.Array, w, sumsq: jax.Array, *, eps: float):
     """``SiLU(gate) * up`` from the fused gate/up matmul of ``gx [1, D]`` (the MLP norm's weight times
-    its input row; gate columns first), as one tail (:func:`mode` says where): the split sum, the
-    norm's ``1/rms`` (``sumsq [n, 1]`` of the row) and the product. Returns ``([1, F] in gx.dtype, counters)``."""
+    its input row; gate columns first), as one tail in a launch after the matmul's: the split sum, the
+    norm's ``1/rms`` (``sumsq [n, 1]`` of the row) and the product. Returns ``[1, F]`` in ``gx.dtype``."""
     ffn = w.shape[-1] // 2
     block = columns(ffn)
     tail = SiluMul(block_n=block, blocks=ffn // block, hidden=gx.shape[-1], eps=eps)
-    (h,), counters = _run(gx, w, counters, tail, (sumsq,), (jax.ShapeDtypeStruct((1, ffn), gx.dtype),))
-    return h, counters
+    (h,) = _after(gx, w, tail, (sumsq,), (jax.ShapeDtypeStruct((1, ffn), gx.dtype),))
+    return h

@@ -52,10 +52,8 @@ Conventions
   partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
   one split the kernel writes the output directly. Every XLA op around the kernel is a separate
   launch in a decode step, so the wrapper keeps them to (with splits) one reduction. At batch 1 the
-  model adds the splits together with what follows the product (``jaxkv.kernels.epilogue``):
-  in a launch of its own over the partial sums as they are (``partials=True``), or in the matmul's
-  launch (:func:`qmatmul_tail`), where the last program to finish a column block, told by an
-  atomic counter, sums the block's partials and runs the rest there.
+  model adds the splits together with what follows the product (``jaxkv.kernels.epilogue``) in a
+  launch of its own over the partial sums as they are (``partials=True``).
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
@@ -64,7 +62,9 @@ Conventions
   ``results/bench/h100_run68_*``): one row over the decode layout with no split along the inputs
   (16 outputs and all their groups per program, so no partial sums for XLA; commit f447e20), 1.4-1.8x
   the one-row kernel's time per shape (1.1-1.5x with its split sum) and 3.126 against 2.359 ms per
-  token: 168 registers and 4.1 instructions per weight against 64 and 2.8.
+  token: 168 registers and 4.1 instructions per weight against 64 and 2.8. Run 73: the one-row
+  kernel's last program per column block running the epilogue (``jaxkv.kernels.epilogue`` says
+  why it lost).
 * GPU only (Triton lowering); :func:`supported` says when the kernel applies, and
   ``jaxkv.quant.qarray.einsum`` keeps the portable XLA path everywhere else (CPU, TPU, many rows).
   ``interpret=True`` runs the same kernel body on any backend (tests).
@@ -391,31 +391,6 @@ def _gemv4_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, **tiling):
     o_ref[...] = _gemv4_row(layer_ref, x_ref, p_ref, s_ref, z_ref, **tiling).astype(o_ref.dtype)
 
 
-def _gemv4_tail_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, *refs, tail, n_inputs, arrivals, tiling):
-    """:func:`_gemv4_kernel` whose last program per tail block adds the splits and runs ``tail``
-    (:func:`qmatmul_tail`). ``refs``: the tail's inputs, the counters (aliased by the output
-    ``count_ref``), then the outputs: the float32 partial sums ``[S, 1, O]``, the counters, the
-    tail's outputs."""
-    tail_in, (part_ref, count_ref, *tail_out) = refs[:n_inputs], refs[n_inputs + 1 :]
-    interpret = tiling["interpret"]
-    n, k = pl.program_id(0), pl.program_id(1)
-    block_n = tiling["block_n"]
-    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-    part_ref[pl.ds(k, 1), 0, cols] = _gemv4_row(layer_ref, x_ref, p_ref, s_ref, z_ref, **tiling)
-    # Every thread's partial stores happen before the counter's release (one thread's atomic, at GPU
-    # scope, acquire-release), as a CTA barrier then a release orders them (CUTLASS's semaphores and
-    # split-K serial reduction rely on the same).
-    if not interpret:
-        pltriton.debug_barrier()
-    block = n % tail.blocks
-    arrived = pltriton.atomic_add(count_ref, (block,), jnp.int32(1))
-
-    @pl.when(arrived == arrivals - 1)
-    def _():  # the last of the block's programs: all of its partial sums are in
-        tail(block, part_ref, *tail_in, *tail_out)
-        count_ref[pl.ds(block, 1)] = jnp.zeros((1,), jnp.int32)  # ready for the next launch
-
-
 def _weights_2d(weights, layer):
     """One layer (``layer`` None): drop the unit axis (free) so the kernel indexes 2-D refs."""
     if layer is None:
@@ -489,96 +464,6 @@ def qmatmul(
     if row_scale is not None:
         y = y * row_scale.reshape(M, 1).astype(jnp.float32)
     return y.astype(x.dtype)
-
-
-# Splits of the one-row kernel's when it runs a tail, divided by this: fewer partial sums for the
-# last program to load, more groups for each program.
-TAIL_SPLIT_DIVISOR = 1
-
-
-def tail_applies(I: int, O: int, bits: int, group: int, layout: str, block_n: int) -> bool:
-    """Whether :func:`qmatmul_tail` takes one row by this weight with tail blocks of ``block_n``
-    output columns: the one-row 4-bit kernel's case (``"io"`` layout) with ``block_n`` a power of two
-    of at least 16 dividing ``O``."""
-    return (
-        bits == 4
-        and layout == "io"
-        and supported(1, I, O, bits, group)
-        and block_n >= 16
-        and block_n & (block_n - 1) == 0
-        and O % block_n == 0
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "group", "tail", "tail_out", "interpret"))
-def qmatmul_tail(
-    x: jax.Array,
-    packed: jax.Array,
-    scale: jax.Array,
-    zero: jax.Array,
-    layer: jax.Array,
-    counters: jax.Array,
-    tail_inputs: tuple,
-    *,
-    bits: int,
-    group: int,
-    tail,
-    tail_out: tuple,
-    interpret: bool = False,
-):
-    """One row ``x [1, I]`` times ``w[layer]`` (as :func:`qmatmul`, 4-bit ``"io"`` weights only:
-    :func:`tail_applies`) with what follows the product in the same launch: the last program to
-    finish each tail block (``tail.blocks`` of them; program ``n`` of ``O / tail.block_n`` column
-    blocks counts towards block ``n % tail.blocks``) adds that block's float32 split-K partial sums
-    and calls ``tail(block, partials_ref, *input_refs, *output_refs)``
-    (``jaxkv.kernels.epilogue``). Which program is last is decided by a per-block atomic counter in
-    ``counters`` (int32, all zero, at least ``tail.blocks`` of them), which that program resets to
-    zero, so one buffer serves every launch in turn. Returns ``(outputs, counters)``: ``outputs``
-    shaped as ``tail_out`` (``jax.ShapeDtypeStruct``s), ``counters`` zero again (the same buffer,
-    aliased; pass it on to the next launch).
-
-    Why: the split sum and the next operation in their own launch cost 2.4-4.3 us each on an H200
-    whatever their size (run 72; four a layer), where one program's extra work at the end of the
-    matmul costs less than one launch."""
-    M, I = x.shape
-    O = packed.shape[2]
-    block_n = tail.block_n
-    if M != 1 or not tail_applies(I, O, bits, group, "io", block_n) or (O // block_n) % tail.blocks:
-        raise ValueError(f"qmatmul_tail takes one row of 4-bit [{I}, {O}] weights in blocks of {block_n}")
-    if counters.shape[0] < tail.blocks:
-        raise ValueError(f"{counters.shape[0]} counters for {tail.blocks} tail blocks")
-    cfg = default_config(I, O, group, 1, bits, "io")
-    groups = I // group
-    split_k = -(-cfg.split_k // TAIL_SPLIT_DIVISOR)
-    cfg = dataclasses.replace(cfg, block_n=block_n, split_k=split_k, sub_rows=_gemv_sub_rows(block_n, group))
-    weights, layer = _weights_2d((packed, scale, zero), layer)
-    tiling = dict(
-        group=group, groups=groups, groups_per_prog=-(-groups // cfg.split_k), block_n=block_n,
-        sub_rows=cfg.sub_rows, interpret=interpret,
-    )  # fmt: skip
-    arrivals = cfg.split_k * (O // block_n) // tail.blocks
-    kernel = functools.partial(
-        _gemv4_tail_kernel, tail=tail, n_inputs=len(tail_inputs), arrivals=arrivals, tiling=tiling
-    )
-    inputs = (layer, x, *weights, *tail_inputs, counters)
-    full = pl.BlockSpec(memory_space=None)
-    out_shape = [
-        jax.ShapeDtypeStruct((cfg.split_k, 1, O), jnp.float32),
-        jax.ShapeDtypeStruct(counters.shape, counters.dtype),
-        *tail_out,
-    ]
-    _, counters, *outs = pl.pallas_call(
-        kernel,
-        grid=(O // block_n, cfg.split_k),
-        in_specs=[full] * len(inputs),
-        out_specs=[full] * len(out_shape),
-        out_shape=out_shape,
-        input_output_aliases={len(inputs) - 1: 1},
-        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        interpret=interpret,
-        name=f"qmatmul_int{bits}_gemv_{tail.name}",
-    )(*inputs)
-    return tuple(outs), counters
 
 
 def zero_points(w) -> jax.Array:

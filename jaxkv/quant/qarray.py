@@ -509,32 +509,15 @@ def matmul_partials(x: jax.Array, w) -> jax.Array:
     return _on_kernel(x.reshape(-1, x.shape[-1]), w, partials=True)
 
 
-def tail_applies(x: jax.Array, w, block_n: int) -> bool:
-    """Whether :func:`matmul_tail` takes ``x @ w`` with tail blocks of ``block_n`` output columns: the
-    GPU kernel's path (:func:`kernel_applies`) at one row of 4-bit weights in the ``"io"`` layout
-    (``jaxkv.kernels.qmatmul.tail_applies``)."""
-    from jaxkv.kernels import qmatmul as qk
-
+def partials_apply(x: jax.Array, w) -> bool:
+    """Whether the batch-1 epilogues (``jaxkv.kernels.epilogue``) take ``x @ w`` from
+    :func:`matmul_partials`: one row of 4-bit weights in the ``"io"`` layout on the GPU kernel's
+    path (:func:`kernel_applies`), the one-row kernel's case, where they were timed (H200 run 72,
+    H100 runs 73-74)."""
     if not kernel_applies(x, w) or int(np.prod(x.shape[:-1])) != 1:
         return False
     q = w.stacked if isinstance(w, LayerOf) else w
-    I, O = q.shape[-2:]
-    return qk.tail_applies(I, O, q.bits, q.group, q.layout, block_n)
-
-
-def matmul_tail(x: jax.Array, w, counters: jax.Array, tail, inputs: tuple, out: tuple):
-    """``x [..., I] @ w`` for one row, with ``tail`` (``jaxkv.kernels.epilogue``) run on the product in
-    the same launch (``jaxkv.kernels.qmatmul.qmatmul_tail``, which says what ``counters``, ``inputs``
-    and ``out`` are). Returns ``(outputs, counters)``; the kernel's path only (:func:`tail_applies`)."""
-    from jaxkv.kernels import qmatmul as qk
-
-    if not tail_applies(x, w, tail.block_n):
-        raise ValueError("matmul_tail runs on the GPU kernel's one-row path only (qarray.tail_applies)")
-    stacked, index = _stacked(w)
-    return qk.qmatmul_tail(
-        x.reshape(1, x.shape[-1]), stacked.packed, stacked.scale, qk.zero_points(stacked), index, counters,
-        inputs, bits=stacked.bits, group=stacked.group, tail=tail, tail_out=out,
-    )  # fmt: skip
+    return q.bits == 4 and q.layout == "io"
 
 
 def einsum(eqn: str, x: jax.Array, w) -> jax.Array:
