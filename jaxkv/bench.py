@@ -423,10 +423,7 @@ def run(args) -> dict:
             c = job[1]
             r = _subprocess_json(
                 ["-m", "jaxkv.bench", "--case", json.dumps(dataclasses.asdict(c))],
-                {
-                    "JAXKV_QMATMUL": c.qmatmul,
-                    **({"JAXKV_KV_DECODE": c.kv_decode} if c.kv_decode else {}),
-                },
+                {"JAXKV_QMATMUL": c.qmatmul, **({"JAXKV_KV_DECODE": c.kv_decode} if c.kv_decode else {})},
             )
             r.setdefault("label", c.label())
             results["cases"].append(r)

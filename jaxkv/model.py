@@ -12,8 +12,8 @@ Conventions
 * Compute runs in the parameters' dtype; RMSNorm statistics and the softmax run in float32 and
   logits are returned in float32, as Hugging Face does.
 * On a GPU at batch-1 decode with fused projections on the int4 kernel (:func:`_on_epilogues`) each
-  matmul's split-K partial sums are added together with what follows them, in a launch of their own
-  or in the matmul's (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a
+  matmul's split-K partial sums are added together with what follows them, in a launch after the
+  matmul's (``jaxkv.kernels.epilogue``); over :func:`decode_layout`'s per-layer loop a
   block's last epilogue also computes the next norm's inputs, and the loop carries the stream as
   ``(x, gx, sumsq)``.
 * Einsum letters follow the dimension alphabet of ``jaxkv.config`` (B T S P D N K G H F V L).

@@ -109,7 +109,7 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
         args = (S((rows, I), jnp.bfloat16), S(packed, jnp.uint8), S((1, I // group, O), jnp.bfloat16),
                 S((1, I // group, O), jnp.uint8), S((), jnp.int32))  # fmt: skip
     elif re.fullmatch(r"epi-(qkv|o|down|silu)", name):
-        fn, args, warps, stages = epilogue_case(name.split("-")[1])
+        fn, args, warps, stages = epilogue_case(name.split("-")[1], warps=warps)
     else:
         raise SystemExit(f"unknown kernel {name!r}: kv, merge, qmmN[oi][-int8], gemv, epi-*")
     lowering.lower_jaxpr_to_triton_module = capture
@@ -122,11 +122,12 @@ def lower(name: str, out: Path, warps: int | None) -> dict:
     return {"warps": warps, "stages": stages}
 
 
-def epilogue_case(which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blocks=128):
+def epilogue_case(which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blocks=128, warps=None):
     """A batch-1 split-K epilogue (``jaxkv.kernels.epilogue``) to lower over the one-row kernel's
     partial sums: ``which`` of qkv, o, down, silu, for hidden ``D``, FFN ``F``, ``N`` query and ``K``
-    key/value heads of ``H``, weight ``group`` and tail blocks of at most ``blocks`` columns
-    (defaults: Llama-2-7B). Returns ``(fn, args, warps, stages)``."""
+    key/value heads of ``H``, weight ``group``, tail blocks of at most ``blocks`` columns and
+    ``warps`` per program (defaults: Llama-2-7B, ``epilogue.WARPS``). Returns ``(fn, args, warps,
+    stages)``."""
     import jax
     import jax.numpy as jnp
 
@@ -135,7 +136,7 @@ def epilogue_case(which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blo
     S = jax.ShapeDtypeStruct
     I, O = {"qkv": (D, (N + 2 * K) * H), "o": (D, D), "down": (F, D), "silu": (D, 2 * F)}[which]
     d_block, f_block = epilogue.columns(D, blocks), epilogue.columns(F, blocks)
-    sumsq, row = S((D // d_block, 1), jnp.float32), S((1, D), jnp.bfloat16)  # from the last tail
+    sumsq, row = S((D // d_block, 1), jnp.float32), S((1, D), jnp.bfloat16)  # from the previous epilogue
     if which == "qkv":
         tail = epilogue.QkvRope(block_n=H, blocks=N + 2 * K, heads=N, kv_heads=K, hidden=D, eps=1e-5)
         rope = S((H // 2,), jnp.float32)
@@ -147,8 +148,9 @@ def epilogue_case(which: str, D=4096, F=11008, N=32, K=32, H=128, group=128, blo
         tail = epilogue.ResidualNorm(block_n=d_block, blocks=D // d_block)
         inputs, shapes = (row, S((D,), jnp.bfloat16)), (row, row, S((D // d_block, 1), jnp.float32))
     splits = qmatmul.default_config(I, O, group, 1, 4, "io").split_k
-    fn = lambda p, *i: epilogue.launch(tail, p, i, shapes)  # noqa: E731
-    return fn, (S((splits, 1, O), jnp.float32), *inputs), epilogue.WARPS, 1
+    warps = warps or epilogue.WARPS
+    fn = lambda p, *i: epilogue.launch(tail, p, i, shapes, warps=warps)  # noqa: E731
+    return fn, (S((splits, 1, O), jnp.float32), *inputs), warps, 1
 
 
 def sass_counts(text: str) -> collections.Counter:

@@ -812,6 +812,17 @@ def _tail_weight(rng, I, O, group):
     return q, w64.reshape(I, O)
 
 
+def _products(x, q, w64) -> tuple:
+    """``x [1, I] @ q`` in float64 twice, each with the (rtol, atol as a fraction of the largest
+    reference value) an epilogue's output must meet from it: from the dequantized weight (the matmul's
+    float32 error included) and from the kernel's own split-K partial sums (the epilogue's error
+    alone)."""
+    import jaxkv.quant.qarray as qa
+
+    partials = np.asarray(qa.matmul_partials(x, q), np.float64)[:, :1].sum(axis=0)
+    return (np.asarray(x, np.float64) @ w64, 2**-7, 2e-3), (partials, 2**-7, 1e-3)
+
+
 def test_epilogue_residual_norm_matches_float64(force_epilogues):
     """``epilogue.residual_norm``: one row of 22 groups of 64 (11 splits, summed as 8 + 2 + 1) times an
     int4 weight, added to the residual, ``norm_weight * x_new`` and per-block sums of squares (two
@@ -826,9 +837,12 @@ def test_epilogue_residual_norm_matches_float64(force_epilogues):
     w = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.bfloat16)
     for _ in range(2):
         xn, gx, ss = epilogue.residual_norm(h, q, x, w)
-        x64 = np.asarray(x, np.float64) + np.asarray(h, np.float64) @ w64
         assert xn.dtype == gx.dtype == jnp.bfloat16 and ss.shape == (2, 1)
-        np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=2**-7, atol=2e-3 * np.abs(x64).max())
+        (y64, rtol, atol), (y_kernel, _, _) = _products(h, q, w64)
+        x64 = np.asarray(x, np.float64) + y64
+        np.testing.assert_allclose(np.asarray(xn, np.float64), x64, rtol=rtol, atol=atol * np.abs(x64).max())
+        x_kernel = np.asarray(x, np.float64) + y_kernel  # one rounding to bf16 from the partial sums
+        np.testing.assert_allclose(np.asarray(xn, np.float64), x_kernel, rtol=2**-8, atol=1e-6)
         xr = np.asarray(xn, np.float64)  # the norm sees the stored (rounded) stream, as XLA's norm does
         np.testing.assert_allclose(np.asarray(gx, np.float64), xr * np.asarray(w, np.float64), rtol=2**-8)
         np.testing.assert_allclose(np.asarray(ss, np.float64), _sumsq_parts(xr, 2), rtol=1e-5)
@@ -858,16 +872,19 @@ def test_epilogue_qkv_rope_matches_float64(force_epilogues, bias):
         biases, heads=N, kv_heads=K, head_dim=H, eps=eps,
     )  # fmt: skip
     r = 1 / np.sqrt((xrow**2).mean(axis=1, keepdims=True) + eps)
-    y = np.asarray(gx, np.float64) @ w64 * r
-    if b is not None:
-        y = y + np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)
-    y = y.reshape(1, N + 2 * K, H)
-    ang = 100.0 * inv_freq.astype(np.float64)
-    y1, y2 = y[..., : H // 2], y[..., H // 2 :]
-    rot = np.concatenate([y1 * np.cos(ang) - y2 * np.sin(ang), y2 * np.cos(ang) + y1 * np.sin(ang)], -1)
-    ref = np.concatenate([rot[:, : N + K], y[:, N + K :]], axis=1)  # values are not rotated
     assert heads.shape == (1, N + 2 * K, H) and heads.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(heads, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
+    for product, rtol, atol in _products(gx, q, w64):
+        y = product * r
+        if b is not None:
+            y = y + np.asarray(jnp.asarray(b, jnp.bfloat16), np.float64)
+        y = y.reshape(1, N + 2 * K, H)
+        ang = 100.0 * inv_freq.astype(np.float64)
+        y1, y2 = y[..., : H // 2], y[..., H // 2 :]
+        rot = np.concatenate([y1 * np.cos(ang) - y2 * np.sin(ang), y2 * np.cos(ang) + y1 * np.sin(ang)], -1)
+        ref = np.concatenate([rot[:, : N + K], y[:, N + K :]], axis=1)  # values are not rotated
+        np.testing.assert_allclose(
+            np.asarray(heads, np.float64), ref, rtol=rtol, atol=atol * np.abs(ref).max()
+        )
 
 
 def test_epilogue_silu_mul_matches_float64(force_epilogues):
@@ -881,11 +898,12 @@ def test_epilogue_silu_mul_matches_float64(force_epilogues):
     gx = jnp.asarray(rng.standard_normal((1, D)), jnp.bfloat16)
     xrow = rng.standard_normal((1, D))
     h = epilogue.silu_mul(gx, q, jnp.asarray(_sumsq_parts(xrow, 1)), eps=eps)
-    y = np.asarray(gx, np.float64) @ w64 / np.sqrt((xrow**2).mean() + eps)
-    gate, up = y[:, :F], y[:, F:]
-    ref = gate / (1 + np.exp(-gate)) * up
     assert h.shape == (1, F) and h.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=2**-7, atol=2e-3 * np.abs(ref).max())
+    for product, rtol, atol in _products(gx, q, w64):
+        y = product / np.sqrt((xrow**2).mean() + eps)
+        gate, up = y[:, :F], y[:, F:]
+        ref = gate / (1 + np.exp(-gate)) * up
+        np.testing.assert_allclose(np.asarray(h, np.float64), ref, rtol=rtol, atol=atol * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("layers,kv", [("stacked", None), ("per_layer", None), ("per_layer", "K8V8-g16")])

@@ -49,7 +49,7 @@ _CHUNK = 32  # splits per load: [32, 128] float32 over 4 warps is 32 registers a
 # output columns per tail block of residual_norm and silu_mul (at most); more, smaller programs were
 # no faster (H100 run 75: residual_norm in blocks of 32 or 16, silu_mul in blocks of 64)
 COLUMNS = 128
-WARPS = 4  # warps per program
+WARPS = 4  # warps per program (:func:`launch`)
 
 
 def columns(n: int, most: int = COLUMNS) -> int | None:
@@ -178,10 +178,12 @@ class SiluMul:
         h_ref[0, pl.ds(start, self.block_n)] = (gate / (1.0 + jnp.exp(-gate)) * up).astype(h_ref.dtype)
 
 
-def launch(tail, partials: jax.Array, inputs: tuple, out: tuple, *, interpret: bool = False) -> tuple:
+def launch(
+    tail, partials: jax.Array, inputs: tuple, out: tuple, *, warps: int = WARPS, interpret: bool = False
+) -> tuple:
     """``tail`` over a matmul's float32 partial sums ``[S, Mp, O]`` (``qmatmul(..., partials=True)``)
-    in a launch of its own: a program of :data:`WARPS` warps per tail block. Returns the outputs,
-    shaped as ``out``."""
+    in a launch of its own: a program of ``warps`` warps per tail block. Returns the outputs, shaped
+    as ``out``."""
     full = pl.BlockSpec(memory_space=None)
     return tuple(
         pl.pallas_call(
@@ -190,7 +192,7 @@ def launch(tail, partials: jax.Array, inputs: tuple, out: tuple, *, interpret: b
             in_specs=[full] * (1 + len(inputs)),
             out_specs=[full] * len(out),
             out_shape=list(out),
-            compiler_params=pltriton.CompilerParams(num_warps=WARPS, num_stages=1),
+            compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
             interpret=interpret,
             name=f"epilogue_{tail.name}",
         )(partials, *inputs)

@@ -51,9 +51,9 @@ Conventions
   rows. ``split_k`` programs share the input dimension of one column block and write float32
   partial sums that XLA adds (a small [split_k, 16, O] array next to the weight's I*O/2 bytes); with
   one split the kernel writes the output directly. Every XLA op around the kernel is a separate
-  launch in a decode step, so the wrapper keeps them to (with splits) one reduction. At batch 1 the
-  model adds the splits together with what follows the product (``jaxkv.kernels.epilogue``) in a
-  launch of its own over the partial sums as they are (``partials=True``).
+  launch in a decode step, so the wrapper keeps them to (with splits) one reduction; at batch 1 the
+  model takes the partial sums as they are (``partials=True``) and adds them in the launch of what
+  follows the matmul (``jaxkv.kernels.epilogue``).
 * Tried on an H200 and removed, slower (results/bench/h200_run11_*): split-K partial sums added
   with float32 atomics into one zero-filled output (batch 1: 2.893 against 2.723 ms per Llama-2-7B
   token; the kernel itself 8-11% slower per shape, and the zero fill cost what the sum did); the
@@ -95,12 +95,6 @@ class KernelConfig:
     sub_rows: int = 8  # one-row kernel: packed byte rows per load (sub_rows x block_n bytes)
 
 
-def _gemv_sub_rows(block_n: int, group: int) -> int:
-    """The one-row kernel's packed byte rows per load: 512 bytes a load (16 a lane of its one warp),
-    at most one group's ``group // 2`` byte rows (two codes a byte)."""
-    return min(512 // block_n, group // 2)
-
-
 def default_config(
     I: int, O: int, group: int, rows: int = 16, bits: int = 4, layout: str = "io"
 ) -> KernelConfig:
@@ -133,7 +127,7 @@ def default_config(
         per_prog = max(1, 128 // group)  # groups below 128 inputs: 64 byte rows per program still
         return KernelConfig(
             block_n=block_n, split_k=-(-groups // per_prog), num_warps=1, num_stages=1,
-            sub_rows=_gemv_sub_rows(block_n, group),
+            sub_rows=min(512 // block_n, group // 2),
         )  # fmt: skip
     if rows <= 16 and O % 128 == 0:
         block_n, sub_rows, warps, stages = 128, KernelConfig.sub_rows, 4, 3
@@ -354,11 +348,10 @@ def _x_pair(x_ref, row, sub_rows: int) -> tuple[jax.Array, jax.Array]:
     return xe, xo
 
 
-def _gemv4_row(
-    layer_ref, x_ref, p_ref, s_ref, z_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
-):
-    """This program's float32 ``[1, block_n]`` share of one row of ``x`` times 4-bit weights
-    (batch-1 decode; see the module docstring): its columns over its split's groups."""
+def _gemv4_kernel(
+    layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, *, group, groups, groups_per_prog, block_n, sub_rows, interpret
+):  # fmt: skip
+    """One row of ``x`` times 4-bit weights (batch-1 decode); see the module docstring."""
     lead, cols, first = _gemv_program(layer_ref, p_ref, block_n, groups_per_prog)
 
     def body(j, carry):
@@ -383,19 +376,7 @@ def _gemv4_row(
     # results/bench/h200_run7_gemv_sweep_prefetch_rejected.json): the overlap comes from the other
     # programs on the SM.
     out, zterm = jax.lax.fori_loop(0, steps, body, init)
-    return jnp.sum(out, axis=0, keepdims=True) - zterm
-
-
-def _gemv4_kernel(layer_ref, x_ref, p_ref, s_ref, z_ref, o_ref, **tiling):
-    """One row of ``x`` times 4-bit weights: this program's share, written to its block of ``o``."""
-    o_ref[...] = _gemv4_row(layer_ref, x_ref, p_ref, s_ref, z_ref, **tiling).astype(o_ref.dtype)
-
-
-def _weights_2d(weights, layer):
-    """One layer (``layer`` None): drop the unit axis (free) so the kernel indexes 2-D refs."""
-    if layer is None:
-        return tuple(a.reshape(a.shape[1:]) for a in weights), jnp.zeros((1,), jnp.int32)
-    return weights, jnp.reshape(layer, (1,)).astype(jnp.int32)
+    o_ref[...] = (jnp.sum(out, axis=0, keepdims=True) - zterm).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "layout", "config", "partials", "interpret"))
@@ -424,7 +405,7 @@ def qmatmul(
     (``jaxkv.model`` passes RMSNorm's ``1/rms`` this way, so the norm needs no scaling launch).
     ``partials=True`` returns the kernel's float32 output as it is, ``[split_k, Mp, O]`` with
     ``Mp >= M`` rows (rows past ``M`` are padding), for a launch that adds the splits together with
-    what comes next (``jaxkv.kernels.epilogue.launch``).
+    what comes next (``jaxkv.kernels.epilogue``).
     """
     M, I = x.shape
     oi = layout == "oi"
@@ -436,7 +417,10 @@ def qmatmul(
     groups = I // group
     if O % cfg.block_n or cfg.split_k > groups or (gemv and (group // 2) % cfg.sub_rows):
         raise ValueError(f"tile {cfg} does not divide the weight [{I}, {O}] with group {group}")
-    weights, layer = _weights_2d((packed, scale, zero), layer)
+    weights = (packed, scale, zero)
+    if layer is None:  # one layer: drop the unit axis (free) so the kernel indexes 2-D refs
+        weights = tuple(a.reshape(a.shape[1:]) for a in weights)
+        layer = 0
     # One split writes x.dtype directly (float32 when rows are scaled after); several write float32
     # partial sums that XLA adds.
     if partials and row_scale is not None:
@@ -457,7 +441,7 @@ def qmatmul(
         compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=f"qmatmul_int{bits}" + ("_gemv" if gemv else "_oi" if oi else ""),
-    )(layer, x, *weights)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, *weights)
     if partials:
         return out
     y = (out[0] if cfg.split_k == 1 else jnp.sum(out, axis=0))[:M]

@@ -481,20 +481,17 @@ def matmul(x: jax.Array, w, row_scale: jax.Array | None = None) -> jax.Array:
     return jnp.einsum("...i,io->...o", x, dequantize(w, x.dtype))
 
 
-def _stacked(w):
-    """``(stacked QArray [L, ...], layer index or None)`` of a QArray or :class:`LayerOf` one."""
-    if isinstance(w, LayerOf):
-        return w.stacked, w.index
-    return jax.tree.map(lambda a: a[None], w), None
-
-
 def _on_kernel(x2: jax.Array, w, row_scale=None, partials: bool = False) -> jax.Array:
     """``jaxkv.kernels.qmatmul.qmatmul`` of rows ``x2 [M, I]`` by ``w`` (QArray or LayerOf)."""
     from jaxkv.kernels import qmatmul as qk
 
-    stacked, index = _stacked(w)
+    if isinstance(w, LayerOf):
+        stacked, index = w.stacked, w.index
+    else:
+        stacked, index = jax.tree.map(lambda a: a[None], w), None
+    zero = qk.zero_points(stacked)
     return qk.qmatmul(
-        x2, stacked.packed, stacked.scale, qk.zero_points(stacked), index, row_scale,
+        x2, stacked.packed, stacked.scale, zero, index, row_scale,
         bits=stacked.bits, group=stacked.group, layout=stacked.layout, partials=partials,
     )  # fmt: skip
 
